@@ -1,0 +1,179 @@
+"""Pytree plumbing shared by every merge: leaf paths, compatibility checks, the leafwise driver.
+
+A merge sees its inputs as a :class:`TreeSpec` (the paths, shapes and dtypes of the
+reference model: the base if there is one, else the first model) plus the leaves of each
+model in the spec's order. A method turns the spec and its hyperparameters into a *leaf
+function* ``leaf_fn(i, base_leaf, model_leaves) -> Array``; :func:`apply_leafwise` runs it
+over in-memory trees, and the checkpoint driver runs the same function over leaves read
+from disk.
+
+Only floating-point leaves are merged. Integer, boolean and other non-float leaves (step
+counters, RNG keys, masks) are passed through unchanged from the reference model, never
+averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LeafFn = Callable[[int, Any, Sequence[Any]], Any]
+
+
+def key_name(key) -> str:
+    """The name of one path entry: a dict key, attribute name or sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(keys: Sequence[str]) -> str:
+    """``('params', 'Dense_0', 'kernel')`` -> ``'params/Dense_0/kernel'``."""
+    return "/".join(keys)
+
+
+def leaf_spec(leaf) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of a leaf (an array, a Python/NumPy scalar or a ShapeDtypeStruct)."""
+    if not hasattr(leaf, "dtype"):
+        leaf = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+
+
+def is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def acc_dtype(dtype):
+    """The dtype to accumulate ``dtype`` in: float32 for bf16/fp16/fp32, float64 for float64."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _kind(dtype) -> str:
+    for kind in (jnp.floating, jnp.complexfloating, jnp.signedinteger, jnp.unsignedinteger, jnp.bool_):
+        if jnp.issubdtype(dtype, kind):
+            return kind.__name__
+    return str(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+    """The structure a merge works on: the reference model's leaves, paths and treedef.
+
+    Attributes:
+      keys: per leaf, the path as a tuple of entry names.
+      leaves: the reference model's leaves (arrays in memory, ``jax.ShapeDtypeStruct`` when
+        streaming from a checkpoint).
+      treedef: structure of the output.
+      num_models: number of models being merged (not counting the base).
+      has_base: whether a base model is given.
+    """
+
+    keys: tuple[tuple[str, ...], ...]
+    leaves: tuple[Any, ...]
+    treedef: Any
+    num_models: int
+    has_base: bool
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(path_str(k) for k in self.keys)
+
+    def is_float(self, i: int) -> bool:
+        return is_float(leaf_spec(self.leaves[i]).dtype)
+
+    def float_indices(self) -> list[int]:
+        return [i for i in range(len(self.keys)) if self.is_float(i)]
+
+
+def flatten_with_keys(tree: PyTree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
+    """Leaves of ``tree`` with their paths as tuples of names, and its treedef."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = [tuple(key_name(k) for k in path) for path, _ in with_path]
+    return keys, [leaf for _, leaf in with_path], treedef
+
+
+def _aligned_leaves(name: str, tree: PyTree, ref_keys, ref_specs, ref_name: str) -> list:
+    """Leaves of ``tree`` in the order of ``ref_keys``, after checking they match the reference."""
+    keys, leaves, _ = flatten_with_keys(tree)
+    by_key = dict(zip(keys, leaves))
+    for key in ref_keys:
+        if key not in by_key:
+            raise ValueError(f"{name} has no leaf {path_str(key)!r} (present in {ref_name})")
+    extra = set(by_key) - set(ref_keys)
+    if extra:
+        raise ValueError(f"{name} has a leaf {path_str(min(extra))!r} that {ref_name} does not have")
+    out = []
+    for key, ref in zip(ref_keys, ref_specs):
+        leaf = by_key[key]
+        spec = leaf_spec(leaf)
+        if spec.shape != ref.shape:
+            raise ValueError(
+                f"{name} {path_str(key)!r}: shape {spec.shape} != {ref.shape} of {ref_name}")
+        if _kind(spec.dtype) != _kind(ref.dtype):
+            raise ValueError(
+                f"{name} {path_str(key)!r}: dtype {spec.dtype} is not of the same kind as "
+                f"{ref.dtype} of {ref_name}")
+        out.append(leaf)
+    return out
+
+
+def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *,
+                   min_models: int = 1) -> tuple[TreeSpec, list | None, list[list]]:
+    """Check that ``base`` and ``models`` are compatible and flatten them.
+
+    Every model must have the reference's leaf paths, shapes and dtype kinds (float widths
+    may differ: a bf16 model merges with a float32 one). The reference is ``base`` when
+    given, else ``models[0]``; the output has its structure and dtypes.
+
+    Returns:
+      ``(spec, base_leaves or None, [leaves of each model])``, leaves in ``spec`` order.
+
+    Raises:
+      TypeError: ``models`` is not a list or tuple.
+      ValueError: too few models, or a missing/extra leaf, shape or dtype-kind mismatch,
+        naming the model index and the leaf path.
+    """
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(
+            f"models must be a list or tuple of pytrees, got {type(models).__name__}")
+    if len(models) < min_models:
+        if not models:
+            raise ValueError("models is empty: give at least one model to merge")
+        raise ValueError(f"this merge needs at least {min_models} models, got {len(models)}")
+    reference, ref_name = (base, "base") if base is not None else (models[0], "models[0]")
+    ref_keys, ref_leaves, treedef = flatten_with_keys(reference)
+    ref_specs = [leaf_spec(leaf) for leaf in ref_leaves]
+    spec = TreeSpec(tuple(ref_keys), tuple(ref_leaves), treedef, len(models), base is not None)
+    model_leaves = [
+        _aligned_leaves(f"models[{i}]", m, ref_keys, ref_specs, ref_name) for i, m in enumerate(models)
+    ]
+    return spec, (ref_leaves if base is not None else None), model_leaves
+
+
+def apply_leafwise(spec: TreeSpec, leaf_fn: LeafFn, base_leaves: list | None,
+                   model_leaves: list[list]) -> PyTree:
+    """Run ``leaf_fn`` on every float leaf; pass the reference's other leaves through."""
+    out = []
+    for i, ref in enumerate(spec.leaves):
+        if spec.is_float(i):
+            base_leaf = None if base_leaves is None else base_leaves[i]
+            out.append(leaf_fn(i, base_leaf, [leaves[i] for leaves in model_leaves]))
+        else:
+            out.append(ref)
+    return jax.tree_util.tree_unflatten(spec.treedef, out)
+
+
+def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array, dtype) -> jax.Array:
+    """``sum_i weights[i] * leaves[i]`` accumulated in ``dtype`` (one fused pass under jit)."""
+    weights = weights.astype(dtype)
+    total = weights[0] * leaves[0].astype(dtype)
+    for i in range(1, len(leaves)):
+        total = total + weights[i] * leaves[i].astype(dtype)
+    return total
