@@ -178,20 +178,64 @@ def _is_plain(value) -> bool:
     return hasattr(value, "shape") or _is_number(value) or value is None or isinstance(value, (bool, str, bytes, complex))
 
 
-def per_leaf(value, name: str, spec: TreeSpec) -> list:
+Check = Callable[[float], "str | None"]
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A check that a value lies in the interval from ``lo`` to ``hi``."""
+    text = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def check(v):
+        below = v <= lo if lo_open else v < lo
+        above = v >= hi if hi_open else v > hi
+        return f"must be in {text}" if below or above else None
+    return check
+
+
+def _checked(value, where: str, check: Check | None):
+    value = scalar(value, where)
+    problem = check(value) if check is not None and isinstance(value, float) else None
+    if problem:
+        raise ValueError(f"{where} {problem}, got {value!r}")
+    return value
+
+
+def resolve(value, name: str, spec: TreeSpec, check: Check | None = None) -> list:
     """Resolve a per-leaf hyperparameter to one checked scalar per float leaf.
 
-    Returns a list aligned with ``spec.keys``: a float (or a tracer) for every float leaf,
-    ``None`` for the others (which are passed through and need no value).
+    Args:
+      value: the hyperparameter in any of the forms of this module.
+      name: its argument name, for error messages.
+      spec: the tree it applies to.
+      check: optional ``check(v) -> problem or None`` for concrete values.
+
+    Returns:
+      A list aligned with ``spec.keys``: a float (or a tracer) for every float leaf,
+      ``None`` for the others (which are passed through and need no value).
     """
-    fn = _leaf_fn(value, name, spec)
     if _is_plain(value):
-        return [fn(i) if spec.is_float(i) else None for i in range(len(spec.keys))]
-    return [scalar(fn(i), f"{name} at {spec.paths[i]!r}") if spec.is_float(i) else None
+        value = _checked(value, name, check)
+        return [value if spec.is_float(i) else None for i in range(len(spec.keys))]
+    fn = _leaf_fn(value, name, spec)
+    return [_checked(fn(i), f"{name} at {spec.paths[i]!r}", check) if spec.is_float(i) else None
             for i in range(len(spec.keys))]
 
 
-def per_model(values, name: str, spec: TreeSpec, default=None) -> list:
+class PerModel(tuple):
+    """A hyperparameter given separately for each model; see :func:`per_model`."""
+
+
+def per_model(*values) -> PerModel:
+    """Give a hyperparameter one value per model: ``density=jaxmerge.per_model(0.3, 0.5)``.
+
+    Each value may itself be any per-leaf form (scalar, pytree, function, gradient, filters).
+    Hyperparameters that mergekit sets per model (``density``, ``gamma``, ``epsilon``)
+    accept this; without it, one value applies to every model.
+    """
+    return PerModel(values)
+
+
+def resolve_models(values, name: str, spec: TreeSpec, default=None, check: Check | None = None) -> list:
     """Resolve one per-leaf hyperparameter for each model to a float32 vector per leaf.
 
     Args:
@@ -199,7 +243,7 @@ def per_model(values, name: str, spec: TreeSpec, default=None) -> list:
         ``None`` for ``default`` everywhere.
 
     Returns:
-      A list aligned with ``spec.keys``: a float32 vector of length ``spec.num_models``
+      A list aligned with ``spec.keys``: a vector of length ``spec.num_models``
       for every float leaf (a NumPy array, or a JAX array when a value is traced), ``None``
       for the others.
     """
@@ -211,15 +255,29 @@ def per_model(values, name: str, spec: TreeSpec, default=None) -> list:
                         f"got {type(values).__name__}")
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries but there are {n} models")
-    columns = [per_leaf(v, f"{name}[{j}]", spec) for j, v in enumerate(values)]
-    return [None if columns[0][i] is None else f32_vector([c[i] for c in columns])
+    columns = [resolve(v, f"{name}[{j}]", spec, check) for j, v in enumerate(values)]
+    return [None if columns[0][i] is None else vector([c[i] for c in columns])
             for i in range(len(spec.keys))]
 
 
-def f32_vector(values: Sequence) -> np.ndarray | jax.Array:
-    """Scalars as one float32 vector: NumPy when all are concrete, JAX when one is traced."""
+def resolve_shared(value, name: str, spec: TreeSpec, check: Check | None = None) -> list:
+    """Like :func:`resolve_models`, for a value shared by all models unless :func:`per_model`."""
+    if isinstance(value, PerModel):
+        return resolve_models(value, name, spec, check=check)
+    rows = resolve(value, name, spec, check)
+    return [None if v is None else vector([v] * spec.num_models) for v in rows]
+
+
+def scalar_arg(value) -> np.ndarray | jax.Array:
+    """A resolved scalar as a kernel argument (0-d float64 NumPy, or float32 JAX if traced)."""
+    return np.asarray(value, np.float64) if isinstance(value, float) else jnp.asarray(value, jnp.float32)
+
+
+def vector(values: Sequence) -> np.ndarray | jax.Array:
+    """Scalars as one vector: float64 NumPy when all are concrete (checked exactly, cast to
+    float32 on the way into a kernel), float32 JAX when one is traced."""
     if all(isinstance(v, (float, np.floating)) for v in values):
-        return np.asarray(values, np.float32)
+        return np.asarray(values, np.float64)
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
 

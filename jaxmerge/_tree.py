@@ -88,6 +88,9 @@ class TreeSpec:
     def is_float(self, i: int) -> bool:
         return is_float(leaf_spec(self.leaves[i]).dtype)
 
+    def size(self, i: int) -> int:
+        return int(np.prod(leaf_spec(self.leaves[i]).shape))
+
     def float_indices(self) -> list[int]:
         return [i for i in range(len(self.keys)) if self.is_float(i)]
 

@@ -20,12 +20,12 @@ def _by_path(spec, values):
 
 def test_scalar_callable_and_pytree_forms():
     spec = _spec(random_tree(0))
-    assert set(_by_path(spec, _hyper.per_leaf(0.5, "t", spec)).values()) == {0.5}
-    values = _by_path(spec, _hyper.per_leaf(lambda path, leaf: leaf.ndim + ("bias" in path), "t", spec))
+    assert set(_by_path(spec, _hyper.resolve(0.5, "t", spec)).values()) == {0.5}
+    values = _by_path(spec, _hyper.resolve(lambda path, leaf: leaf.ndim + ("bias" in path), "t", spec))
     assert values["params/Dense_0/kernel"] == 2 and values["params/Dense_0/bias"] == 2
     assert values["extra/1"] == 0
     tree_value = {"params": {"Dense_0": 0.1, "Dense_1": {"kernel": 0.2, "bias": 0.3}}, "extra": 0.4}
-    values = _by_path(spec, _hyper.per_leaf(tree_value, "t", spec))
+    values = _by_path(spec, _hyper.resolve(tree_value, "t", spec))
     assert values == {"params/Dense_0/kernel": 0.1, "params/Dense_0/bias": 0.1,
                       "params/Dense_1/kernel": 0.2, "params/Dense_1/bias": 0.3,
                       "extra/0": 0.4, "extra/1": 0.4}
@@ -35,9 +35,9 @@ def test_scalar_callable_and_pytree_forms():
 def test_pytree_form_errors_name_the_path():
     spec = _spec(random_tree(0))
     with pytest.raises(ValueError, match="t gives no value for leaf 'extra/0'"):
-        _hyper.per_leaf({"params": 1.0}, "t", spec)
+        _hyper.resolve({"params": 1.0}, "t", spec)
     with pytest.raises(ValueError, match="t has an entry 'params/Dense_9' that matches no leaf"):
-        _hyper.per_leaf({"params": {"Dense_9": 1.0}, "extra": 1.0}, "t", spec)
+        _hyper.resolve({"params": {"Dense_9": 1.0}, "extra": 1.0}, "t", spec)
 
 
 def test_plain_dict_hyperparameter_for_an_nnx_state():
@@ -56,10 +56,10 @@ def test_invalid_scalars():
     spec = _spec(random_tree(0))
     for bad in (float("nan"), float("inf"), np.float32(-np.inf)):
         with pytest.raises(ValueError, match=r"^t must be a finite number"):
-            _hyper.per_leaf(bad, "t", spec)
+            _hyper.resolve(bad, "t", spec)
     for bad in ("0.5", None, True, 1j, jnp.ones(2)):
         with pytest.raises(TypeError, match="^t must be a real number"):
-            _hyper.per_leaf(bad, "t", spec)
+            _hyper.resolve(bad, "t", spec)
 
 
 def _llama_names(num_layers):
@@ -96,7 +96,7 @@ def test_gradient_interpolates_anchors_over_layers():
     tree = _llama_names(9)
     spec = _spec(tree)
     anchors = [0.0, 0.5, 0.3, 1.0]
-    values = _by_path(spec, _hyper.per_leaf(anchors, "t", spec))
+    values = _by_path(spec, _hyper.resolve(anchors, "t", spec))
     for i in range(9):
         expected = np.interp(i / 8, np.linspace(0, 1, len(anchors)), anchors)
         assert values[f"model.layers.{i}.self_attn.q_proj.weight"] == pytest.approx(expected, abs=1e-12)
@@ -106,29 +106,29 @@ def test_gradient_interpolates_anchors_over_layers():
 def test_filters_first_match_wins_and_need_a_default():
     spec = _spec(_llama_names(3))
     setting = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25}, {"value": 0.75}]
-    values = _by_path(spec, _hyper.per_leaf(setting, "t", spec))
+    values = _by_path(spec, _hyper.resolve(setting, "t", spec))
     assert values["model.layers.1.self_attn.q_proj.weight"] == 0.5
     assert values["model.layers.2.self_attn.q_proj.weight"] == 1.0
     assert values["model.layers.0.mlp.up_proj.weight"] == 0.25
     assert values["model.norm.weight"] == 0.75
     with pytest.raises(ValueError, match="t: no filter matches leaf 'lm_head.weight'"):
-        _hyper.per_leaf(setting[:2], "t", spec)
+        _hyper.resolve(setting[:2], "t", spec)
 
 
 def test_per_model_lengths_and_types():
     spec = _spec(random_tree(0), n=3)
     with pytest.raises(ValueError, match="weights has 2 entries but there are 3 models"):
-        _hyper.per_model([1.0, 2.0], "weights", spec)
+        _hyper.resolve_models([1.0, 2.0], "weights", spec)
     with pytest.raises(TypeError, match="weights must be a sequence with one entry per model"):
-        _hyper.per_model(1.0, "weights", spec)
-    rows = _hyper.per_model([1.0, {"params": 2.0, "extra": 3.0}, lambda p, x: 4.0], "weights", spec)
+        _hyper.resolve_models(1.0, "weights", spec)
+    rows = _hyper.resolve_models([1.0, {"params": 2.0, "extra": 3.0}, lambda p, x: 4.0], "weights", spec)
     by_path = _by_path(spec, rows)
     np.testing.assert_array_equal(by_path["params/Dense_0/kernel"], [1.0, 2.0, 4.0])
     np.testing.assert_array_equal(by_path["extra/0"], [1.0, 3.0, 4.0])
     with pytest.raises(ValueError, match=r"weights\[1\] at 'params/Dense_0/bias' must be a finite number"):
-        _hyper.per_model([1.0, lambda p, x: float("nan") if "bias" in p else 1.0, 1.0], "weights", spec)
+        _hyper.resolve_models([1.0, lambda p, x: float("nan") if "bias" in p else 1.0, 1.0], "weights", spec)
     with pytest.raises(ValueError, match=r"^weights\[2\] must be a finite number"):
-        _hyper.per_model([1.0, 1.0, float("inf")], "weights", spec)
+        _hyper.resolve_models([1.0, 1.0, float("inf")], "weights", spec)
 
 
 def test_traced_values_are_accepted_under_jit():
@@ -136,7 +136,7 @@ def test_traced_values_are_accepted_under_jit():
 
     @jax.jit
     def f(w):
-        rows = _hyper.per_model(w, "weights", spec)
+        rows = _hyper.resolve_models(w, "weights", spec)
         return rows[0]
 
     np.testing.assert_array_equal(f(jnp.asarray([1.0, 2.0])), [1.0, 2.0])

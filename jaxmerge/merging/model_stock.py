@@ -1,0 +1,69 @@
+"""Model Stock (Jang et al., arXiv 2403.19522): interpolate toward the average by the angle
+between task vectors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+
+
+@functools.partial(jax.jit, static_argnames="filter_wise")
+def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_wise: bool) -> jax.Array:
+    """``t * mean(leaves) + (1 - t) * base`` with ``t = N c / (1 + (N - 1) c)``.
+
+    ``c`` is the mean cosine between the task vectors ``leaf_i - base`` over all pairs
+    (norm products clamped below at 1e-6, cosines clipped to [-1, 1]); computed over the
+    whole leaf, or per row along the last axis when ``filter_wise``. ``t`` is not
+    clamped, as in mergekit; at its pole ``c = -1 / (N - 1)`` (two opposite task vectors,
+    where mergekit returns inf/NaN) it is 0 and the base is returned.
+    """
+    dtype = acc_dtype(base.dtype)
+    base32 = base.astype(dtype)
+    rows = base32.reshape(1, -1) if base.ndim < 2 else base32
+    axes = (rows.ndim - 1,) if filter_wise else tuple(range(rows.ndim))
+    deltas = [leaf.astype(dtype).reshape(rows.shape) - rows for leaf in leaves]
+    cosines = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            norms = jnp.sqrt(jnp.sum(jnp.square(deltas[i]), axis=axes, keepdims=True)
+                             * jnp.sum(jnp.square(deltas[j]), axis=axes, keepdims=True))
+            dot = jnp.sum(deltas[i] * deltas[j], axis=axes, keepdims=True)
+            cosines.append(jnp.clip(dot / jnp.maximum(norms, 1e-6), -1, 1))
+    cos = sum(cosines[1:], cosines[0]) / len(cosines)
+    n = len(leaves)
+    denominator = 1 + (n - 1) * cos
+    t = jnp.where(denominator == 0, 0, n * cos / jnp.where(denominator == 0, 1, denominator))
+    mean = sum(deltas[1:], deltas[0]) / n + rows
+    return (t * mean + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
+
+
+def model_stock_plan(spec: TreeSpec, *, filter_wise: bool = False):
+    """Leaf function for :func:`model_stock`."""
+    if not spec.has_base or spec.num_models < 2:
+        raise ValueError("model_stock needs a base model and at least 2 fine-tuned models, "
+                         f"got {'a' if spec.has_base else 'no'} base and {spec.num_models} models")
+    return lambda i, base, leaves: model_stock_kernel(base, leaves, filter_wise=filter_wise)
+
+
+def model_stock(base: PyTree, models: Sequence[PyTree], *, filter_wise: bool = False) -> PyTree:
+    """Model Stock merge (arXiv 2403.19522), mergekit's ``model_stock``.
+
+    Per leaf, moves from the base toward the average of the fine-tuned models by
+    ``t = N cos(theta) / (1 + (N - 1) cos(theta))``, where ``theta`` is the angle between
+    the task vectors (averaged over pairs when ``N > 2``).
+
+    Args:
+      base: the pre-trained model (anchor); the output has its structure and dtypes.
+      models: at least two fine-tuned models.
+      filter_wise: one ``t`` per row along the last axis (per output filter in PyTorch's
+        ``(out, in)`` layout) instead of one per leaf.
+    """
+    if base is None:
+        raise ValueError("model_stock needs a base model (base is None)")
+    spec, base_leaves, leaves = flatten_models(models, base)
+    return apply_leafwise(spec, model_stock_plan(spec, filter_wise=filter_wise), base_leaves, leaves)

@@ -1,0 +1,68 @@
+"""SCE merging (FuseChat, Wan et al., arXiv 2408.07990): Select, Calculate, Erase."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge import _hyper
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge.merging import sparsify
+from jaxmerge.merging.task_vectors import elect_sign
+
+
+@jax.jit
+def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Array) -> jax.Array:
+    """One leaf of SCE, as mergekit's ``sce`` computes it.
+
+    1. Select: keep the ``int(select_topk * m)`` entries of largest variance across the
+       task vectors, ``m`` the number of entries with non-zero variance (all when
+       ``select_topk >= 1``);
+    2. Calculate: model weights ``w_i`` proportional to the mean square of each selected
+       task vector (uniform if all are zero);
+    3. Erase: per entry, drop task vectors whose sign disagrees with the sign of their sum;
+       merge as ``base + sum_i w_i d_i / sum_i w_i`` over the remaining ones.
+    """
+    dtype = acc_dtype(base.dtype)
+    base32 = base.astype(dtype)
+    deltas = [leaf.astype(dtype) - base32 for leaf in leaves]
+    mean = sum(deltas[1:], deltas[0]) / len(deltas)
+    variance = sum(jnp.square(d - mean) for d in deltas) / len(deltas)
+    k = jnp.floor(select_topk.astype(jnp.float32) * jnp.sum(variance != 0).astype(jnp.float32)).astype(jnp.int32)
+    selected = sparsify.top_k_mask(variance, k) | (select_topk >= 1)
+    zero = jnp.zeros((), dtype)
+    deltas = [jnp.where(selected, d, zero) for d in deltas]
+    energy = jnp.stack([jnp.mean(jnp.square(d)) for d in deltas])
+    total = energy.sum()
+    weights = jnp.where(total == 0, jnp.full_like(energy, 1 / len(deltas)), energy / jnp.where(total == 0, 1, total))
+    sign = elect_sign(deltas, "sum")
+    kept = [jnp.where(jnp.sign(d) == sign, weights[i], zero) for i, d in enumerate(deltas)]
+    merged = sum(k_ * d for k_, d in zip(kept, deltas))
+    divisor = sum(kept[1:], kept[0])
+    return (base32 + merged / jnp.where(divisor == 0, 1, divisor)).astype(base.dtype)
+
+
+def sce_plan(spec: TreeSpec, *, select_topk=1.0):
+    """Leaf function for :func:`sce`."""
+    if not spec.has_base:
+        raise ValueError("sce needs a base model (base is None)")
+    topk = _hyper.resolve(select_topk, "select_topk", spec, _hyper.in_range(0, 1, lo_open=True))
+    return lambda i, base, leaves: sce_kernel(base, leaves, _hyper.scalar_arg(topk[i]))
+
+
+def sce(base: PyTree, models: Sequence[PyTree], *, select_topk=1.0) -> PyTree:
+    """SCE merge (arXiv 2408.07990), mergekit's ``sce``: select high-variance entries,
+    calculate per-model weights from task-vector energy, erase minority-sign entries.
+
+    Args:
+      base: the pivot model; the output has its structure and dtypes.
+      models: the models to fuse.
+      select_topk: per-leaf fraction in (0, 1] of the entries with non-zero variance
+        across models to keep.
+    """
+    if base is None:
+        raise ValueError("sce needs a base model (base is None)")
+    spec, base_leaves, leaves = flatten_models(models, base)
+    return apply_leafwise(spec, sce_plan(spec, select_topk=select_topk), base_leaves, leaves)

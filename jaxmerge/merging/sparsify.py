@@ -1,0 +1,188 @@
+"""Sparsification of task vectors: exact magnitude top-k, random drop, breadcrumbs, DELLA.
+
+These are array-level, jit-compatible building blocks; the task-vector merges (TIES, DARE,
+breadcrumbs, DELLA, SCE) are made of them. Each ``*_mask`` function returns a boolean mask
+(and, for the random ones, the keep probability of every entry); :func:`rescale` then
+zeroes the dropped entries and rescales the kept ones.
+
+Exact top-k without sorting: ``jnp.sort`` and ``lax.top_k`` are 20-100x slower than a
+selection on XLA's CPU backend. :func:`kth_largest_magnitude` instead runs a radix select
+on the bit patterns of the magnitudes (for non-negative floats the unsigned bit pattern
+orders like the value): three passes of 11-bit histograms for float32, each one
+scatter-add over the array. :func:`top_k_mask` keeps exactly ``k`` entries; among entries
+whose magnitude equals the threshold it keeps those with the lowest flat index (what a
+stable descending sort does), so the result is deterministic on every backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIGIT_BITS = 11
+_UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def _unsigned_bits(magnitude: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(magnitude, _UNSIGNED[magnitude.dtype.itemsize])
+
+
+def _digit_shifts(width: int) -> list[tuple[int, int]]:
+    """``(shift, bits)`` of each radix digit, most significant first."""
+    shifts = []
+    top = width
+    while top > 0:
+        bits = min(_DIGIT_BITS, top)
+        shifts.append((top - bits, bits))
+        top -= bits
+    return shifts
+
+
+def _radix_select(keys: jax.Array, k: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The k-th largest of the unsigned ``keys`` (counting only ``valid`` ones), for k >= 1."""
+    width = keys.dtype.itemsize * 8
+    prefix = jnp.zeros((), keys.dtype)
+    k = jnp.asarray(k, jnp.int32)
+    for shift, bits in _digit_shifts(width):
+        digit = ((keys >> shift) & ((1 << bits) - 1)).astype(jnp.int32)
+        high = shift + bits
+        if high < width:
+            match = (keys >> high) == (prefix >> high)
+            match = match if valid is None else match & valid
+        else:
+            match = jnp.ones(keys.shape, bool) if valid is None else valid
+        hist = jnp.zeros(1 << bits, jnp.int32).at[digit].add(match.astype(jnp.int32))
+        at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = count of digits >= d
+        d = jnp.sum(at_least >= k) - 1
+        above = jnp.where(d + 1 < (1 << bits), at_least[jnp.minimum(d + 1, (1 << bits) - 1)], 0)
+        k = k - above
+        prefix = prefix | (d.astype(keys.dtype) << shift)
+    return prefix
+
+
+@jax.jit
+def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
+    """The k-th largest ``|x|`` (1 <= k <= x.size), exactly, without a sort."""
+    magnitude = jnp.abs(x)
+    bits = _radix_select(_unsigned_bits(magnitude), jnp.clip(k, 1, x.size))
+    return lax.bitcast_convert_type(bits, magnitude.dtype)
+
+
+def _flat_index(shape) -> jax.Array:
+    """Row-major flat index of every entry, built without reshaping (keeps shardings)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+@jax.jit
+def top_k_mask(x: jax.Array, k) -> jax.Array:
+    """Mask of exactly ``clip(k, 0, x.size)`` entries of largest ``|x|``, ties to lower index.
+
+    ``k`` may be traced. Costs a few histogram passes over ``x``, plus an index selection
+    when several entries share the threshold magnitude.
+    """
+    if x.size >= 2 ** 32:
+        raise ValueError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
+    k = jnp.asarray(k, jnp.int32)
+    keys = _unsigned_bits(jnp.abs(x))
+    threshold = _radix_select(keys, jnp.clip(k, 1, x.size))
+    greater = keys > threshold
+    equal = keys == threshold
+    need = jnp.clip(k, 1, x.size) - jnp.sum(greater, dtype=jnp.int32)
+
+    def lowest_indices_of_equal():
+        order = ~_flat_index(x.shape)  # the largest of ~index is the lowest index
+        cutoff = _radix_select(order, need, valid=equal)
+        return greater | (equal & (order >= cutoff))
+
+    mask = lax.cond(jnp.sum(equal, dtype=jnp.int32) == need, lambda: greater | equal, lowest_indices_of_equal)
+    return mask & (k > 0)
+
+
+def num_kept(density, size: int):
+    """``int(density * size)`` as mergekit computes it (a traced density rounds in float32)."""
+    if isinstance(density, (int, float)):
+        return int(density * size)
+    return jnp.floor(jnp.asarray(density, jnp.float32) * size).astype(jnp.int32)
+
+
+def magnitude_mask(x: jax.Array, density) -> jax.Array:
+    """Keep the ``int(density * x.size)`` entries of largest magnitude (TIES trim)."""
+    return top_k_mask(x, num_kept(density, x.size))
+
+
+def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
+    """Model Breadcrumbs (arXiv 2312.06795): drop the ``gamma`` fraction of largest
+    magnitudes as outliers, then the smallest, so that ``density`` of the entries remain.
+
+    Keeps the entries ranked ``[int(gamma n), int(gamma n) + int(density n))`` by
+    descending magnitude.
+    """
+    top = num_kept(gamma, x.size)
+    return top_k_mask(x, top + num_kept(density, x.size)) & ~top_k_mask(x, top)
+
+
+def random_mask(key: jax.Array, x: jax.Array, density) -> jax.Array:
+    """DARE's drop (arXiv 2311.03099): keep each entry independently with probability ``density``."""
+    return jax.random.bernoulli(key, jnp.asarray(density, jnp.float32), x.shape)
+
+
+def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
+    """DELLA's MagPrune keep probabilities (arXiv 2406.11617), as mergekit computes them.
+
+    Within each row (axis 1; a 1-d leaf is one row) entries are ranked by magnitude, and
+    the keep probability rises linearly with rank from ``density - epsilon`` (smallest)
+    to ``density + epsilon`` (largest). Ties in magnitude rank by index.
+    """
+    rows = x.reshape(1, -1) if x.ndim < 2 else x
+    n = rows.shape[1]
+    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1), axis=1).astype(jnp.float32)
+    relative = ranks / (n - 1) if n > 1 else jnp.full(rows.shape, 0.5, jnp.float32)
+    density = jnp.asarray(density, jnp.float32)
+    probabilities = density - epsilon + relative * 2 * jnp.asarray(epsilon, jnp.float32)
+    return probabilities.reshape(x.shape)
+
+
+def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:
+    """DELLA's random drop with magnitude-ranked probabilities: ``(mask, probabilities)``."""
+    probabilities = della_probabilities(x, density, epsilon)
+    return jax.random.bernoulli(key, probabilities), probabilities
+
+
+RESCALE_NORMS = (None, "l1", "l2", "linf", "density")
+
+
+def _norm(x: jax.Array, norm: str) -> jax.Array:
+    if norm == "l1":
+        return jnp.sum(jnp.abs(x))
+    if norm == "l2":
+        return jnp.sqrt(jnp.sum(jnp.square(x)))
+    return jnp.max(jnp.abs(x))
+
+
+def rescale(x: jax.Array, mask: jax.Array, norm: str | None, keep_probability=None,
+            epsilon: float = 1e-7) -> jax.Array:
+    """Zero the dropped entries of ``x`` and rescale the kept ones.
+
+    Args:
+      x: the task vector (a float array).
+      mask: which entries to keep.
+      norm: ``None`` (no rescale); ``'l1'``, ``'l2'`` or ``'linf'`` (scale the kept entries
+        so that this norm equals the original's, as mergekit does, unless either norm is
+        below ``epsilon``); or ``'density'`` (divide by ``keep_probability``, as the DARE
+        and DELLA papers do).
+      keep_probability: the probability each entry was kept with (scalar or like ``x``).
+    """
+    kept = jnp.where(mask, x, jnp.zeros((), x.dtype))
+    if norm is None:
+        return kept
+    if norm == "density":
+        return kept / jnp.asarray(keep_probability, x.dtype)
+    before, after = _norm(x, norm), _norm(kept, norm)
+    small = (before < epsilon) | (after < epsilon)
+    return kept * jnp.where(small, jnp.ones((), x.dtype), before / jnp.where(small, 1, after))

@@ -1,0 +1,65 @@
+"""Independent NumPy (float64) references for the task-vector merges, from the papers' formulas
+and mergekit's documented semantics."""
+
+import numpy as np
+
+
+def top_k(x, k):
+    """Mask of the k largest |x|; equal magnitudes go to the lower flat index (stable sort)."""
+    order = np.argsort(-np.abs(x).ravel(), kind="stable")
+    mask = np.zeros(x.size, bool)
+    mask[order[:max(k, 0)]] = True
+    return mask.reshape(x.shape)
+
+
+def magnitude(delta, density):
+    return top_k(delta, int(density * delta.size))
+
+
+def breadcrumbs(delta, density, gamma):
+    top = int(gamma * delta.size)
+    return top_k(delta, top + int(density * delta.size)) & ~top_k(delta, top)
+
+
+def rescaled(delta, mask, norm, keep=None):
+    kept = np.where(mask, delta, 0.0)
+    if norm is None:
+        return kept
+    if norm == "density":
+        return kept / keep
+    measure = {"l1": lambda v: np.abs(v).sum(), "l2": lambda v: np.sqrt((v ** 2).sum()),
+               "linf": lambda v: np.abs(v).max()}[norm]
+    before, after = measure(delta), measure(kept)
+    return kept if before < 1e-7 or after < 1e-7 else kept * before / after
+
+
+def della_probabilities(delta, density, epsilon):
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
+    n = rows.shape[1]
+    ranks = np.empty(rows.shape)
+    for index in np.ndindex(rows.shape[:1] + rows.shape[2:]):
+        row_index = (index[0], slice(None)) + index[1:]
+        order = np.argsort(np.abs(rows[row_index]), kind="stable")
+        ranks[row_index][order] = np.arange(n)
+    relative = ranks / (n - 1) if n > 1 else np.full(rows.shape, 0.5)
+    return (density - epsilon + 2 * epsilon * relative).reshape(delta.shape)
+
+
+def combine(base, deltas, weights, *, consensus, normalize, lambda_):
+    """Steps 2-4 of generalized task arithmetic: sign election, (disjoint) sum, scaling."""
+    weighted = [w * d for w, d in zip(weights, deltas)]
+    if consensus is None:
+        mixed = sum(weighted)
+        divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+    else:
+        if consensus == "sum":
+            elected = np.where(sum(weighted) >= 0, 1.0, -1.0)
+        else:
+            elected = np.where(sum(np.sign(x) for x in weighted) >= 0, 1.0, -1.0)
+        agree = [np.sign(x) == elected for x in weighted]
+        mixed = sum(np.where(a, x, 0.0) for a, x in zip(agree, weighted))
+        divisor = sum(np.where(a, w, 0.0) for a, w in zip(agree, weights))
+        divisor = np.where(divisor == 0, 1.0, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return base + lambda_ * mixed

@@ -1,0 +1,105 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxmerge import sparsify
+from tests.merging import reference
+
+
+def _data(kind, shape, rng):
+    values = rng.standard_normal(shape)
+    if kind == "ties":
+        return np.round(values * 2) / 2  # many equal magnitudes, and zeros
+    if kind == "zeros":
+        return np.zeros(shape)
+    return values
+
+
+CASES = [((1000,), 300, jnp.float32), ((37, 23), 100, jnp.float32), ((4, 5, 6), 119, jnp.float32),
+         ((50,), 0, jnp.float32), ((50,), 50, jnp.float32), ((50,), 80, jnp.float32), ((), 1, jnp.float32),
+         ((37, 23), 100, jnp.bfloat16), ((37, 23), 100, jnp.float16)]
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros"])
+@pytest.mark.parametrize("shape,k,dtype", CASES)
+def test_top_k_mask_matches_a_stable_sort(kind, dtype, shape, k):
+    x = jnp.asarray(_data(kind, shape, np.random.default_rng(k)), dtype)
+    mask = np.asarray(jax.jit(sparsify.top_k_mask)(x, k))
+    np.testing.assert_array_equal(mask, reference.top_k(np.asarray(x, np.float64), k))
+    assert mask.sum() == min(k, x.size)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([1, 2, 3, 64, 999]), st.floats(0.0, 1.0), st.integers(0, 2 ** 16), st.booleans())
+def test_top_k_mask_property(size, fraction, seed, with_ties):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(size)
+    if with_ties:
+        x = np.round(x)
+    k = int(fraction * size)
+    mask = np.asarray(_jitted_top_k(jnp.asarray(x, jnp.float32), k))
+    np.testing.assert_array_equal(mask, reference.top_k(np.asarray(jnp.asarray(x, jnp.float32), np.float64), k))
+
+
+_jitted_top_k = jax.jit(sparsify.top_k_mask)
+
+
+def test_kth_largest_magnitude_is_exact():
+    x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    for k in (1, 17, 50_000, 100_000):
+        expected = np.partition(np.abs(x), x.size - k)[x.size - k]
+        assert float(sparsify.kth_largest_magnitude(jnp.asarray(x), k)) == expected
+
+
+def test_k_may_be_traced():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(500), jnp.float32)
+    masks = jax.jit(jax.vmap(sparsify.top_k_mask, in_axes=(None, 0)))(x, jnp.arange(0, 500, 50))
+    assert [int(m.sum()) for m in masks] == list(range(0, 500, 50))
+
+
+def test_magnitude_and_breadcrumbs_masks():
+    x = np.random.default_rng(2).standard_normal((30, 40))
+    np.testing.assert_array_equal(np.asarray(sparsify.magnitude_mask(jnp.asarray(x), 0.3)),
+                                  reference.magnitude(x, 0.3))
+    got = np.asarray(sparsify.breadcrumbs_mask(jnp.asarray(x), 0.5, 0.1))
+    np.testing.assert_array_equal(got, reference.breadcrumbs(x, 0.5, 0.1))
+    assert got.sum() == 600
+    # the 120 largest are all dropped
+    assert not got.ravel()[np.argsort(-np.abs(x).ravel())[:120]].any()
+
+
+def test_random_mask_keeps_density_within_sampling_error():
+    x = jnp.ones(200_000)
+    for density in (0.1, 0.5, 0.9):
+        kept = float(sparsify.random_mask(jax.random.key(3), x, density).mean())
+        sigma = np.sqrt(density * (1 - density) / x.size)
+        assert abs(kept - density) < 5 * sigma
+
+
+@pytest.mark.parametrize("shape", [(7,), (6, 9), (3, 4, 5)])
+def test_della_probabilities(shape):
+    x = np.round(np.random.default_rng(4).standard_normal(shape), 1)
+    got = np.asarray(sparsify.della_probabilities(jnp.asarray(x, jnp.float32), 0.4, 0.1))
+    np.testing.assert_allclose(got, reference.della_probabilities(x.astype(np.float32), 0.4, 0.1), atol=1e-6)
+    assert got.min() == pytest.approx(0.3) and got.max() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("norm", [None, "l1", "l2", "linf", "density"])
+def test_rescale(norm):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(100)
+    mask = rng.random(100) < 0.3
+    got = np.asarray(sparsify.rescale(jnp.asarray(x, jnp.float32), jnp.asarray(mask), norm, 0.3))
+    np.testing.assert_allclose(got, reference.rescaled(x, mask, norm, 0.3), rtol=1e-5)
+    if norm in ("l1", "l2", "linf"):
+        order = {"l1": 1, "l2": 2, "linf": np.inf}[norm]
+        assert np.linalg.norm(got, order) == pytest.approx(np.linalg.norm(x, order), rel=1e-5)
+
+
+def test_rescale_leaves_tiny_vectors_alone():
+    x = jnp.full(4, 1e-9)
+    np.testing.assert_array_equal(sparsify.rescale(x, jnp.asarray([True, False, True, False]), "l1"),
+                                  np.asarray([1e-9, 0, 1e-9, 0], np.float32))
