@@ -22,3 +22,19 @@ def test_quickstart_average_is_accurate():
     assert set(scores) == {"model 0", "model 1", "model 2", "average"}
     assert float(scores["average"]) > 0.9
     assert float(scores["average"]) >= min(float(scores[f"model {i}"]) for i in range(3)) - 0.02
+
+
+def _table(out: str) -> dict:
+    rows = {}
+    for line in out.splitlines()[1:]:
+        *label, a, b, mean = line.split()
+        rows[" ".join(label)] = (float(a), float(b), float(mean))
+    return rows
+
+
+@pytest.mark.slow
+def test_task_merging_example_merges_both_tasks():
+    rows = _table(run_example("task_merging.py"))
+    best_single = max(rows["fine-tune A: 0-4"][2], rows["fine-tune B: 5-9"][2])
+    for merge in ("task_arithmetic lambda=1", "ties density=0.2"):
+        assert rows[merge][2] > best_single, (merge, rows)
