@@ -2,6 +2,7 @@
 
 from jaxmerge._hyper import layer_positions, per_model
 from jaxmerge.merging import sparsify
+from jaxmerge.merging.fisher import fisher_merge
 from jaxmerge.merging.karcher import karcher
 from jaxmerge.merging.linear import average, lerp
 from jaxmerge.merging.magmax import magmax
@@ -18,6 +19,7 @@ from jaxmerge.merging.task_vectors import (
     task_arithmetic,
     ties,
 )
+from jaxmerge.statistics.fisher import diagonal_fisher
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,8 @@ __all__ = [
     "dare_ties",
     "della",
     "della_linear",
+    "diagonal_fisher",
+    "fisher_merge",
     "karcher",
     "layer_positions",
     "lerp",

@@ -180,3 +180,18 @@ def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array, dtype) -> jax.
     for i in range(1, len(leaves)):
         total = total + weights[i] * leaves[i].astype(dtype)
     return total
+
+
+def flatten_like(spec: TreeSpec, trees: Sequence[PyTree], name: str) -> list[list]:
+    """Leaves of each of ``trees`` (one per model) aligned with ``spec``, checked like models.
+
+    Raises:
+      ValueError: wrong number of trees, or a missing/extra leaf or shape mismatch, naming
+        ``name[i]`` and the leaf path.
+    """
+    if not isinstance(trees, (list, tuple)) or len(trees) != spec.num_models:
+        count = len(trees) if isinstance(trees, (list, tuple)) else type(trees).__name__
+        raise ValueError(f"{name} must be a list with one tree per model ({spec.num_models}), got {count}")
+    ref_specs = [leaf_spec(leaf) for leaf in spec.leaves]
+    ref_name = "base" if spec.has_base else "models[0]"
+    return [_aligned_leaves(f"{name}[{i}]", tree, spec.keys, ref_specs, ref_name) for i, tree in enumerate(trees)]

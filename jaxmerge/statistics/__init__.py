@@ -1,0 +1,1 @@
+"""Statistics that data-aware merges need: diagonal Fisher and input Gram matrices."""

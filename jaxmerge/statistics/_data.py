@@ -1,0 +1,81 @@
+"""What the statistics share: running a model given as ``apply_fn`` + params or as a Flax NNX
+module, reading inputs and labels from a batch, and iterating over data up to a budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+Batch = Any
+
+
+def inputs_of(batch: Batch):
+    """The model inputs of a batch: ``batch[0]`` of a tuple, ``batch['inputs']`` of a dict."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict) and "inputs" in batch:
+        return batch["inputs"]
+    raise TypeError("a batch must be a tuple (inputs, labels) or a dict with 'inputs' and 'labels', "
+                    f"got {type(batch).__name__}")
+
+
+def labels_of(batch: Batch):
+    """The labels of a batch: ``batch[1]`` of a tuple, ``batch['labels']`` of a dict."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, dict) and "labels" in batch:
+        return batch["labels"]
+    raise TypeError("a batch must be a tuple (inputs, labels) or a dict with 'inputs' and 'labels', "
+                    f"got {type(batch).__name__}")
+
+
+def model_function(model, params) -> tuple[Callable, Any]:
+    """``(apply_fn(params, batch) -> outputs, params)`` for an ``apply_fn`` or an NNX module.
+
+    An NNX module is split into its ``nnx.Param`` state (the params) and everything else
+    (held fixed); it is called on ``inputs_of(batch)``.
+    """
+    if isinstance(model, nnx.Module):
+        if params is not None:
+            raise ValueError("params must be None when model is an nnx.Module (its nnx.Param state is used)")
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        return (lambda p, batch: nnx.merge(graphdef, p, rest)(inputs_of(batch))), state
+    if not callable(model):
+        raise TypeError(f"model must be an apply_fn(params, batch) or an nnx.Module, got {type(model).__name__}")
+    if params is None:
+        raise ValueError("params are required with an apply_fn")
+    return model, params
+
+
+def num_examples_in(batch: Batch) -> int:
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"every leaf of a batch needs the same leading (example) axis, got sizes {sorted(map(str, sizes))}")
+    return sizes.pop()
+
+
+def limited(data: Iterable[Batch], num_examples: int | None) -> Iterator[tuple[Batch, int]]:
+    """``(batch, size)`` pairs, the last one cut so that at most ``num_examples`` are seen.
+
+    Raises:
+      ValueError: ``data`` yields no examples, or ``num_examples < 1``.
+    """
+    if num_examples is not None and num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    seen = 0
+    for batch in data:
+        size = num_examples_in(batch)
+        if num_examples is not None and seen + size > num_examples:
+            size = num_examples - seen
+            batch = jax.tree.map(lambda x: x[:size], batch)
+        if size:
+            seen += size
+            yield batch, size
+        if num_examples is not None and seen >= num_examples:
+            break
+    if seen == 0:
+        raise ValueError("data yielded no examples")
