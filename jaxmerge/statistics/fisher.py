@@ -11,7 +11,10 @@ of the data. The label ``y`` is
 
 Per-example gradients come from ``jax.vmap`` of ``jax.grad`` inside ``jax.jit``, over
 ``microbatch`` examples at a time (which bounds memory at about ``microbatch`` copies of the
-parameters), and are squared and summed in float32.
+parameters; times the number of classes for ``'exact'``), and are squared and summed in
+float32. Gradients of dense kernels, which are per-example outer products, are squared
+and summed as one matrix product of squares instead of being materialised (see
+:mod:`jaxmerge.statistics._per_example`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from jax import lax
 
 from jaxmerge._tree import PyTree
 from jaxmerge.statistics._data import labels_of, limited, model_function
+from jaxmerge.statistics._per_example import weighted_squared_gradients
 
 ESTIMATORS = ("empirical", "exact", "sampled")
 
@@ -44,35 +48,30 @@ def _label_log_likelihood(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(picked)
 
 
-def _squared(tree: PyTree, scale) -> PyTree:
-    return jax.tree.map(lambda g: scale * jnp.square(g.astype(jnp.float32)), tree)
+def _label_gradient(apply_fn: Callable, params: PyTree, example, labels) -> PyTree:
+    """Gradient of ``log p(labels | example)`` for one example (given with a batch axis of 1)."""
+    return jax.grad(lambda p: _label_log_likelihood(log_probabilities(apply_fn(p, example)), labels))(params)
 
 
-def _example_fisher(apply_fn: Callable, estimator: str, params: PyTree, example, key) -> PyTree:
-    """Squared gradients of one example (given with a batch axis of 1)."""
-    def log_probs(p):
-        return log_probabilities(apply_fn(p, example))
+def _labelled_pairs(apply_fn: Callable, estimator: str, params: PyTree, examples, mask, keys):
+    """The ``(examples, labels, weights)`` whose weighted squared gradients sum to the Fisher.
 
-    if estimator == "exact":
-        values, pullback = jax.vjp(log_probs, params)
-        if values.shape[:-1] != (1,):
-            raise ValueError("estimator='exact' needs one label per example (logits of shape (batch, classes)), "
-                             f"got logits of shape {values.shape}")
-        probs = jnp.exp(values[0])
-
-        def add_class(total, c):
-            (grad,) = pullback(jax.nn.one_hot(c, values.shape[-1], dtype=values.dtype)[None])
-            return jax.tree.map(jnp.add, total, _squared(grad, probs[c])), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        return lax.scan(add_class, zeros, jnp.arange(values.shape[-1]))[0]
+    ``examples`` carry a batch axis of 1 per example. The exact estimator pairs every
+    example with every class, weighted by the class probability.
+    """
+    if estimator == "empirical":
+        return examples, labels_of(examples), mask
+    log_probs = jax.vmap(lambda e: log_probabilities(apply_fn(params, e)))(examples)
     if estimator == "sampled":
-        logits = lax.stop_gradient(log_probs(params))
-        labels = jax.random.categorical(key, logits)
-    else:
-        labels = labels_of(example)
-    grad = jax.grad(lambda p: _label_log_likelihood(log_probs(p), labels))(params)
-    return _squared(grad, 1.0)
+        return examples, jax.vmap(jax.random.categorical)(keys, lax.stop_gradient(log_probs)), mask
+    if log_probs.shape[1:-1] != (1,):
+        raise ValueError("estimator='exact' needs one label per example (logits of shape (batch, classes)), "
+                         f"got logits of shape {log_probs.shape[1:]} per example")
+    size, classes = log_probs.shape[0], log_probs.shape[-1]
+    repeated = jax.tree.map(lambda x: jnp.repeat(x, classes, axis=0), examples)
+    labels = jnp.tile(jnp.arange(classes), size).reshape(size * classes, 1)
+    weights = (mask[:, None] * jnp.exp(lax.stop_gradient(log_probs[:, 0, :]))).reshape(-1)
+    return repeated, labels, weights
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "estimator", "microbatch"))
@@ -89,15 +88,16 @@ def fisher_sum(params: PyTree, batch, valid: jax.Array, key: jax.Array, *, apply
     steps = size // microbatch
     grid = jax.tree.map(lambda x: x.reshape((microbatch, steps) + x.shape[1:]), (batch, valid, jnp.arange(size)))
     grid = (grid[0],) + tuple(_sharded_like(x, jax.tree.leaves(grid[0])[0]) for x in grid[1:])
-    per_example = jax.vmap(lambda ex, k: _example_fisher(apply_fn, estimator, params, ex, k))
 
     def step(j, total):
         examples, mask, index = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, j, 1, keepdims=False), grid)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-        squared = per_example(jax.tree.map(lambda x: x[:, None], examples), keys)
-        weight = mask.astype(jnp.float32)
-        return jax.tree.map(lambda t, s: t + jnp.sum(weight.reshape((-1,) + (1,) * (s.ndim - 1)) * s, axis=0),
-                            total, squared)
+        examples = jax.tree.map(lambda x: x[:, None], examples)
+        pairs, labels, weights = _labelled_pairs(apply_fn, estimator, params, examples, mask.astype(jnp.float32),
+                                                 keys)
+        squared = weighted_squared_gradients(functools.partial(_label_gradient, apply_fn), params,
+                                             (pairs, labels), weights)
+        return jax.tree.map(jnp.add, total, squared)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     return lax.fori_loop(0, steps, step, zeros)
