@@ -38,3 +38,12 @@ def test_task_merging_example_merges_both_tasks():
     best_single = max(rows["fine-tune A: 0-4"][2], rows["fine-tune B: 5-9"][2])
     for merge in ("task_arithmetic lambda=1", "ties density=0.2"):
         assert rows[merge][2] > best_single, (merge, rows)
+
+
+@pytest.mark.slow
+def test_fisher_merge_example_beats_averaging_under_shift():
+    out = run_example("fisher_merge.py")
+    shift = out.split("setting: shift")[1]
+    means = {label.strip(): float(mean) for label, mean in
+             re.findall(r"^(\w[\w\- ()]+?)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)$", shift, re.M)}
+    assert means["fisher_merge (model Fisher)"] > means["average"]
