@@ -7,6 +7,7 @@ from jaxmerge.merging.karcher import karcher
 from jaxmerge.merging.linear import average, lerp
 from jaxmerge.merging.magmax import magmax
 from jaxmerge.merging.model_stock import model_stock
+from jaxmerge.merging.regmean import regmean, regmean_plus_plus
 from jaxmerge.merging.sce import sce
 from jaxmerge.merging.slerp import slerp
 from jaxmerge.merging.task_vectors import (
@@ -20,6 +21,7 @@ from jaxmerge.merging.task_vectors import (
     ties,
 )
 from jaxmerge.statistics.fisher import diagonal_fisher
+from jaxmerge.statistics.gram import input_grams
 
 __version__ = "0.1.0"
 
@@ -33,12 +35,15 @@ __all__ = [
     "della_linear",
     "diagonal_fisher",
     "fisher_merge",
+    "input_grams",
     "karcher",
     "layer_positions",
     "lerp",
     "magmax",
     "model_stock",
     "per_model",
+    "regmean",
+    "regmean_plus_plus",
     "sce",
     "slerp",
     "sparsify",

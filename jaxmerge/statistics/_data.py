@@ -79,3 +79,20 @@ def limited(data: Iterable[Batch], num_examples: int | None) -> Iterator[tuple[B
             break
     if seen == 0:
         raise ValueError("data yielded no examples")
+
+
+def sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """``x`` with its first axis sharded like ``reference``'s where that is an explicit mesh axis."""
+    sharding = jax.typeof(reference).sharding
+    if not sharding.spec or sharding.spec[0] is None:
+        return x
+    spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (x.ndim - 1)))
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def replicated_like(x: jax.Array):
+    """An out-sharding for a contraction over ``x``'s explicitly sharded batch axis, else None."""
+    sharding = jax.typeof(x).sharding
+    if not sharding.spec or sharding.spec[0] is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())

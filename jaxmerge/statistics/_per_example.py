@@ -17,7 +17,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jex_core
+
+from jaxmerge.statistics._data import replicated_like
+from jaxmerge.statistics._jaxpr import Env, bind
 
 
 def _is_outer_product(eqn) -> bool:
@@ -57,20 +59,12 @@ def _outer_product_sources(jaxpr) -> tuple[dict, set]:
     return found, skipped
 
 
-def _replicated_like(x: jax.Array):
-    """An out-sharding for a contraction over ``x``'s explicitly sharded batch axis, else None."""
-    sharding = jax.typeof(x).sharding
-    if not sharding.spec or sharding.spec[0] is None:
-        return None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-
-
 def _squared_outer_sum(eqn, lhs, rhs, weights, permutation):
     (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
     lhs2 = jnp.square(lhs.astype(jnp.float32)) * weights.reshape((-1,) + (1,) * (lhs.ndim - 1))
     rhs2 = jnp.square(rhs.astype(jnp.float32))
     dims = (((0,) + tuple(lhs_contract), (0,) + tuple(rhs_contract)), ((), ()))
-    out = lax.dot_general(lhs2, rhs2, dims, out_sharding=_replicated_like(lhs))
+    out = lax.dot_general(lhs2, rhs2, dims, out_sharding=replicated_like(lhs))
     return out if permutation is None else jnp.transpose(out, permutation)
 
 
@@ -91,27 +85,17 @@ def weighted_squared_gradients(grad_fn: Callable, params, batched_args: tuple, w
     closed, out_shape = jax.make_jaxpr(vmapped, return_shape=True)(params, *batched_args)
     jaxpr = closed.jaxpr
     special, skipped = _outer_product_sources(jaxpr)
-    env: dict = {}
-
-    def read(v):
-        return v.val if isinstance(v, jex_core.Literal) else env[id(v)]
-
-    for v, value in zip(jaxpr.constvars, closed.consts):
-        env[id(v)] = value
-    for v, value in zip(jaxpr.invars, jax.tree.leaves((params, *batched_args))):
-        env[id(v)] = value
+    env = Env()
+    env.write(jaxpr.constvars, closed.consts)
+    env.write(jaxpr.invars, jax.tree.leaves((params, *batched_args)))
     for eqn in jaxpr.eqns:
-        if id(eqn) in skipped:
-            continue
-        with eqn.ctx.manager:
-            outs = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
-        for v, value in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
-            env[id(v)] = value
+        if id(eqn) not in skipped:
+            env.write(eqn.outvars, bind(eqn, [env.read(v) for v in eqn.invars]))
     leaves = []
     for index, out in enumerate(jaxpr.outvars):
         if index in special:
             eqn, permutation = special[index]
-            leaves.append(_squared_outer_sum(eqn, *map(read, eqn.invars), weights, permutation))
+            leaves.append(_squared_outer_sum(eqn, *map(env.read, eqn.invars), weights, permutation))
         else:
-            leaves.append(_weighted_square_sum(read(out), weights))
+            leaves.append(_weighted_square_sum(env.read(out), weights))
     return jax.tree.unflatten(jax.tree.structure(out_shape), leaves)

@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from jaxmerge._tree import PyTree
-from jaxmerge.statistics._data import labels_of, limited, model_function
+from jaxmerge.statistics._data import labels_of, limited, model_function, sharded_like
 from jaxmerge.statistics._per_example import weighted_squared_gradients
 
 ESTIMATORS = ("empirical", "exact", "sampled")
@@ -87,7 +87,7 @@ def fisher_sum(params: PyTree, batch, valid: jax.Array, key: jax.Array, *, apply
     size = valid.shape[0]
     steps = size // microbatch
     grid = jax.tree.map(lambda x: x.reshape((microbatch, steps) + x.shape[1:]), (batch, valid, jnp.arange(size)))
-    grid = (grid[0],) + tuple(_sharded_like(x, jax.tree.leaves(grid[0])[0]) for x in grid[1:])
+    grid = (grid[0],) + tuple(sharded_like(x, jax.tree.leaves(grid[0])[0]) for x in grid[1:])
 
     def step(j, total):
         examples, mask, index = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, j, 1, keepdims=False), grid)
@@ -101,15 +101,6 @@ def fisher_sum(params: PyTree, batch, valid: jax.Array, key: jax.Array, *, apply
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     return lax.fori_loop(0, steps, step, zeros)
-
-
-def _sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
-    """``x`` with its first axis sharded like ``reference``'s where that is an explicit mesh axis."""
-    sharding = jax.typeof(reference).sharding
-    if not sharding.spec or sharding.spec[0] is None:
-        return x
-    spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (x.ndim - 1)))
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
 
 
 def _padded(batch, size: int, microbatch: int):

@@ -1,0 +1,216 @@
+"""RegMean (Jin et al., arXiv 2212.09849) and RegMean++ (Nguyen et al., arXiv 2508.03121).
+
+For a linear layer ``y = x W`` fine-tuned into ``W_i`` on inputs ``X_i``, RegMean takes the
+``W`` that minimises ``sum_i ||X_i W - X_i W_i||^2``:
+
+    W* = (sum_i G_i)^-1 sum_i G_i W_i,    G_i = X_i^T X_i,
+
+with each Gram's off-diagonal entries scaled by ``alpha``
+(``G~ = alpha G + (1 - alpha) diag(G)``), solved by a Cholesky factorisation in float32.
+Leaves that are not linear kernels (biases, norms, embeddings) are averaged.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from jaxmerge import _hyper
+from jaxmerge._tree import PyTree, TreeSpec, apply_leafwise, flatten_models, flatten_with_keys
+from jaxmerge.merging.linear import average_kernel
+from jaxmerge.statistics import gram as gram_stats
+from jaxmerge.statistics._data import model_function
+
+LAYOUTS = ("in_out", "out_in")
+
+
+@jax.jit
+def regmean_kernel(kernels: Sequence[jax.Array], grams: Sequence[jax.Array], alpha: jax.Array,
+                   ridge: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(W*, used_ridge)`` for ``(d, m)`` kernels and their ``(d, d)`` Grams.
+
+    Solves ``(sum_i G~_i) W* = sum_i G~_i W_i`` by Cholesky. If the summed Gram is not
+    positive definite, ``ridge * mean(diag) * I`` (at least ``ridge``) is added to it first
+    and ``used_ridge`` is True.
+    """
+    alpha = alpha.astype(jnp.float32)
+    tilde = [alpha * g + (1 - alpha) * jnp.diag(jnp.diag(g)) for g in grams]
+    lhs = sum(tilde[1:], tilde[0])
+    rhs = sum(g @ w.astype(jnp.float32) for g, w in zip(tilde, kernels))
+    factor = jnp.linalg.cholesky(lhs)
+    singular = ~jnp.all(jnp.isfinite(factor))
+
+    def regularised():
+        shift = ridge.astype(jnp.float32) * jnp.maximum(jnp.mean(jnp.diag(lhs)), 1.0)
+        return jnp.linalg.cholesky(lhs + shift * jnp.eye(lhs.shape[0], dtype=jnp.float32))
+
+    factor = lax.cond(singular, regularised, lambda: factor)
+    solution = jax.scipy.linalg.cho_solve((factor, True), rhs)
+    return solution, singular
+
+
+def _as_matrix(kernel_shape: tuple[int, ...], features: int, layout: str) -> tuple[Callable, Callable] | None:
+    """Functions to and from the ``(features, m)`` matrix view of a kernel, or None if none fits."""
+    dims = kernel_shape if layout == "in_out" else kernel_shape[::-1]
+    for k in range(1, len(dims) + 1):
+        if math.prod(dims[:k]) == features:
+            break
+    else:
+        return None
+    if layout == "in_out":
+        return (lambda w: w.reshape(features, -1)), (lambda m: m.reshape(kernel_shape))
+    return (lambda w: w.reshape(-1, features).T), (lambda m: m.T.reshape(kernel_shape))
+
+
+def _grams_by_kernel(grams_tree: PyTree) -> dict[tuple[str, ...], jax.Array]:
+    keys, leaves, _ = flatten_with_keys(grams_tree)
+    return {key[:-1]: leaf for key, leaf in zip(keys, leaves) if key[-1] == "gram"}
+
+
+def regmean_plan(spec: TreeSpec, grams: Sequence[dict], *, alpha=0.9, layout: str = "in_out",
+                 ridge: float = 1e-5, linear: Callable | None = None):
+    """Leaf function for :func:`regmean` (validates the statistics against the kernels)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(grams, (list, tuple)) or len(grams) != spec.num_models:
+        raise ValueError(f"grams must be a list with one statistics tree per model ({spec.num_models})")
+    alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
+    ridge = _hyper.scalar(ridge, "ridge")
+    per_model = [_grams_by_kernel(g) for g in grams]
+    plans: dict[int, tuple] = {}
+    for i in spec.float_indices():
+        key, path, shape = spec.keys[i], spec.paths[i], spec.leaves[i].shape
+        present = [key in g for g in per_model]
+        wanted = any(present) if linear is None else bool(linear(path, spec.leaves[i]))
+        if not wanted:
+            continue
+        if not all(present):
+            raise ValueError(f"grams[{present.index(False)}] has no statistics for the linear layer {path!r}")
+        features = per_model[0][key].shape[0]
+        for j, g in enumerate(per_model):
+            if g[key].shape != (features, features) or g[key].shape != per_model[0][key].shape:
+                raise ValueError(f"grams[{j}] at {path!r} has shape {g[key].shape}, expected a square Gram "
+                                 f"like grams[0]'s {per_model[0][key].shape}")
+        views = _as_matrix(shape, features, layout)
+        if views is None:
+            raise ValueError(f"the Gram at {path!r} has {features} input features, which do not match the "
+                             f"{'leading' if layout == 'in_out' else 'trailing'} axes of the kernel of shape {shape}")
+        plans[i] = (views, [g[key] for g in per_model])
+    equal = np.ones(spec.num_models)
+
+    def leaf_fn(i, _, leaves):
+        if i not in plans:
+            return average_kernel(leaves, equal, normalize=True)
+        views, leaf_grams = plans[i]
+        return _solve(spec.paths[i], views, leaves, leaf_grams, alphas[i], ridge)
+    return leaf_fn
+
+
+def _solve(path: str, views: tuple[Callable, Callable], kernels: Sequence[jax.Array], grams: Sequence[jax.Array],
+           alpha, ridge: float) -> jax.Array:
+    """One merged kernel, warning (outside jit) when the ridge had to be added."""
+    to_matrix, from_matrix = views
+    solution, singular = regmean_kernel([to_matrix(w) for w in kernels], list(grams), _hyper.scalar_arg(alpha),
+                                        _hyper.scalar_arg(ridge))
+    if not isinstance(singular, jax.core.Tracer) and bool(singular):
+        warnings.warn(f"regmean: the summed Gram at {path!r} is singular; added a ridge of {ridge:g} x its mean "
+                      "diagonal before solving", RuntimeWarning, stacklevel=4)
+    return from_matrix(solution).astype(kernels[0].dtype)
+
+
+def regmean(models: Sequence[PyTree], grams: Sequence[dict], *, alpha=0.9, layout: str = "in_out",
+            ridge: float = 1e-5, linear: Callable | None = None) -> PyTree:
+    """RegMean merge (arXiv 2212.09849): per linear layer, the least-squares merged kernel.
+
+    Args:
+      models: the models; the output has ``models[0]``'s structure and dtypes.
+      grams: one statistics tree per model, from :func:`jaxmerge.input_grams` (on each
+        model's own data), or any nested dicts keyed like the params with
+        ``{'gram': (d, d)}`` where a kernel is.
+      alpha: per-leaf scale of the Grams' off-diagonal entries (0: a per-input weighted
+        average; 1: the exact least-squares solution).
+      layout: ``'in_out'`` for Flax kernels (the Gram covers the leading axes) or
+        ``'out_in'`` for PyTorch-style ``(out, in)`` weights (the trailing axes).
+      ridge: if a summed Gram is singular, ``ridge`` times its mean diagonal is added to
+        its diagonal (with a ``RuntimeWarning`` naming the layer).
+      linear: optional ``fn(path, leaf) -> bool`` choosing the leaves merged by RegMean
+        (they then must have statistics); by default every leaf with statistics is, and
+        every other leaf (biases, norms, embeddings) is averaged.
+
+    Raises:
+      ValueError: statistics missing for a layer in some model, a Gram whose size does
+        not match the kernel's input features, a bad ``alpha`` or ``layout``.
+    """
+    spec, _, leaves = flatten_models(models)
+    plan = regmean_plan(spec, grams, alpha=alpha, layout=layout, ridge=ridge, linear=linear)
+    return apply_leafwise(spec, plan, None, leaves)
+
+
+def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable], *, alpha=0.9, ridge: float = 1e-5,
+                      num_examples: int | None = None) -> PyTree:
+    """RegMean++ (arXiv 2508.03121): RegMean with statistics from the merged model so far.
+
+    Linear layers are merged one at a time in forward order. For layer ``l``, each
+    model's Gram is taken from the inputs that layer receives when model ``i``'s data
+    runs through a network whose earlier parameters (in order of first use) are already
+    merged and whose later ones are still model ``i``'s, so the statistics reflect both
+    the merged layers before it (cross-layer) and, within a block, the merged sub-layers
+    before it (intra-layer). Non-kernel leaves are averaged.
+
+    Cost: one pass over every model's data per linear layer, ``L x N`` forward passes in
+    all, instead of RegMean's ``N``.
+
+    Args:
+      model: ``apply_fn(params, batch)`` or a Flax NNX module (whose graph, not its
+        parameters, is used).
+      models: the models' params (``nnx.State`` for an NNX module, as from
+        ``nnx.state(module, nnx.Param)``).
+      data: one re-iterable (e.g. a list of batches) per model, its own data.
+      alpha, ridge: as in :func:`regmean` (Flax ``(in, out)`` layout).
+      num_examples: examples of each model's data to use.
+    """
+    spec, _, model_leaves = flatten_models(models)
+    if not isinstance(data, (list, tuple)) or len(data) != spec.num_models:
+        raise ValueError(f"data must be a list with one re-iterable of batches per model ({spec.num_models})")
+    alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
+    ridge = _hyper.scalar(ridge, "ridge")
+    apply_fn, _ = model_function(model, None if isinstance(model, nnx.Module) else models[0])
+    first_use, kernel_order = _order_of_use(apply_fn, models[0], next(iter(data[0])))
+    if not kernel_order:
+        raise ValueError("found no linear layer in the model")
+    equal = np.ones(spec.num_models)
+    merged = [average_kernel([m[i] for m in model_leaves], equal, normalize=True) if spec.is_float(i)
+              else spec.leaves[i] for i in range(len(spec.keys))]
+    for k in kernel_order:
+        grams = []
+        for leaves, model_data in zip(model_leaves, data):
+            hybrid = [merged[j] if first_use.get(j, len(first_use)) < first_use[k] else leaves[j]
+                      for j in range(len(leaves))]
+            params = jax.tree.unflatten(spec.treedef, hybrid)
+            stats = gram_stats.accumulate_grams(apply_fn, params, model_data, num_examples=num_examples,
+                                                only=frozenset({k}))
+            grams.append(stats[k][0])
+        views = _as_matrix(spec.leaves[k].shape, grams[0].shape[0], "in_out")
+        merged[k] = _solve(spec.paths[k], views, [leaves[k] for leaves in model_leaves], grams, alphas[k], ridge)
+    return jax.tree.unflatten(spec.treedef, merged)
+
+
+def _order_of_use(apply_fn: Callable, params: PyTree, batch) -> tuple[dict[int, int], list[int]]:
+    """When each param leaf is first used in the forward pass, and the kernels in forward order."""
+    found = {}
+
+    def trace():
+        recorder = gram_stats.capture(apply_fn, params, batch, only=frozenset())
+        found.update(first_use=recorder.first_use, kernel_order=recorder.kernel_order)
+        return ()
+
+    jax.eval_shape(trace)
+    return found["first_use"], found["kernel_order"]

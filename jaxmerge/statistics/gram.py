@@ -1,0 +1,156 @@
+"""Input Gram matrices of the linear layers of a model, ``G = X^T X``, for RegMean.
+
+The model's forward pass is traced to a jaxpr and evaluated with a hook on every
+``dot_general`` that multiplies an activation by a parameter (a *kernel*): the activation's
+contracted features are flattened to ``(rows, features)`` and ``X^T X`` is accumulated in
+float32. This finds the inputs of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
+Linen's ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` alike, and of any hand-written
+``x @ w``, without editing the model. A kernel is captured when the dimensions it
+contracts are its leading ones (Flax's ``(in..., out...)`` layout), so that its Gram
+matches ``kernel.reshape(features, -1)``. Layers inside ``jax.lax.scan`` (scanned layer
+stacks) are not looked into.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+
+from jaxmerge._tree import PyTree, flatten_with_keys
+from jaxmerge.statistics._data import limited, model_function, replicated_like
+from jaxmerge.statistics._jaxpr import CALL_PRIMITIVES, Env, bind
+
+
+def _activation_gram(x: jax.Array, contract: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(X^T X, rows)`` with ``X`` the activation's contracted axes flattened as features."""
+    moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
+    features = math.prod(x.shape[d] for d in contract)
+    flat = moved.reshape(-1, features).astype(jnp.float32)
+    gram = lax.dot_general(flat, flat, (((0,), (0,)), ((), ())), out_sharding=replicated_like(flat))
+    return gram, jnp.asarray(flat.shape[0], jnp.float32)
+
+
+class _Capture:
+    """Evaluates a jaxpr, recording the Grams of kernel inputs and the order params are used."""
+
+    def __init__(self, only: frozenset | None):
+        self.only = only
+        self.grams: dict[int, tuple[jax.Array, jax.Array]] = {}
+        self.first_use: dict[int, int] = {}
+        self.kernel_order: list[int] = []
+
+    def _record(self, param: int, activation: jax.Array, contract: tuple[int, ...]) -> None:
+        if param not in self.kernel_order:
+            self.kernel_order.append(param)
+        if self.only is not None and param not in self.only:
+            return
+        gram, rows = _activation_gram(activation, contract)
+        if param in self.grams:
+            gram, rows = self.grams[param][0] + gram, self.grams[param][1] + rows
+        self.grams[param] = (gram, rows)
+
+    def _hook_dot(self, eqn, invals: list, tags: list) -> None:
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+        if lhs_batch or rhs_batch:
+            return
+        sides = ((1, tuple(rhs_contract), 0, tuple(lhs_contract)), (0, tuple(lhs_contract), 1, tuple(rhs_contract)))
+        for kernel, kernel_contract, activation, activation_contract in sides:
+            if (tags[kernel] is not None and tags[activation] is None
+                    and sorted(kernel_contract) == list(range(len(kernel_contract)))):
+                # features in the kernel's row-major order of its leading axes
+                ordered = tuple(a for _, a in sorted(zip(kernel_contract, activation_contract)))
+                self._record(tags[kernel], invals[activation], ordered)
+
+    def run(self, jaxpr, consts, args, arg_tags) -> list:
+        env, tag = Env(), {}
+        env.write(jaxpr.constvars, consts)
+        env.write(jaxpr.invars, args)
+        tag.update((id(v), t) for v, t in zip(jaxpr.invars, arg_tags) if t is not None)
+        for eqn in jaxpr.eqns:
+            invals = [env.read(v) for v in eqn.invars]
+            tags = [None if isinstance(v, jex_core.Literal) else tag.get(id(v)) for v in eqn.invars]
+            for t in tags:
+                if t is not None:
+                    self.first_use.setdefault(t, len(self.first_use))
+            if eqn.primitive.name in CALL_PRIMITIVES:
+                sub = eqn.params["jaxpr"]
+                outs = self.run(sub.jaxpr, sub.consts, invals, tags)
+            else:
+                if eqn.primitive.name == "dot_general":
+                    self._hook_dot(eqn, invals, tags)
+                outs = bind(eqn, invals)
+                if eqn.primitive.name == "convert_element_type" and tags[0] is not None:
+                    tag[id(eqn.outvars[0])] = tags[0]
+            env.write(eqn.outvars, outs)
+        return [env.read(v) for v in jaxpr.outvars]
+
+
+def capture(apply_fn: Callable, params: PyTree, batch, only: frozenset | None = None) -> _Capture:
+    """Run ``apply_fn(params, batch)`` once, recording kernel input Grams (of ``only``, if given)."""
+    leaves, treedef = jax.tree.flatten(params)
+    closed = jax.make_jaxpr(lambda *ls: apply_fn(jax.tree.unflatten(treedef, ls), batch))(*leaves)
+    recorder = _Capture(only)
+    recorder.run(closed.jaxpr, closed.consts, leaves, list(range(len(leaves))))
+    return recorder
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "only"))
+def gram_sums(params: PyTree, batch, *, apply_fn: Callable, only: frozenset | None = None) -> dict:
+    """``{param leaf index: (X^T X, rows)}`` of one batch, for every captured kernel."""
+    return capture(apply_fn, params, batch, only).grams
+
+
+def accumulate_grams(apply_fn: Callable, params: PyTree, data: Iterable, *, num_examples: int | None = None,
+                     only: frozenset | None = None) -> dict:
+    """Sum of :func:`gram_sums` over the batches of ``data``."""
+    total: dict = {}
+    for batch, _ in limited(data, num_examples):
+        for index, (gram, rows) in gram_sums(params, batch, apply_fn=apply_fn, only=only).items():
+            total[index] = (gram, rows) if index not in total else (total[index][0] + gram, total[index][1] + rows)
+    return total
+
+
+def as_tree(keys: list[tuple[str, ...]], grams: dict) -> dict:
+    """Nested plain dicts keyed like the params: ``{'gram': X^T X, 'count': rows}`` per kernel."""
+    tree: dict = {}
+    for index, (gram, rows) in sorted(grams.items()):
+        node = tree
+        for key in keys[index][:-1]:
+            node = node.setdefault(key, {})
+        node[keys[index][-1]] = {"gram": gram, "count": rows}
+    return tree
+
+
+def input_grams(model, data: Iterable, *, params: PyTree | None = None, num_examples: int | None = None) -> dict:
+    """Gram matrices ``X^T X`` of the inputs of every linear layer, summed over ``data``.
+
+    Args:
+      model: ``apply_fn(params, batch)`` (with ``params``: Linen's ``lambda v, b:
+        module.apply(v, b[0])``, or any function) or a Flax NNX module (its ``nnx.Param``
+        state is the params; it is called on the batch's inputs).
+      data: an iterable of batches (see :func:`jaxmerge.diagonal_fisher`); batches may be
+        sharded over a mesh along the example axis, and the sum over rows is then a
+        cross-device reduction inside the jitted step.
+      params: the parameters, with an ``apply_fn``.
+      num_examples: stop after this many examples.
+
+    Returns:
+      Nested dicts keyed like the params, with ``{'gram': (d, d) float32, 'count': rows}``
+      where a kernel is (``d`` its number of input features; ``rows`` the number of input
+      vectors, e.g. examples x tokens). Save it with Orbax like params.
+
+    Raises:
+      ValueError: no linear layer found, or data that yields no examples.
+    """
+    apply_fn, params = model_function(model, params)
+    grams = accumulate_grams(apply_fn, params, data, num_examples=num_examples)
+    if not grams:
+        raise ValueError("found no linear layer: no dot_general multiplies an activation by a parameter "
+                         "whose leading axes it contracts")
+    return as_tree(flatten_with_keys(params)[0], grams)
