@@ -63,3 +63,35 @@ def train(graphdef, params, x, y, *, steps=300, batch_size=64, learning_rate=1e-
 
 def accuracy(graphdef, params, x, y) -> float:
     return float(jnp.mean(jnp.argmax(logits_fn(graphdef)(params, x), -1) == y))
+
+
+def shifted(x: np.ndarray) -> np.ndarray:
+    """Digits images moved two pixels to the right (a distribution shift)."""
+    images = x.reshape(-1, 8, 8)
+    moved = np.zeros_like(images)
+    moved[:, :, 2:] = images[:, :, :-2]
+    return moved.reshape(-1, 64)
+
+
+def two_sided_settings(x_train, y_train, x_test, y_test) -> dict:
+    """Two ways to give two models different data: disjoint classes, or a distribution shift.
+
+    Each setting has ``train``: one ``(x, y)`` per model, and ``test``: named ``(x, y)``.
+    """
+    train_a, train_b = np.isin(y_train, range(5)), np.isin(y_train, range(5, 10))
+    test_a, test_b = np.isin(y_test, range(5)), np.isin(y_test, range(5, 10))
+    return {
+        "classes": {"train": [(x_train[train_a], y_train[train_a]), (x_train[train_b], y_train[train_b])],
+                    "test": {"0-4": (x_test[test_a], y_test[test_a]), "5-9": (x_test[test_b], y_test[test_b])}},
+        "shift": {"train": [(x_train, y_train), (shifted(x_train), y_train)],
+                  "test": {"as is": (x_test, y_test), "shifted": (shifted(x_test), y_test)}},
+    }
+
+
+def print_table(title: str, candidates: dict, sides: dict, score) -> None:
+    """One row per candidate: ``score(params, x, y)`` on each side and their mean."""
+    print(f"\n{title}")
+    print(f"{'model':<30}" + "".join(f"{name:>10}" for name in sides) + f"{'mean':>10}")
+    for label, params in candidates.items():
+        scores = [score(params, x, y) for x, y in sides.values()]
+        print(f"{label:<30}" + "".join(f"{s:>10.4f}" for s in scores) + f"{np.mean(scores):>10.4f}")

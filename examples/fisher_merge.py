@@ -11,34 +11,15 @@ training data. Two settings:
 The merges are scored (10-way accuracy) on the test examples of each side and overall.
 """
 
-import numpy as np
-
 import jaxmerge
-from common import accuracy, digits, init_mlp, logits_fn, train
-
-
-def shifted(x: np.ndarray) -> np.ndarray:
-    images = x.reshape(-1, 8, 8)
-    moved = np.zeros_like(images)
-    moved[:, :, 2:] = images[:, :, :-2]
-    return moved.reshape(-1, 64)
-
+from common import accuracy, digits, init_mlp, logits_fn, print_table, train, two_sided_settings
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, init = init_mlp(seed=0)
 start = train(graphdef, init, x_train, y_train, steps=15, learning_rate=3e-3, seed=0)
 apply = logits_fn(graphdef)
 
-classes_a, classes_b = np.isin(y_train, range(5)), np.isin(y_train, range(5, 10))
-test_a, test_b = np.isin(y_test, range(5)), np.isin(y_test, range(5, 10))
-SETTINGS = {
-    "classes": {"train": [(x_train[classes_a], y_train[classes_a]), (x_train[classes_b], y_train[classes_b])],
-                "test": {"0-4": (x_test[test_a], y_test[test_a]), "5-9": (x_test[test_b], y_test[test_b])}},
-    "shift": {"train": [(x_train, y_train), (shifted(x_train), y_train)],
-              "test": {"as is": (x_test, y_test), "shifted": (shifted(x_test), y_test)}},
-}
-
-for setting, data in SETTINGS.items():
+for setting, data in two_sided_settings(x_train, y_train, x_test, y_test).items():
     models, fishers = [], {"exact": [], "empirical": []}
     for seed, (x, y) in enumerate(data["train"]):
         models.append(train(graphdef, start, x, y, steps=300, learning_rate=3e-3, seed=seed))
@@ -54,9 +35,5 @@ for setting, data in SETTINGS.items():
         "fisher_merge (empirical)": jaxmerge.fisher_merge(models, fishers["empirical"]),
         "fisher_merge (normalized)": jaxmerge.fisher_merge(models, fishers["exact"], normalize_fishers=True),
     }
-    sides = data["test"]
-    print(f"\nsetting: {setting}")
-    print(f"{'model':<30}" + "".join(f"{name:>10}" for name in sides) + f"{'mean':>10}")
-    for label, params in candidates.items():
-        scores = [accuracy(graphdef, params, x, y) for x, y in sides.values()]
-        print(f"{label:<30}" + "".join(f"{s:>10.4f}" for s in scores) + f"{np.mean(scores):>10.4f}")
+    print_table(f"setting: {setting}", candidates, data["test"],
+                lambda params, x, y: accuracy(graphdef, params, x, y))

@@ -47,3 +47,13 @@ def test_fisher_merge_example_beats_averaging_under_shift():
     means = {label.strip(): float(mean) for label, mean in
              re.findall(r"^(\w[\w\- ()]+?)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)$", shift, re.M)}
     assert means["fisher_merge (model Fisher)"] > means["average"]
+
+
+@pytest.mark.slow
+def test_regmean_example_ranks_the_merges_like_the_papers():
+    out = run_example("regmean.py")
+    for setting in out.split("setting: ")[1:]:
+        means = {label.strip(): float(mean) for label, mean in
+                 re.findall(r"^(\w[\w\-=. ()]+?)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)$", setting, re.M)}
+        assert means["regmean alpha=0.9"] > means["average"]
+        assert means["regmean_plus_plus alpha=0.9"] >= means["regmean alpha=0.9"] - 0.005

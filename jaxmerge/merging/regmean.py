@@ -110,19 +110,20 @@ def regmean_plan(spec: TreeSpec, grams: Sequence[dict], *, alpha=0.9, layout: st
         if i not in plans:
             return average_kernel(leaves, equal, normalize=True)
         views, leaf_grams = plans[i]
-        return _solve(spec.paths[i], views, leaves, leaf_grams, alphas[i], ridge)
+        return _solve(spec.paths[i], views, leaves, leaf_grams, alphas[i], ridge, stacklevel=5)
     return leaf_fn
 
 
 def _solve(path: str, views: tuple[Callable, Callable], kernels: Sequence[jax.Array], grams: Sequence[jax.Array],
-           alpha, ridge: float) -> jax.Array:
-    """One merged kernel, warning (outside jit) when the ridge had to be added."""
+           alpha, ridge: float, stacklevel: int) -> jax.Array:
+    """One merged kernel, warning (outside jit) when the ridge had to be added; ``stacklevel``
+    points the warning at the user's call."""
     to_matrix, from_matrix = views
     solution, singular = regmean_kernel([to_matrix(w) for w in kernels], list(grams), _hyper.scalar_arg(alpha),
                                         _hyper.scalar_arg(ridge))
     if not isinstance(singular, jax.core.Tracer) and bool(singular):
         warnings.warn(f"regmean: the summed Gram at {path!r} is singular; added a ridge of {ridge:g} x its mean "
-                      "diagonal before solving", RuntimeWarning, stacklevel=4)
+                      "diagonal before solving", RuntimeWarning, stacklevel=stacklevel)
     return from_matrix(solution).astype(kernels[0].dtype)
 
 
@@ -199,7 +200,8 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
                                                 only=frozenset({k}))
             grams.append(stats[k][0])
         views = _as_matrix(spec.leaves[k].shape, grams[0].shape[0], "in_out")
-        merged[k] = _solve(spec.paths[k], views, [leaves[k] for leaves in model_leaves], grams, alphas[k], ridge)
+        merged[k] = _solve(spec.paths[k], views, [leaves[k] for leaves in model_leaves], grams, alphas[k], ridge,
+                           stacklevel=3)
     return jax.tree.unflatten(spec.treedef, merged)
 
 

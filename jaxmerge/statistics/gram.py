@@ -27,13 +27,30 @@ from jaxmerge.statistics._data import limited, model_function, replicated_like
 from jaxmerge.statistics._jaxpr import CALL_PRIMITIVES, Env, bind
 
 
+_BLOCK = 128
+
+
+def _symmetric_gram(flat: jax.Array) -> jax.Array:
+    """``flat^T flat``, computing only the blocks on and above the diagonal (a Gram is
+    symmetric) when there are enough features for blocks of ``_BLOCK`` to pay off."""
+    def product(a, b):
+        return lax.dot_general(a, b, (((0,), (0,)), ((), ())), out_sharding=replicated_like(flat))
+
+    features = flat.shape[1]
+    count = features // _BLOCK if features % _BLOCK == 0 else 1
+    if count < 4:
+        return product(flat, flat)
+    blocks = jnp.split(flat, count, axis=1)
+    upper = {(i, j): product(blocks[i], blocks[j]) for i in range(count) for j in range(i, count)}
+    return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(count)] for i in range(count)])
+
+
 def _activation_gram(x: jax.Array, contract: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(X^T X, rows)`` with ``X`` the activation's contracted axes flattened as features."""
     moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
     features = math.prod(x.shape[d] for d in contract)
     flat = moved.reshape(-1, features).astype(jnp.float32)
-    gram = lax.dot_general(flat, flat, (((0,), (0,)), ((), ())), out_sharding=replicated_like(flat))
-    return gram, jnp.asarray(flat.shape[0], jnp.float32)
+    return _symmetric_gram(flat), jnp.asarray(flat.shape[0], jnp.float32)
 
 
 class _Capture:
@@ -42,20 +59,26 @@ class _Capture:
     def __init__(self, only: frozenset | None):
         self.only = only
         self.grams: dict[int, tuple[jax.Array, jax.Array]] = {}
+        self.computed: dict[tuple, tuple[jax.Array, jax.Array]] = {}  # one Gram per activation
         self.first_use: dict[int, int] = {}
         self.kernel_order: list[int] = []
 
-    def _record(self, param: int, activation: jax.Array, contract: tuple[int, ...]) -> None:
+    def _record(self, param: int, activation_var, activation: jax.Array, contract: tuple[int, ...]) -> None:
         if param not in self.kernel_order:
             self.kernel_order.append(param)
         if self.only is not None and param not in self.only:
             return
-        gram, rows = _activation_gram(activation, contract)
+        key = (id(activation_var), contract)
+        if key not in self.computed:  # q, k and v projections share their input
+            self.computed[key] = _activation_gram(activation, contract)
+        gram, rows = self.computed[key]
         if param in self.grams:
             gram, rows = self.grams[param][0] + gram, self.grams[param][1] + rows
         self.grams[param] = (gram, rows)
 
     def _hook_dot(self, eqn, invals: list, tags: list) -> None:
+        if any(isinstance(v, jex_core.Literal) for v in eqn.invars):
+            return
         (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
         if lhs_batch or rhs_batch:
             return
@@ -65,7 +88,7 @@ class _Capture:
                     and sorted(kernel_contract) == list(range(len(kernel_contract)))):
                 # features in the kernel's row-major order of its leading axes
                 ordered = tuple(a for _, a in sorted(zip(kernel_contract, activation_contract)))
-                self._record(tags[kernel], invals[activation], ordered)
+                self._record(tags[kernel], eqn.invars[activation], invals[activation], ordered)
 
     def run(self, jaxpr, consts, args, arg_tags) -> list:
         env, tag = Env(), {}

@@ -122,3 +122,11 @@ def test_errors():
         jaxmerge.input_grams(lambda p, batch: batch[0] * p["scale"][None], [(_x(),)], params={"scale": jnp.ones(5)})
     with pytest.raises(ValueError, match="data yielded no examples"):
         jaxmerge.input_grams(MLP(nnx.Rngs(0)), [])
+
+
+def test_wide_inputs_use_the_blocked_symmetric_product():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((40, 640)), jnp.float32)
+    params = {"w": jnp.ones((640, 3)), "v": jnp.ones((640, 2))}
+    stats = jaxmerge.input_grams(lambda p, batch: (batch[0] @ p["w"], batch[0] @ p["v"]), [(x,)], params=params)
+    for name in ("w", "v"):  # two kernels sharing one input
+        _check([stats[name]], [_gram(x)])
