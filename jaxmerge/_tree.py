@@ -127,13 +127,15 @@ def _aligned_leaves(name: str, tree: PyTree, ref_keys, ref_specs, ref_name: str)
     return out
 
 
-def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *,
-                   min_models: int = 1) -> tuple[TreeSpec, list | None, list[list]]:
+def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *, min_models: int = 1,
+                   names: Sequence[str] | None = None) -> tuple[TreeSpec, list | None, list[list]]:
     """Check that ``base`` and ``models`` are compatible and flatten them.
 
     Every model must have the reference's leaf paths, shapes and dtype kinds (float widths
     may differ: a bf16 model merges with a float32 one). The reference is ``base`` when
     given, else ``models[0]``; the output has its structure and dtypes.
+
+    ``names`` are the models' names in error messages (default ``models[i]``).
 
     Returns:
       ``(spec, base_leaves or None, [leaves of each model])``, leaves in ``spec`` order.
@@ -150,12 +152,13 @@ def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *,
         if not models:
             raise ValueError("models is empty: give at least one model to merge")
         raise ValueError(f"this merge needs at least {min_models} models, got {len(models)}")
-    reference, ref_name = (base, "base") if base is not None else (models[0], "models[0]")
+    names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
+    reference, ref_name = (base, "base") if base is not None else (models[0], names[0])
     ref_keys, ref_leaves, treedef = flatten_with_keys(reference)
     ref_specs = [leaf_spec(leaf) for leaf in ref_leaves]
     spec = TreeSpec(tuple(ref_keys), tuple(ref_leaves), treedef, len(models), base is not None)
     model_leaves = [
-        _aligned_leaves(f"models[{i}]", m, ref_keys, ref_specs, ref_name) for i, m in enumerate(models)
+        _aligned_leaves(name, m, ref_keys, ref_specs, ref_name) for name, m in zip(names, models)
     ]
     return spec, (ref_leaves if base is not None else None), model_leaves
 

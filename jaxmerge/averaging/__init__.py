@@ -1,0 +1,1 @@
+"""Training-time weight averaging as optax wrappers, and the averaged parameters they keep."""

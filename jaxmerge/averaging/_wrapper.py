@@ -1,0 +1,113 @@
+"""What every averaging wrapper shares: running the inner optimizer, tracking the parameters
+after each step, the shadow dtype, argument checks, and finding averages in any state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxmerge._tree import PyTree, is_float
+
+# state type -> function returning the averaged parameters held in such a state
+_AVERAGES: dict[type, Callable[[Any], PyTree]] = {}
+
+
+def registers_average(read: Callable[[Any], PyTree]):
+    """Class decorator: mark a NamedTuple state as holding averaged parameters."""
+    def register(cls):
+        _AVERAGES[cls] = read
+        return cls
+    return register
+
+
+def shadow(params: PyTree, dtype) -> PyTree:
+    """A copy of ``params`` for averaging: float leaves in ``dtype`` (their own if None)."""
+    return jax.tree.map(lambda p: jnp.asarray(p, dtype or p.dtype) if is_float(p.dtype) else jnp.asarray(p), params)
+
+
+def blend(average: PyTree, params: PyTree, keep) -> PyTree:
+    """``keep * average + (1 - keep) * params`` per float leaf, in float32 (or wider), cast to
+    the average's dtype; ``keep`` is a traced scalar (1 keeps the average, 0 copies params)."""
+    def one(a, p):
+        if not is_float(a.dtype):
+            return jnp.asarray(p, a.dtype)
+        dtype = jnp.promote_types(a.dtype, jnp.float32) if a.dtype != jnp.float64 else a.dtype
+        k = jnp.asarray(keep, dtype)
+        return (k * a.astype(dtype) + (1 - k) * p.astype(dtype)).astype(a.dtype)
+    return jax.tree.map(one, average, params)
+
+
+def check(value, name: str, valid: Callable[[float], bool], message: str) -> None:
+    """Raise ``ValueError(f"{name} {message}, got {value}")`` for a concrete invalid value;
+    traced values (inside ``jax.jit`` or ``optax.inject_hyperparams``) are not checked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not valid(float(value)):
+        raise ValueError(f"{name} {message}, got {value!r}")
+
+
+def wrap(name: str, inner: optax.GradientTransformation, init_average: Callable, update_average: Callable
+         ) -> optax.GradientTransformation:
+    """An optax transformation that runs ``inner`` and keeps an average of the parameters.
+
+    ``init_average(params, inner_state) -> state``; ``update_average(state, inner_state,
+    new_params) -> state``, where ``new_params = params + updates`` are the parameters
+    after this step. States are NamedTuples with an ``inner_state`` field.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"{name} wraps an optax.GradientTransformation, got {type(inner).__name__}")
+
+    def init(params):
+        return init_average(params, inner.init(params))
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(f"{name} averages the parameters, so it needs them: call "
+                             "tx.update(grads, opt_state, params)")
+        updates, inner_state = optax.with_extra_args_support(inner).update(
+            updates, state.inner_state, params, **extra_args)
+        return updates, update_average(state, inner_state, optax.apply_updates(params, updates))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def plain(tree):
+    """``tree`` with Flax NNX variables replaced by their values (``nnx.Optimizer`` keeps
+    optimizer state leaves in ``nnx.OptState`` variables)."""
+    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def averaging_states(opt_state) -> list:
+    """Every averaging state inside a (nested) optimizer state, in tree order."""
+    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: type(x) in _AVERAGES)
+    return [leaf for leaf in found if type(leaf) in _AVERAGES]
+
+
+def averaged_params(opt_state, *, index: int = 0) -> PyTree:
+    """The averaged parameters kept by a jaxmerge averaging wrapper anywhere in ``opt_state``.
+
+    Works through ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+    ``optax.contrib`` wrappers and Flax's ``nnx.Optimizer`` (pass ``optimizer.opt_state``;
+    the result then has the structure of the ``nnx.State`` of the parameters).
+
+    Args:
+      opt_state: an optimizer state.
+      index: which average, when the state holds several (in tree order).
+
+    Raises:
+      ValueError: the state holds no averaging state, or fewer than ``index + 1``.
+    """
+    states = averaging_states(opt_state)
+    if not states:
+        raise ValueError("opt_state holds no averaged parameters: wrap the optimizer with jaxmerge.ema, swa, "
+                         "lawa, bema or power_ema")
+    if index >= len(states):
+        raise ValueError(f"opt_state holds {len(states)} averages, so index={index} is out of range")
+    state = plain(states[index])
+    return _AVERAGES[type(state)](state)
