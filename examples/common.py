@@ -39,8 +39,11 @@ def logits_fn(graphdef):
 
 
 def train(graphdef, params, x, y, *, steps=300, batch_size=64, learning_rate=1e-2, seed=0,
-          optimizer=None):
-    """Train with Adam on random mini-batches; returns the new params."""
+          optimizer=None, on_state=None):
+    """Train with Adam (or ``optimizer``) on random mini-batches; returns the new params.
+
+    ``on_state(opt_state)`` is called with the final optimizer state.
+    """
     apply = logits_fn(graphdef)
     tx = optimizer or optax.adam(learning_rate)
 
@@ -58,6 +61,8 @@ def train(graphdef, params, x, y, *, steps=300, batch_size=64, learning_rate=1e-
     for _ in range(steps):
         idx = rng.integers(0, len(x), batch_size)
         params, opt_state = step(params, opt_state, x[idx], y[idx])
+    if on_state is not None:
+        on_state(opt_state)
     return params
 
 

@@ -57,3 +57,11 @@ def test_regmean_example_ranks_the_merges_like_the_papers():
                  re.findall(r"^(\w[\w\-=. ()]+?)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)$", setting, re.M)}
         assert means["regmean alpha=0.9"] > means["average"]
         assert means["regmean_plus_plus alpha=0.9"] >= means["regmean alpha=0.9"] - 0.005
+
+
+@pytest.mark.slow
+def test_averaging_example_beats_the_last_iterate():
+    out = run_example("averaging.py")
+    scores = {label.strip(): float(v) for label, v in re.findall(r"^(\w[\w=. ]+?)\s+([0-9.]+)$", out, re.M)}
+    averages = [v for k, v in scores.items() if k != "last iterate"]
+    assert len(averages) == 4 and min(averages) > scores["last iterate"]

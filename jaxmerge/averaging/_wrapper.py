@@ -26,8 +26,18 @@ def registers_average(read: Callable[[Any], PyTree]):
 
 
 def shadow(params: PyTree, dtype) -> PyTree:
-    """A copy of ``params`` for averaging: float leaves in ``dtype`` (their own if None)."""
-    return jax.tree.map(lambda p: jnp.asarray(p, dtype or p.dtype) if is_float(p.dtype) else jnp.asarray(p), params)
+    """A copy of ``params`` for averaging: float leaves in ``dtype`` (their own if None).
+
+    Always a new buffer, never an alias of ``params``, so that a training step may donate
+    both the parameters and the optimizer state.
+    """
+    return jax.tree.map(lambda p: jnp.array(p, dtype=dtype if is_float(p.dtype) and dtype else None, copy=True),
+                        params)
+
+
+def counter() -> jax.Array:
+    """A fresh int32 zero (each state field its own buffer, so states can be donated)."""
+    return jnp.zeros([], jnp.int32)
 
 
 def blend(average: PyTree, params: PyTree, keep) -> PyTree:
@@ -84,9 +94,12 @@ def plain(tree):
 
 
 def averaging_states(opt_state) -> list:
-    """Every averaging state inside a (nested) optimizer state, in tree order."""
-    found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: type(x) in _AVERAGES)
-    return [leaf for leaf in found if type(leaf) in _AVERAGES]
+    """Every averaging state inside a (nested) optimizer state, outer ones first, in tree order."""
+    found = []
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: type(x) in _AVERAGES):
+        if type(leaf) in _AVERAGES:
+            found += [leaf] + averaging_states(leaf.inner_state)
+    return found
 
 
 def averaged_params(opt_state, *, index: int = 0) -> PyTree:

@@ -54,8 +54,8 @@ def bema(inner: optax.GradientTransformation, *, ema_power=0.5, bias_power=0.2, 
     check(update_every, "update_every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):
-        copy = shadow(params, dtype)
-        return BemaState(jnp.zeros([], jnp.int32), copy, copy, copy, inner_state)
+        return BemaState(jnp.zeros([], jnp.int32), shadow(params, dtype), shadow(params, dtype), shadow(params, dtype),
+                         inner_state)
 
     def update_average(state, inner_state, new_params):
         step = state.count + 1

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmerge._tree import PyTree, is_float
-from jaxmerge.averaging._wrapper import blend, check, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import blend, check, counter, registers_average, shadow, wrap
 
 
 def _debiased(state: EmaState) -> PyTree:
@@ -98,10 +98,9 @@ def ema(inner: optax.GradientTransformation, decay, *, warmup: Callable | None =
     check(start_step, "start_step", lambda v: v >= 0, "must be >= 0")
 
     def init_average(params, inner_state):
-        zero = jnp.zeros([], jnp.int32)
         copy = shadow(params, dtype)
         start = jax.tree.map(jnp.zeros_like, copy) if debias else copy
-        return EmaState(zero, zero, jnp.asarray(1.0 if debias else 0.0, jnp.float32), start, inner_state)
+        return EmaState(counter(), counter(), jnp.asarray(1.0 if debias else 0.0, jnp.float32), start, inner_state)
 
     def update_average(state, inner_state, new_params):
         copying = state.count < start_step

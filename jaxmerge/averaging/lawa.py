@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmerge._tree import PyTree, is_float
-from jaxmerge.averaging._wrapper import check, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import check, counter, registers_average, shadow, wrap
 
 
 def _window_mean(state: LawaState) -> PyTree:
@@ -62,9 +62,8 @@ def lawa(inner: optax.GradientTransformation, *, k: int, every=1, dtype=None) ->
     check(every, "every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):
-        zero = jnp.zeros([], jnp.int32)
         buffer = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), shadow(params, dtype))
-        return LawaState(zero, zero, buffer, inner_state)
+        return LawaState(counter(), counter(), buffer, inner_state)
 
     def update_average(state, inner_state, new_params):
         taking = (state.count + 1) % every == 0

@@ -88,9 +88,8 @@ def power_ema(inner: optax.GradientTransformation, *, sigma_rels: Sequence[float
     check(snapshot_every, "snapshot_every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):
-        copy = shadow(params, dtype)
         return PowerEmaState(jnp.zeros([], jnp.int32), jnp.zeros([], bool), jnp.asarray(gammas, jnp.float32),
-                             tuple(copy for _ in gammas), inner_state)
+                             tuple(shadow(params, dtype) for _ in gammas), inner_state)
 
     def update_average(state, inner_state, new_params):
         step = (state.count + 1).astype(jnp.float32)

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from jaxmerge._tree import PyTree
-from jaxmerge.averaging._wrapper import blend, check, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import blend, check, counter, registers_average, shadow, wrap
 from jaxmerge.statistics._data import inputs_of
 
 
@@ -50,8 +50,7 @@ def swa(inner: optax.GradientTransformation, *, start_step=0, every=1, dtype=Non
     check(every, "every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):
-        zero = jnp.zeros([], jnp.int32)
-        return SwaState(zero, zero, shadow(params, dtype), inner_state)
+        return SwaState(counter(), counter(), shadow(params, dtype), inner_state)
 
     def update_average(state, inner_state, new_params):
         joining = (state.count >= start_step) & ((state.count - start_step) % every == 0)

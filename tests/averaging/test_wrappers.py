@@ -174,3 +174,30 @@ def test_post_hoc_ema_rejects_mismatched_snapshots():
         jaxmerge.post_hoc_ema([a, b], 0.1)
     with pytest.raises(ValueError, match="no snapshot was taken at a step in"):
         jaxmerge.post_hoc_ema([a], 0.1, step=5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_and_state_can_be_donated(name):
+    tx = WRAPPERS[name](optax.adam(1e-2))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    donating = jax.jit(step, donate_argnums=(0, 1))
+    params = initial_params()
+    state = tx.init(params)
+    for grads in gradients(3):
+        params, state = donating(params, state, grads)
+    reference_state, trajectory = run(tx, steps=3)
+    _close(params, trajectory[-1])
+    _close(jaxmerge.averaged_params(state), jaxmerge.averaged_params(reference_state))
+
+
+def test_nested_wrappers_keep_their_own_averages():
+    nested = jaxmerge.ema(jaxmerge.swa(jaxmerge.lawa(optax.sgd(0.1), k=2, every=1)), 0.5)
+    state, trajectory = run(nested)
+    _close(jaxmerge.averaged_params(state, index=0), jaxmerge.averaged_params(run(jaxmerge.ema(optax.sgd(0.1), 0.5))[0]))
+    _close(jaxmerge.averaged_params(state, index=1), jaxmerge.averaged_params(run(jaxmerge.swa(optax.sgd(0.1)))[0]))
+    last_two = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / 2, trajectory[-1], trajectory[-2])
+    _close(jaxmerge.averaged_params(state, index=2), last_two)
