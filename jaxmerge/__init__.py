@@ -1,6 +1,24 @@
 """jaxmerge: model merging and weight averaging for JAX, as pure functions over pytrees."""
 
 from jaxmerge._hyper import layer_positions, per_model
+from jaxmerge.alignment import (
+    PermutationSpec,
+    align,
+    apply_permutation,
+    cnn_permutation_spec,
+    mlp_permutation_spec,
+    random_permutation,
+    transformer_block_permutation_spec,
+    weight_matching,
+)
+from jaxmerge.analysis import (
+    barrier,
+    interpolation_curve,
+    plot_interpolation,
+    plot_similarity,
+    sign_conflict_rate,
+    task_vector_similarity,
+)
 from jaxmerge.averaging._wrapper import averaged_params
 from jaxmerge.averaging.bema import bema
 from jaxmerge.averaging.ema import ema, ema_warmup, scale_ema_decay
@@ -28,17 +46,24 @@ from jaxmerge.merging.task_vectors import (
     ties,
 )
 from jaxmerge.statistics.fisher import diagonal_fisher
+from jaxmerge.soups import category_expert_soup, greedy_soup, uniform_soup
 from jaxmerge.statistics.gram import input_grams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PermutationSpec",
+    "align",
+    "apply_permutation",
     "average",
     "averaged_params",
+    "barrier",
     "bema",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "category_expert_soup",
     "checkpoint_merge_weights",
+    "cnn_permutation_spec",
     "dare_linear",
     "dare_ties",
     "della",
@@ -47,25 +72,36 @@ __all__ = [
     "ema",
     "ema_warmup",
     "fisher_merge",
+    "greedy_soup",
     "input_grams",
+    "interpolation_curve",
     "karcher",
     "lawa",
     "layer_positions",
     "lerp",
     "magmax",
+    "mlp_permutation_spec",
     "model_stock",
     "per_model",
+    "plot_interpolation",
+    "plot_similarity",
     "post_hoc_ema",
     "power_ema",
     "power_ema_snapshot",
+    "random_permutation",
     "regmean",
     "regmean_plus_plus",
     "scale_ema_decay",
     "sce",
+    "sign_conflict_rate",
     "slerp",
     "sparsify",
     "swa",
     "task_arithmetic",
+    "task_vector_similarity",
     "ties",
+    "transformer_block_permutation_spec",
+    "uniform_soup",
     "update_batch_stats",
+    "weight_matching",
 ]

@@ -1,0 +1,21 @@
+"""Checking what a user's ``evaluate(params)`` returns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def as_score(value, where: str) -> float:
+    """``value`` as a float, after checking it is one finite number.
+
+    Raises:
+      ValueError: an array with more than one element, or NaN/infinity (naming ``where``).
+    """
+    if np.shape(value) not in ((), (1,)):
+        raise ValueError(f"evaluate must return a scalar, got an array of shape {np.shape(value)}")
+    value = float(np.asarray(value).reshape(()))
+    if not math.isfinite(value):
+        raise ValueError(f"evaluate returned {value} for {where}")
+    return value

@@ -1,0 +1,22 @@
+"""Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
+matching, and applying permutations."""
+
+from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
+from jaxmerge.alignment.spec import (
+    PermutationSpec,
+    cnn_permutation_spec,
+    mlp_permutation_spec,
+    random_permutation,
+    transformer_block_permutation_spec,
+)
+
+__all__ = [
+    "PermutationSpec",
+    "align",
+    "apply_permutation",
+    "cnn_permutation_spec",
+    "mlp_permutation_spec",
+    "random_permutation",
+    "transformer_block_permutation_spec",
+    "weight_matching",
+]

@@ -1,0 +1,123 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jaxmerge
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for width in (16, 12):
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(3)(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for channels in (6, 8):
+            x = nn.Conv(channels, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=True)(x)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))  # global average pooling
+        x = nn.relu(nn.Dense(10)(x))
+        return nn.Dense(4)(x)
+
+
+class Block(nnx.Module):
+    def __init__(self, d=8, heads=4, rngs=None):
+        self.head_dim = d // heads
+        self.query = nnx.LinearGeneral(d, (heads, d // heads), rngs=rngs)
+        self.key = nnx.LinearGeneral(d, (heads, d // heads), rngs=rngs)
+        self.value = nnx.LinearGeneral(d, (heads, d // heads), rngs=rngs)
+        self.out = nnx.LinearGeneral((heads, d // heads), d, axis=(-2, -1), rngs=rngs)
+        self.fc1 = nnx.Linear(d, 32, rngs=rngs)
+        self.fc2 = nnx.Linear(32, d, rngs=rngs)
+
+    def __call__(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        weights = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(self.head_dim), axis=-1)
+        x = x + self.out(jnp.einsum("bnts,bsnh->btnh", weights, v))
+        return x + self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+def _mlp():
+    module = MLP()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    return variables, jaxmerge.mlp_permutation_spec(variables), lambda v: module.apply(v, x)
+
+
+def _cnn():
+    module = CNN()
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 3)), jnp.float32)
+    variables = module.init(jax.random.key(1), x)
+    rng = np.random.default_rng(2)  # non-trivial running statistics
+    variables = dict(variables, batch_stats=jax.tree.map(
+        lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), variables["batch_stats"]))
+    spec = jaxmerge.cnn_permutation_spec(variables, convs=["params/Conv_0", "params/Conv_1"],
+                                         dense=["params/Dense_0", "params/Dense_1"],
+                                         norms=["BatchNorm_0", "BatchNorm_1"])
+    return variables, spec, lambda v: module.apply(v, x)
+
+
+def _block():
+    block = Block(rngs=nnx.Rngs(3))
+    graphdef, state = nnx.split(block)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 8)), jnp.float32)
+    spec = jaxmerge.transformer_block_permutation_spec(state, query="query", key="key", value="value", out="out",
+                                                       fc1="fc1", fc2="fc2")
+    return state, spec, lambda s: nnx.merge(graphdef, s)(x)
+
+
+NETWORKS = {"mlp": _mlp, "cnn": _cnn, "transformer_block": _block}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_permuting_leaves_the_function_unchanged(name):
+    params, spec, run = NETWORKS[name]()
+    perm = jaxmerge.random_permutation(spec, params, seed=5)
+    assert all(not np.array_equal(p, np.arange(len(p))) for p in perm.values())
+    permuted = jaxmerge.apply_permutation(spec, perm, params)
+    for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(permuted), jax.tree.leaves(params)):
+        key = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        spec_key = key[:-1] if key[-1] == "value" else key
+        if spec_key not in spec.axes:
+            np.testing.assert_array_equal(new, old)  # leaves the spec does not name stay put
+        elif spec_key[-1] == "kernel":
+            assert not np.array_equal(new, old)
+    np.testing.assert_allclose(run(permuted), run(params), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_weight_matching_undoes_a_random_permutation_exactly(name):
+    params, spec, _ = NETWORKS[name]()
+    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, params, seed=6), params)
+    aligned = jaxmerge.align(spec, params, scrambled)
+    jax.tree.map(np.testing.assert_array_equal, aligned, params)
+
+
+def test_spec_errors_name_the_leaf_axis_and_sizes():
+    params, spec, _ = _mlp()
+    with pytest.raises(ValueError, match="the permutation spec names the leaf 'params/Dense_9/kernel'"):
+        jaxmerge.PermutationSpec({"params/Dense_9/kernel": (None, "h")}).bind(params)
+    with pytest.raises(ValueError, match=r"gives 3 axes for 'params/Dense_0/kernel' of shape \(7, 16\)"):
+        jaxmerge.PermutationSpec({"params/Dense_0/kernel": (None, "h", None)}).bind(params)
+    with pytest.raises(ValueError, match=r"permutation 'h' joins axes of different sizes: 'params/Dense_1/kernel' "
+                                         r"axis 1 has 12, 'params/Dense_0/kernel' axis 1 has 16"):
+        jaxmerge.PermutationSpec({"params/Dense_0/kernel": (None, "h"), "params/Dense_1/kernel": (None, "h")}).bind(params)
+    with pytest.raises(ValueError, match=r"perm\['hidden_0'\] is not a permutation of 16 units"):
+        jaxmerge.apply_permutation(spec, {"hidden_0": np.zeros(16, int), "hidden_1": np.arange(12)}, params)
+    with pytest.raises(ValueError, match="both specs name the leaf"):
+        spec | spec
+
+
+def test_natural_layer_order_and_specs_combine():
+    params = {f"Dense_{i}": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)} for i in (0, 2, 10)}
+    spec = jaxmerge.mlp_permutation_spec(params)
+    assert spec.axes[("Dense_10", "kernel")] == ("hidden_1", None)
+    assert spec.axes[("Dense_2", "kernel")] == ("hidden_0", "hidden_1")
