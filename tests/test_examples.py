@@ -65,3 +65,22 @@ def test_averaging_example_beats_the_last_iterate():
     scores = {label.strip(): float(v) for label, v in re.findall(r"^(\w[\w=. ]+?)\s+([0-9.]+)$", out, re.M)}
     averages = [v for k, v in scores.items() if k != "last iterate"]
     assert len(averages) == 4 and min(averages) > scores["last iterate"]
+
+
+@pytest.mark.slow
+def test_rebasin_example_removes_most_of_the_barrier(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "rebasin.py"), str(tmp_path / "curve.png")],
+                            cwd=EXAMPLES, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    barriers = {label: float(value) for label, value in
+                re.findall(r"^(naive|weight matching)\s+([0-9.]+)", result.stdout, re.M)}
+    assert barriers["weight matching"] < barriers["naive"] / 5
+    assert (tmp_path / "curve.png").exists() and "computes the same function: True" in result.stdout
+
+
+@pytest.mark.slow
+def test_soups_example_greedy_is_at_least_the_best_single_on_validation():
+    rows = re.findall(r"^(best single|uniform soup|greedy soup).*?\s([0-9.]+)\s+([0-9.]+)$", run_example("soups.py"),
+                      re.M)
+    val = {label: float(v) for label, v, _ in rows}
+    assert val["greedy soup"] >= val["best single"]
