@@ -1,0 +1,73 @@
+"""Checkpoints in and out: Orbax and Hugging Face safetensors, and the streaming merge driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxmerge._tree import PyTree, flatten_with_keys, path_str
+from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
+from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter, parse_size
+from jaxmerge.checkpoints.stream import (
+    FORMATS,
+    _check_destination,
+    _commit,
+    _load,
+    open_checkpoint,
+    staging_path,
+    stream_merge,
+)
+
+
+def load(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None, dtype=None) -> PyTree:
+    """Load a whole checkpoint: an Orbax checkpoint as its pytree, a safetensors checkpoint
+    as ``{tensor name: array}``; every array placed with ``sharding`` if given (each
+    process then reads only its shards of an Orbax checkpoint), float arrays cast to
+    ``dtype`` if given."""
+    reader = open_checkpoint(path)
+    values = {name: _load(reader, name, dtype, sharding) for name in reader.names}
+    return reader.tree_of(values)
+
+
+def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_shard_size: int | str = "5GB",
+         force: bool = False) -> Path:
+    """Save ``tree`` as an Orbax checkpoint or as (sharded) safetensors, atomically.
+
+    Safetensors tensors are named by their tree path joined with ``/`` (a flat dict keeps
+    its keys). An existing non-empty ``path`` is replaced only with ``force``; the files
+    are written under a temporary name and renamed into place when complete.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    output = Path(path).absolute()
+    _check_destination(output, [], force)
+    staging, writer = staging_path(output), None
+    try:
+        if format == "orbax":
+            from orbax.checkpoint import v1 as ocp
+
+            ocp.save(staging, tree)
+        else:
+            keys, leaves, _ = flatten_with_keys(tree)
+            staging.mkdir(parents=True)
+            writer = SafetensorsWriter(staging, [(path_str(k), np.shape(x), np.asarray(x).dtype)
+                                                 for k, x in zip(keys, leaves)], max_shard_size)
+            for k, x in zip(keys, leaves):
+                writer.write(path_str(k), np.asarray(jax.device_get(x)))
+            writer.close()
+        _commit(staging, output)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+__all__ = ["CheckpointError", "OrbaxReader", "OrbaxWriter", "SafetensorsReader", "SafetensorsWriter", "load",
+           "open_checkpoint", "parse_size", "save", "stream_merge"]

@@ -1,0 +1,251 @@
+"""Hugging Face safetensors checkpoints, read lazily and written in planned shards.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each tensor's
+name to its dtype, shape and byte range, and the raw data. jaxmerge reads and writes it
+directly (bfloat16 included, which the ``safetensors`` NumPy API does not support):
+
+- a reader maps one tensor's bytes at a time (``np.memmap``), so resident memory stays at
+  about one tensor per open model;
+- a writer knows every output tensor's shape and dtype in advance, assigns them to shards
+  of at most ``max_shard_size`` bytes, writes each shard's header first and then streams
+  the data in, so a merge never holds a whole shard in memory. Several shards are named
+  ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``; one shard is
+  ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxmerge.checkpoints.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+}
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``'5GB'``, ``'500MB'``, ``'2GiB'`` (decimal or binary)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+        unit = match[2].upper().rstrip("B")
+        base = 1024 if unit.endswith("I") else 1000
+        value = int(float(match[1]) * base ** ("KMGT".index(unit[0]) + 1 if unit else 0))
+    if value < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte offset."""
+
+    __slots__ = ("file", "dtype", "shape", "offset", "nbytes")
+
+    def __init__(self, file: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int):
+        self.file, self.dtype, self.shape, self.offset, self.nbytes = file, dtype, shape, offset, nbytes
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors file's header.
+
+    Raises:
+      CheckpointError: the file is too short, its header is not JSON, or an entry has an
+        unknown dtype, a bad shape, or a byte range outside the data or of the wrong size.
+    """
+    size = file.stat().st_size
+
+    def corrupt(why):
+        return CheckpointError(f"{file}: truncated or corrupt safetensors file: {why}")
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"{size} bytes, too short for a header")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise corrupt(f"the header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise corrupt(f"the header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    data_start, data_size = 8 + length, size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has an invalid entry {entry!r}") from None
+        if not 0 <= begin <= end <= data_size:
+            raise corrupt(f"tensor {name!r} lies at bytes {begin}..{end} of a {data_size}-byte data section")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt(f"tensor {name!r} of shape {shape} and dtype {entry['dtype']} spans {end - begin} bytes")
+        tensors[name] = TensorInfo(file, dtype, shape, data_start + begin, end - begin)
+    return tensors
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists the missing file {missing[0]!r}")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    return files
+
+
+class SafetensorsReader:
+    """A Hugging Face safetensors checkpoint (a file, or a directory with one file or an
+    index and shards), opened lazily: only headers are read until a tensor is asked for."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in _files(self.path):
+            for name, info in read_header(file).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is in both {self.tensors[name].file.name} "
+                                          f"and {file.name}")
+                self.tensors[name] = info
+        index = self.path / INDEX_NAME
+        if self.path.is_dir() and index.exists():
+            for name, file in json.loads(index.read_text())["weight_map"].items():
+                if name not in self.tensors or self.tensors[name].file.name != file:
+                    raise CheckpointError(f"{index} places {name!r} in {file}, which does not hold it")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    @property
+    def treedef(self):
+        """The structure of ``{name: tensor}`` (names in sorted order, as ``names``)."""
+        return jax.tree.structure({name: 0 for name in self.tensors})
+
+    def tree_of(self, values: dict) -> dict:
+        return {name: values[name] for name in self.names}
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        info = self.tensors[name]
+        return info.shape, info.dtype
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, copied out of a memory map of its bytes only."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return np.zeros(info.shape, info.dtype)
+        mapped = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        array = np.array(mapped.view(info.dtype).reshape(info.shape))
+        del mapped
+        return array
+
+    def extra_files(self) -> list[Path]:
+        """Files of the model directory that are not weights (config, tokenizer, ...)."""
+        if not self.path.is_dir():
+            return []
+        weights = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+        return [f for f in sorted(self.path.iterdir())
+                if f.is_file() and f.name != INDEX_NAME and not f.name.endswith(weights)]
+
+
+class SafetensorsWriter:
+    """Writes planned tensors into shards, each header first, then data as it comes."""
+
+    def __init__(self, directory: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                 max_shard_size: int | str = "5GB"):
+        self.directory = Path(directory)
+        limit = parse_size(max_shard_size)
+        shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+        sizes = [0]
+        for name, shape, dtype in tensors:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            if shards[-1] and sizes[-1] + nbytes > limit:
+                shards.append([])
+                sizes.append(0)
+            shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+            sizes[-1] += nbytes
+        count = len(shards)
+        self.file_names = [SINGLE_NAME] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.total_size = sum(sizes)
+        self.plan: dict[str, tuple[int, int, int]] = {}  # name -> (shard, absolute offset, nbytes)
+        self._handles = []
+        for shard, (entries, file_name) in enumerate(zip(shards, self.file_names)):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape, dtype in entries:
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            handle = open(self.directory / file_name, "wb")
+            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            start = 8 + len(encoded)
+            for name, _, _ in entries:
+                begin, end = header[name]["data_offsets"]
+                self.plan[name] = (shard, start + begin, end - begin)
+            handle.truncate(start + offset)
+            self._handles.append(handle)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        shard, offset, nbytes = self.plan[name]
+        data = np.ascontiguousarray(array)
+        if data.nbytes != nbytes:
+            raise ValueError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
+        handle = self._handles[shard]
+        handle.seek(offset)
+        handle.write(memoryview(data.reshape(-1).view(np.uint8)))
+
+    def abort(self) -> None:
+        """Close the files without finishing them (the caller removes the directory)."""
+        for handle in self._handles:
+            handle.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        if len(self.file_names) > 1:
+            weight_map = {name: self.file_names[shard] for name, (shard, _, _) in self.plan.items()}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,192 @@
+"""The streaming merge driver: any leafwise merge over checkpoints on disk, tensor by tensor.
+
+For each tensor name it reads that tensor from the base and every model, runs the merge's
+leaf function (the same one the in-memory functions use), and writes the result straight
+into its planned place in the output; the next tensors are read in a background thread
+meanwhile. Peak memory is therefore a few tensors per model, not whole models.
+
+The output is built in a temporary directory next to the destination and renamed into
+place only when complete, so an error, a kill or Ctrl-C leaves no partial output; an
+existing non-empty destination is replaced only with ``force``; a destination inside an
+input (or containing one) is refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxmerge._tree import TreeSpec, flatten_models, is_float
+from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
+from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
+
+FORMATS = ("safetensors", "orbax")
+
+
+def open_checkpoint(path: str | os.PathLike):
+    """A lazy reader for an Orbax checkpoint directory or a safetensors file or directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "_CHECKPOINT_METADATA").exists():
+        return OrbaxReader(path)
+    return SafetensorsReader(path)
+
+
+def abstract(reader, dtype=None) -> dict:
+    """``{tensor name: jax.ShapeDtypeStruct}``, float tensors in ``dtype`` when given."""
+    out = {}
+    for name in reader.names:
+        shape, stored = reader.shape_dtype(name)
+        out[name] = jax.ShapeDtypeStruct(shape, np.dtype(dtype) if dtype is not None and is_float(stored) else stored)
+    return out
+
+
+def _inside(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def _check_destination(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    for source in inputs:
+        if _inside(output, source.resolve()) or _inside(source.resolve(), output):
+            raise CheckpointError(f"the output {output} would overlap the input {source}; choose another directory")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise CheckpointError(f"the output {output} exists and is not empty; pass force=True (--force) to replace it")
+
+
+def _load(reader, name: str, dtype, sharding) -> jax.Array:
+    array = reader.read(name, sharding) if isinstance(reader, OrbaxReader) else reader.read(name)
+    array = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+    if dtype is not None and is_float(array.dtype):
+        array = array.astype(dtype)
+    return array
+
+
+def staging_path(output: Path) -> Path:
+    """A fresh sibling of ``output`` to build it in (no leading dot: Orbax's partial saves
+    do not finalise into hidden directories)."""
+    return output.with_name(f"{output.name}.jaxmerge-tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _commit(staging: Path, output: Path) -> None:
+    """Move the finished ``staging`` directory to ``output``, replacing an old one last."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os.PathLike],
+                 output: str | os.PathLike, *, base: str | os.PathLike | None = None, dtype=None, out_dtype=None,
+                 output_format: str | None = None, max_shard_size: int | str = "5GB", force: bool = False,
+                 progress: bool = True, sharding: jax.sharding.Sharding | None = None,
+                 log: Callable[[str], None] | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Merge checkpoints on disk into ``output``, one tensor at a time.
+
+    Args:
+      plan: ``plan(spec) -> leaf_fn``, e.g. ``lambda spec: jaxmerge.merging.task_vectors.
+        task_vector_plan(spec, weights, method='magnitude', consensus='sum', density=0.5,
+        normalize=True)``; it validates its hyperparameters against the tensors' names,
+        shapes and dtypes before anything is written.
+      models: checkpoint paths (safetensors files or directories, Orbax directories).
+      output: the directory to create.
+      base: the base checkpoint, for methods that need one.
+      dtype: cast float inputs to this dtype when reading (mergekit's ``dtype``); the merge
+        itself accumulates in float32.
+      out_dtype: dtype of the written float tensors (default: ``dtype``, else the
+        reference's dtype per tensor).
+      output_format: ``'safetensors'`` or ``'orbax'`` (default: the reference's format).
+      max_shard_size: safetensors shard size limit, bytes or ``'5GB'``.
+      force: replace an existing non-empty ``output``.
+      progress: show a tqdm progress bar (bytes and tensors) on stderr.
+      sharding: place every tensor with this sharding (e.g. on a mesh) before merging.
+      log: called with one line per merged tensor.
+      extra_files: ``{file name: text}`` to write into the output too (e.g. the config).
+
+    Returns:
+      The output path. The reference (base, else the first model) also gives the non-weight
+      files copied into the output (config.json, tokenizer files, ...).
+
+    Raises:
+      CheckpointError, ValueError: unreadable inputs, tensors missing or of other shapes in
+        some model (naming the checkpoint and the tensor), a bad destination, or the
+        plan's own checks; in every case before the output directory is created.
+    """
+    output = Path(output).absolute()
+    paths = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
+    readers = [open_checkpoint(m) for m in models]
+    base_reader = open_checkpoint(base) if base is not None else None
+    reference = base_reader or readers[0]
+    output_format = output_format or reference.format
+    if output_format not in FORMATS:
+        raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
+    _check_destination(output, paths, force)
+    spec, _, _ = flatten_models([abstract(r, dtype) for r in readers],
+                                None if base_reader is None else abstract(base_reader, dtype),
+                                names=[str(m) for m in models])
+    leaf_fn = plan(spec)
+    names = [key[0] for key in spec.keys]
+    out_types = {name: np.dtype(out_dtype or dtype or leaf.dtype) if is_float(leaf.dtype) else np.dtype(leaf.dtype)
+                 for name, leaf in zip(names, spec.leaves)}
+
+    staging, writer = staging_path(output), None
+    try:
+        if output_format == "safetensors":
+            staging.mkdir(parents=True)
+            writer = SafetensorsWriter(staging, [(n, spec.leaves[i].shape, out_types[n]) for i, n in enumerate(names)],
+                                       max_shard_size)
+        else:
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            writer = OrbaxWriter(staging, reference.treedef, reference.names)
+        _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dtype, sharding, progress, log)
+        writer.close()
+        for extra in reference.extra_files():
+            if not (staging / extra.name).exists():
+                shutil.copy2(extra, staging / extra.name)
+        for file_name, text in (extra_files or {}).items():
+            (staging / file_name).write_text(text)
+        _commit(staging, output)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dtype, sharding, progress, log):
+    def read(i):
+        name = names[i]
+        base_leaf = None if base_reader is None else _load(base_reader, name, dtype, sharding)
+        if not spec.is_float(i):
+            return base_leaf, [base_leaf if base_leaf is not None else _load(readers[0], name, dtype, sharding)]
+        return base_leaf, [_load(r, name, dtype, sharding) for r in readers]
+
+    total = sum(int(np.prod(spec.leaves[i].shape)) * out_types[n].itemsize for i, n in enumerate(names))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress, file=sys.stderr) as bar:
+        upcoming = pool.submit(read, 0) if names else None
+        for i, name in enumerate(names):
+            base_leaf, leaves = upcoming.result()
+            upcoming = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            merged = leaf_fn(i, base_leaf, leaves) if spec.is_float(i) else leaves[0]
+            array = np.asarray(jax.device_get(merged.astype(out_types[name])))
+            writer.write(name, array)
+            bar.update(array.nbytes)
+            bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
+            if log is not None:
+                log(f"merged {name} {tuple(array.shape)} {array.dtype}")

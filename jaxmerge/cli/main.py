@@ -1,0 +1,111 @@
+"""The ``jaxmerge`` command: ``merge`` a YAML config into a checkpoint, ``inspect`` a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxmerge.checkpoints.errors import CheckpointError
+
+MERGE_EXAMPLE = """\
+example config (mergekit's format):
+
+  merge_method: ties
+  base_model: ./llama-base
+  models:
+    - model: ./llama-math
+      parameters: {weight: 1.0, density: 0.5}
+    - model: ./llama-code
+      parameters:
+        weight: [0.2, 0.8]                  # a gradient over the layers
+        density: [{filter: self_attn, value: 0.3}, {value: 0.6}]
+  parameters: {normalize: true, lambda: 1.0}
+  dtype: float32                            # inputs cast to this before merging
+  out_dtype: bfloat16                       # written tensors
+
+methods: linear (weight; normalize), slerp (t; base_model + one model), task_arithmetic,
+ties, dare_ties, dare_linear (weight, density; normalize, rescale, lambda), breadcrumbs,
+breadcrumbs_ties (+ gamma), della, della_linear (+ epsilon), model_stock (filter_wise),
+magmax (lambda), sce (select_topk), karcher (max_iter, tol).
+
+Models are local directories of Hugging Face safetensors (model.safetensors, or shards
+with model.safetensors.index.json) or Orbax checkpoints. The output is written to a
+temporary directory and renamed into place when complete; the base (or first) model's
+config.json, tokenizer and other non-weight files are copied into it, with the config
+as jaxmerge_config.yml.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmerge", description="Merge model checkpoints with JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge the checkpoints a YAML config names",
+                                description="Merge the checkpoints a mergekit-style YAML config names, tensor by "
+                                            "tensor, into OUTPUT_DIR.",
+                                epilog=MERGE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("config", metavar="CONFIG.yaml", help="the merge config")
+    merge.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
+    merge.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    merge.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (DARE, DELLA); default 0")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    merge.add_argument("--output-format", choices=("safetensors", "orbax"),
+                       help="default: the format of the base (or first) model")
+    merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    merge.add_argument("-v", "--verbose", action="store_true", help="print a line per merged tensor on stderr")
+    inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
+                                  description="List the tensors of a checkpoint (safetensors file or directory, "
+                                              "or Orbax directory) with shapes and dtypes, and the totals.")
+    inspect.add_argument("path", help="the checkpoint")
+    return parser
+
+
+def _merge(args) -> None:
+    from jaxmerge.checkpoints.stream import stream_merge
+    from jaxmerge.cli.config import load_config
+
+    config = load_config(args.config)
+    pair = config.method.base == "pair"
+    models = [config.base, *config.models] if pair else config.models
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    output = stream_merge(config.plan(args.random_seed), models, args.output, base=None if pair else config.base,
+                          dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
+                          max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
+                          log=log, extra_files={"jaxmerge_config.yml": config.text})
+    print(f"wrote {output}")
+
+
+def _inspect(args) -> None:
+    from jaxmerge.checkpoints.stream import open_checkpoint
+
+    reader = open_checkpoint(args.path)
+    rows = [(name, *reader.shape_dtype(name)) for name in reader.names]
+    width = max([len(name) for name, _, _ in rows] + [6])
+    print(f"{'tensor':<{width}}  {'shape':<20}dtype")
+    for name, shape, dtype in rows:
+        print(f"{name:<{width}}  {str(tuple(shape)):<20}{np.dtype(dtype).name}")
+    params = sum(math.prod(shape) for _, shape, _ in rows)
+    nbytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in rows)
+    print(f"{len(rows)} tensors, {params:,} parameters, {nbytes:,} bytes ({nbytes / 2 ** 30:.2f} GiB), {reader.format}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; exit status 0 on success, 2 on a bad config or checkpoint, 130 on Ctrl-C."""
+    args = _parser().parse_args(argv)
+    try:
+        _merge(args) if args.command == "merge" else _inspect(args)
+    except (CheckpointError, ValueError, TypeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"jaxmerge: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxmerge: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+import jaxmerge
+from jaxmerge import checkpoints
+from jaxmerge.cli.main import main
+from tests.checkpoints.hf import llama_tensors, write_model
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = llama_tensors(0)
+    tunes = [llama_tensors(20 + i, scale=0.05, around=base) for i in range(2)]
+    write_model(tmp_path / "base", base)
+    for i, t in enumerate(tunes):
+        write_model(tmp_path / f"tune{i}", t, shards=2)
+    return base, tunes
+
+
+def _config(tmp_path, **content) -> Path:
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def _run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _check_output(out: Path, expected: dict, dtype=None):
+    loaded = checkpoints.load(out)
+    assert sorted(loaded) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value.astype(dtype or value.dtype), err_msg=name)
+
+
+def test_linear_config(tmp_path, models, capsys):
+    base, tunes = models
+    config = _config(tmp_path, merge_method="linear", dtype="float32",
+                     models=[{"model": "tune0", "parameters": {"weight": 0.3}},
+                             {"model": "tune1", "parameters": {"weight": 0.7}}])
+    os.chdir(tmp_path)
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    _check_output(tmp_path / "out", jaxmerge.average(tunes, [0.3, 0.7]))
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["config.json", "generation_config.json", "jaxmerge_config.yml", "model.safetensors",
+                     "tokenizer.json"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_ties_config_with_gradients_filters_and_out_dtype(tmp_path, models):
+    base, tunes = models
+    config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "base"), out_dtype="bfloat16",
+                     parameters={"normalize": True, "lambda": 0.9},
+                     models=[{"model": str(tmp_path / "base")},
+                             {"model": str(tmp_path / "tune0"), "parameters": {"weight": [0.2, 1.0], "density": 0.5}},
+                             {"model": str(tmp_path / "tune1"),
+                              "parameters": {"weight": 0.6,
+                                             "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}}])
+    assert _run("merge", config, tmp_path / "out", "--no-progress", "--max-shard-size", "5KB") == 0
+    expected = jaxmerge.ties(base, tunes, [[0.2, 1.0], 0.6], lambda_=0.9,
+                             density=jaxmerge.per_model(0.5, [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]))
+    _check_output(tmp_path / "out", expected, dtype=jnp.bfloat16)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_slerp_dare_and_orbax_output(tmp_path, models):
+    base, tunes = models
+    slerp = _config(tmp_path, merge_method="slerp", base_model=str(tmp_path / "base"),
+                    models=[{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "tune0")}],
+                    parameters={"t": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.5}]})
+    assert _run("merge", slerp, tmp_path / "slerp", "--no-progress", "--output-format", "orbax") == 0
+    expected = jaxmerge.slerp(base, tunes[0], [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.5}])
+    loaded = checkpoints.load(tmp_path / "slerp")
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    dare = _config(tmp_path, merge_method="dare_ties", base_model=str(tmp_path / "base"),
+                   models=[{"model": str(tmp_path / f"tune{i}"), "parameters": {"weight": 1.0, "density": 0.5}}
+                           for i in range(2)])
+    assert _run("merge", dare, tmp_path / "dare", "--no-progress", "--random-seed", "7") == 0
+    _check_output(tmp_path / "dare", jaxmerge.dare_ties(base, tunes, density=0.5, key=jax.random.key(7)))
+
+
+def test_inspect(tmp_path, models, capsys):
+    assert _run("inspect", tmp_path / "tune0") == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj.weight" in out and "(16, 24)" in out
+    params = sum(v.size for v in models[1][0].values())
+    assert f"{len(models[1][0])} tensors, {params:,} parameters, {4 * params:,} bytes" in out
+
+
+@pytest.mark.parametrize("content,message", [
+    (dict(merge_method="tiez", models=["tune0"]), "unknown merge_method 'tiez'"),
+    (dict(merge_method="linear", models=[{"model": "nowhere"}]), "models[0]: model path 'nowhere' does not exist"),
+    (dict(merge_method="linear", modles=[]), "unknown config key 'modles'"),
+    (dict(merge_method="ties", models=["tune0"]), "merge_method 'ties' needs a base_model"),
+    (dict(merge_method="linear", models=[{"model": "tune0", "parameters": {"wieght": 1}}]),
+     "models[0].parameters has the parameter 'wieght'"),
+    (dict(merge_method="linear", models=["tune0", "tune1"]), "missing required parameter 'weight'"),
+    (dict(merge_method="ties", base_model="base", models=[{"model": "tune0", "parameters": {"weight": 1, "density": 2}}]),
+     "density[0] at 'lm_head.weight' must be in (0, 1], got 2"),
+    (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}), "has no leaf 'lm_head.weight'"),
+    (dict(merge_method="linear", models=["tune0", "odd"], parameters={"weight": 1}),
+     "'model.norm.weight': shape (7,) != (16,)"),
+    (dict(merge_method="linear", models=["tune0", "corrupt"], parameters={"weight": 1}),
+     "truncated or corrupt safetensors file"),
+])
+def test_bad_configs_and_files_give_one_line_and_exit_2(tmp_path, models, capsys, content, message):
+    os.chdir(tmp_path)
+    short = dict(models[1][0])
+    del short["lm_head.weight"]
+    write_model(tmp_path / "short", short)
+    odd = dict(models[1][0], **{"model.norm.weight": jnp.zeros(7)})
+    write_model(tmp_path / "odd", odd)
+    write_model(tmp_path / "corrupt", models[1][0])
+    data = (tmp_path / "corrupt" / "model.safetensors").read_bytes()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert _run("merge", _config(tmp_path, **content), tmp_path / "out", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxmerge: error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("*jaxmerge-tmp*"))
+
+
+def test_refuses_an_existing_output_unless_forced(tmp_path, models, capsys):
+    config = _config(tmp_path, merge_method="linear", parameters={"weight": 1.0},
+                     models=[str(tmp_path / "tune0"), str(tmp_path / "tune1")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert _run("merge", config, tmp_path / "out", "--no-progress", "--force") == 0
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _digest(directory: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, sig):
+    base = llama_tensors(0, layers=8, d=192, ffn=384, vocab=512)
+    for i in range(3):
+        write_model(tmp_path / f"m{i}", llama_tensors(i + 1, layers=8, d=192, ffn=384, vocab=512, around=base,
+                                                      scale=0.1))
+    before = {i: _digest(tmp_path / f"m{i}") for i in range(3)}
+    config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "m0"), parameters={"density": 0.5},
+                     models=[{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0}} for i in (1, 2)])
+    process = subprocess.Popen([sys.executable, "-m", "jaxmerge.cli.main", "merge", str(config), str(tmp_path / "out"),
+                                "--no-progress", "-v"], stderr=subprocess.PIPE, text=True)
+    merged = 0
+    with process.stderr:
+        for line in process.stderr:
+            merged += line.startswith("merged ")
+            if merged == 5:
+                process.send_signal(sig)
+                break
+        process.wait(timeout=60)
+    assert merged == 5 and process.returncode != 0
+    assert not (tmp_path / "out").exists()
+    assert {i: _digest(tmp_path / f"m{i}") for i in range(3)} == before
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and not list(tmp_path.glob("*jaxmerge-tmp*"))
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "jaxmerge.cli.main", "merge", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    for text in ("--force", "--random-seed", "--max-shard-size", "merge_method: ties", "dare_ties"):
+        assert text in result.stdout
