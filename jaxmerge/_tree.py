@@ -5,7 +5,8 @@ reference model: the base if there is one, else the first model) plus the leaves
 model in the spec's order. A method turns the spec and its hyperparameters into a *leaf
 function* ``leaf_fn(i, base_leaf, model_leaves) -> Array``; :func:`apply_leafwise` runs it
 over in-memory trees, and the checkpoint driver runs the same function over leaves read
-from disk.
+from disk. ``model_leaves`` is a fresh list for each call, which the leaf function may
+clear entries of once it is done with them (so that streamed inputs are freed early).
 
 Only floating-point leaves are merged. Integer, boolean and other non-float leaves (step
 counters, RNG keys, masks) are passed through unchanged from the reference model, never

@@ -4,7 +4,7 @@ The format is an 8-byte little-endian header length, a JSON header mapping each 
 name to its dtype, shape and byte range, and the raw data. jaxmerge reads and writes it
 directly (bfloat16 included, which the ``safetensors`` NumPy API does not support):
 
-- a reader maps one tensor's bytes at a time (``np.memmap``), so resident memory stays at
+- a reader reads one tensor's bytes at a time, on demand, so resident memory stays at
   about one tensor per open model;
 - a writer knows every output tensor's shape and dtype in advance, assigns them to shards
   of at most ``max_shard_size`` bytes, writes each shard's header first and then streams
@@ -131,6 +131,14 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
+    """An uninitialised byte buffer starting on an ``alignment`` boundary: XLA's CPU client
+    wraps such host memory without copying it."""
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes]
+
+
 class SafetensorsReader:
     """A Hugging Face safetensors checkpoint (a file, or a directory with one file or an
     index and shards), opened lazily: only headers are read until a tensor is asked for."""
@@ -168,15 +176,21 @@ class SafetensorsReader:
         info = self.tensors[name]
         return info.shape, info.dtype
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor, copied out of a memory map of its bytes only."""
+    def read(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+        """One tensor, read into a buffer of its own (placed with ``sharding`` if given).
+
+        A positioned read into an aligned buffer, not a memory map: mapping the file would
+        count its pages in this process's resident memory while they are copied, doubling
+        the transient footprint of a large tensor; on CPU the returned array wraps the
+        buffer itself, so each tensor is in memory once.
+        """
         info = self.tensors[name]
-        if info.nbytes == 0:
-            return np.zeros(info.shape, info.dtype)
-        mapped = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-        array = np.array(mapped.view(info.dtype).reshape(info.shape))
-        del mapped
-        return array
+        raw = _aligned_bytes(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(memoryview(raw)) != info.nbytes:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        return jax.device_put(raw.view(info.dtype).reshape(info.shape), sharding)
 
     def extra_files(self) -> list[Path]:
         """Files of the model directory that are not weights (config, tokenizer, ...)."""

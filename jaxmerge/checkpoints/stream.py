@@ -32,6 +32,7 @@ from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
 
 FORMATS = ("safetensors", "orbax")
+PREFETCH_BYTES = 64 * 2 ** 20  # read the next tensor during the current merge when it is at most this big
 
 
 def open_checkpoint(path: str | os.PathLike):
@@ -66,8 +67,7 @@ def _check_destination(output: Path, inputs: Sequence[Path], force: bool) -> Non
 
 
 def _load(reader, name: str, dtype, sharding) -> jax.Array:
-    array = reader.read(name, sharding) if isinstance(reader, OrbaxReader) else reader.read(name)
-    array = jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+    array = reader.read(name, sharding)
     if dtype is not None and is_float(array.dtype):
         array = array.astype(dtype)
     return array
@@ -176,17 +176,23 @@ def _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dt
             return base_leaf, [base_leaf if base_leaf is not None else _load(readers[0], name, dtype, sharding)]
         return base_leaf, [_load(r, name, dtype, sharding) for r in readers]
 
-    total = sum(int(np.prod(spec.leaves[i].shape)) * out_types[n].itemsize for i, n in enumerate(names))
+    sizes = [int(np.prod(spec.leaves[i].shape)) * out_types[n].itemsize for i, n in enumerate(names)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress, file=sys.stderr) as bar:
+            tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="merging", disable=not progress,
+                 file=sys.stderr) as bar:
         upcoming = pool.submit(read, 0) if names else None
         for i, name in enumerate(names):
-            base_leaf, leaves = upcoming.result()
-            upcoming = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            base_leaf, leaves = upcoming.result() if upcoming is not None else read(i)
+            # read ahead while merging, unless the next tensors are large (bounds memory)
+            ahead = i + 1 < len(names) and sizes[i + 1] <= PREFETCH_BYTES
+            upcoming = pool.submit(read, i + 1) if ahead else None
             merged = leaf_fn(i, base_leaf, leaves) if spec.is_float(i) else leaves[0]
-            array = np.asarray(jax.device_get(merged.astype(out_types[name])))
+            if merged.dtype != out_types[name]:
+                merged = merged.astype(out_types[name])
+            array = np.asarray(jax.device_get(merged))
             writer.write(name, array)
             bar.update(array.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
             if log is not None:
                 log(f"merged {name} {tuple(array.shape)} {array.dtype}")
+            del base_leaf, leaves, merged, array  # free this tensor before reading the next

@@ -59,47 +59,43 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
     return jnp.where(total >= 0, 1, -1).astype(weighted[0].dtype)
 
 
-def _sparsified(delta: jax.Array, method: str, params: dict, j: int, rescale_norm) -> jax.Array:
-    density = params["density"][j]
+@functools.partial(jax.jit, static_argnames=("method", "rescale"))
+def sparse_task_vector(base: jax.Array, leaf: jax.Array, params: dict, *, method: str, rescale: str | None) -> jax.Array:
+    """``leaf - base`` in float32, sparsified by ``method`` and rescaled.
+
+    ``params`` holds this model's ``density`` and, by method, ``k`` (entries to keep),
+    ``top`` (outliers to drop), ``epsilon``, and its random ``key``.
+    """
+    dtype = acc_dtype(base.dtype)
+    delta = leaf.astype(dtype) - base.astype(dtype)
+    density = params["density"]
     if method == "magnitude":
-        mask, keep = sparsify.top_k_mask(delta, params["k"][j]), density
+        mask, keep = sparsify.top_k_mask(delta, params["k"]), density
     elif method == "breadcrumbs":
-        top = params["top"][j]
-        mask = sparsify.top_k_mask(delta, top + params["k"][j]) & ~sparsify.top_k_mask(delta, top)
+        mask = sparsify.top_k_mask(delta, params["top"] + params["k"]) & ~sparsify.top_k_mask(delta, params["top"])
         keep = density
     elif method == "random":
-        mask, keep = sparsify.random_mask(jax.random.fold_in(params["key"], j), delta, density), density
+        mask, keep = sparsify.random_mask(params["key"], delta, density), density
     else:
-        mask, keep = sparsify.della_mask(jax.random.fold_in(params["key"], j), delta, density,
-                                         params["epsilon"][j])
+        mask, keep = sparsify.della_mask(params["key"], delta, density, params["epsilon"])
     keep_all = density >= 1  # density 1 leaves the task vector untouched, as in mergekit
-    keep = jnp.where(keep_all, jnp.ones((), delta.dtype), jnp.asarray(keep, delta.dtype))
-    return sparsify.rescale(delta, mask | keep_all, rescale_norm, keep)
+    keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
+    return sparsify.rescale(delta, mask | keep_all, rescale, keep)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "consensus", "normalize", "rescale"))
-def task_vector_kernel(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array,
-                       params: dict, *, method: str | None, consensus: str | None, normalize: bool,
-                       rescale: str | None) -> jax.Array:
-    """One leaf of a generalized task-arithmetic merge (see the module docstring).
+@functools.partial(jax.jit, static_argnames=("consensus", "normalize", "subtract_base"))
+def combine_task_vectors(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array, *,
+                         consensus: str | None, normalize: bool, subtract_base: bool = False) -> jax.Array:
+    """Steps 2-4 of the module docstring: sign election, (disjoint) weighted sum, scaling.
 
-    Args:
-      base, leaves: the base's and the models' leaves.
-      weights: float32 ``(N,)``. lambda_: float32 scalar.
-      params: the sparsifier's per-model arrays: ``density`` and, by method, ``k`` (entries
-        to keep), ``top`` (outliers to drop), ``epsilon``, and a ``key`` for this leaf.
-      method, consensus, normalize, rescale: static choices (:data:`SPARSIFIERS`,
-        :data:`CONSENSUS`, bool, a norm of :func:`~jaxmerge.merging.sparsify.rescale`).
+    ``leaves`` are task vectors, or, with ``subtract_base``, the models themselves (then
+    ``leaf - base`` is taken inside, fused with the rest, without materialising it).
     """
     dtype = acc_dtype(base.dtype)
     base32 = base.astype(dtype)
     w = weights.astype(dtype)
-    weighted = []
-    for j, leaf in enumerate(leaves):
-        delta = leaf.astype(dtype) - base32
-        if method is not None:
-            delta = _sparsified(delta, method, params, j, rescale)
-        weighted.append(w[j] * delta)
+    weighted = [w[j] * ((leaf.astype(dtype) - base32) if subtract_base else leaf.astype(dtype))
+                for j, leaf in enumerate(leaves)]
     zero = jnp.zeros((), dtype)
     if consensus is None:
         mixed = sum(weighted[1:], weighted[0])
@@ -113,6 +109,38 @@ def task_vector_kernel(base: jax.Array, leaves: Sequence[jax.Array], weights: ja
     if normalize:
         mixed = mixed / divisor
     return (base32 + lambda_.astype(dtype) * mixed).astype(base.dtype)
+
+
+def task_vector_kernel(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array,
+                       params: dict, *, method: str | None, consensus: str | None, normalize: bool,
+                       rescale: str | None) -> jax.Array:
+    """One leaf of a generalized task-arithmetic merge (see the module docstring).
+
+    Without sparsification this is one fused pass. With it, each model's task vector is
+    sparsified by its own jitted call, so that only one model's selection temporaries are
+    alive at a time (this bounds the memory of streamed merges of large tensors), then
+    the sparse task vectors are combined.
+
+    Args:
+      base, leaves: the base's and the models' leaves.
+      weights: float32 ``(N,)``. lambda_: float32 scalar.
+      params: the sparsifier's per-model arrays (``(N,)`` each; see
+        :func:`sparse_task_vector`) and one ``key`` for this leaf.
+      method, consensus, normalize, rescale: static choices (:data:`SPARSIFIERS`,
+        :data:`CONSENSUS`, bool, a norm of :func:`~jaxmerge.merging.sparsify.rescale`).
+    """
+    if method is None:
+        return combine_task_vectors(base, leaves, weights, lambda_, consensus=consensus, normalize=normalize,
+                                    subtract_base=True)
+    deltas = []
+    for j in range(len(leaves)):
+        own = {name: value[j] for name, value in params.items() if name != "key"}
+        if "key" in params:
+            own["key"] = jax.random.fold_in(params["key"], j)
+        deltas.append(sparse_task_vector(base, leaves[j], own, method=method, rescale=rescale))
+        if isinstance(leaves, list):
+            leaves[j] = None  # drop our reference: a streamed input is then freed once used
+    return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize)
 
 
 def _normalized_rescale(rescale) -> str | None:
