@@ -164,6 +164,17 @@ def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *, min_
     return spec, (ref_leaves if base is not None else None), model_leaves
 
 
+def keep_sharding(out, reference):
+    """``out`` placed like ``reference`` when both are concrete arrays sharded differently
+    (merges return leaves sharded like their reference leaf, whatever a kernel's
+    reductions made of it; under ``jax.jit`` the caller's shardings decide)."""
+    sharding = getattr(reference, "sharding", None)
+    if (isinstance(out, jax.Array) and not isinstance(out, jax.core.Tracer) and isinstance(reference, jax.Array)
+            and not isinstance(reference, jax.core.Tracer) and not out.sharding.is_equivalent_to(sharding, out.ndim)):
+        return jax.device_put(out, sharding)
+    return out
+
+
 def apply_leafwise(spec: TreeSpec, leaf_fn: LeafFn, base_leaves: list | None,
                    model_leaves: list[list]) -> PyTree:
     """Run ``leaf_fn`` on every float leaf; pass the reference's other leaves through."""
@@ -171,7 +182,7 @@ def apply_leafwise(spec: TreeSpec, leaf_fn: LeafFn, base_leaves: list | None,
     for i, ref in enumerate(spec.leaves):
         if spec.is_float(i):
             base_leaf = None if base_leaves is None else base_leaves[i]
-            out.append(leaf_fn(i, base_leaf, [leaves[i] for leaves in model_leaves]))
+            out.append(keep_sharding(leaf_fn(i, base_leaf, [leaves[i] for leaves in model_leaves]), ref))
         else:
             out.append(ref)
     return jax.tree_util.tree_unflatten(spec.treedef, out)

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from jaxmerge import _hyper
+from jaxmerge._sharding import like, reshard
 from jaxmerge._tree import PyTree, TreeSpec, apply_leafwise, flatten_models, flatten_with_keys
 from jaxmerge.merging.linear import average_kernel
 from jaxmerge.statistics import gram as gram_stats
@@ -53,8 +55,10 @@ def regmean_kernel(kernels: Sequence[jax.Array], grams: Sequence[jax.Array], alp
         return jnp.linalg.cholesky(lhs + shift * jnp.eye(lhs.shape[0], dtype=jnp.float32))
 
     factor = lax.cond(singular, regularised, lambda: factor)
-    solution = jax.scipy.linalg.cho_solve((factor, True), rhs)
-    return solution, singular
+    # the triangular solves run on the whole right-hand side; the result is sharded back
+    # like the kernels (explicit meshes need this said; Auto meshes decide by themselves)
+    solution = jax.scipy.linalg.cho_solve((factor, True), reshard(rhs, PartitionSpec(), kernels[0]))
+    return like(solution, kernels[0]), singular
 
 
 def _as_matrix(kernel_shape: tuple[int, ...], features: int, layout: str) -> tuple[Callable, Callable] | None:

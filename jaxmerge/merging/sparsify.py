@@ -19,6 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
+
+from jaxmerge._sharding import explicit_sharding, like, local_then_sum, reshard
 
 _DIGIT_BITS = 11
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -51,8 +54,9 @@ def _radix_select(keys: jax.Array, k: jax.Array, valid: jax.Array | None = None)
             match = (keys >> high) == (prefix >> high)
             match = match if valid is None else match & valid
         else:
-            match = jnp.ones(keys.shape, bool) if valid is None else valid
-        hist = jnp.zeros(1 << bits, jnp.int32).at[digit].add(match.astype(jnp.int32))
+            match = jnp.ones_like(keys, dtype=bool) if valid is None else valid
+        hist = local_then_sum(lambda dg, m, n=1 << bits: jnp.zeros(n, jnp.int32).at[dg].add(m.astype(jnp.int32)),
+                              digit, match)
         at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = count of digits >= d
         d = jnp.sum(at_least >= k) - 1
         above = jnp.where(d + 1 < (1 << bits), at_least[jnp.minimum(d + 1, (1 << bits) - 1)], 0)
@@ -69,13 +73,15 @@ def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
     return lax.bitcast_convert_type(bits, magnitude.dtype)
 
 
-def _flat_index(shape) -> jax.Array:
-    """Row-major flat index of every entry, built without reshaping (keeps shardings)."""
-    index = jnp.zeros(shape, jnp.uint32)
+def _flat_index(x: jax.Array) -> jax.Array:
+    """Row-major flat index of every entry of ``x``, built without reshaping and sharded
+    like ``x`` (so that it combines with ``x`` elementwise on any mesh)."""
+    sharding = explicit_sharding(x)
+    index = jnp.zeros(x.shape, jnp.uint32, out_sharding=sharding)
     stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride *= shape[axis]
+    for axis in reversed(range(x.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, axis, out_sharding=sharding) * jnp.uint32(stride)
+        stride *= x.shape[axis]
     return index
 
 
@@ -96,7 +102,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     need = jnp.clip(k, 1, x.size) - jnp.sum(greater, dtype=jnp.int32)
 
     def lowest_indices_of_equal():
-        order = ~_flat_index(x.shape)  # the largest of ~index is the lowest index
+        order = ~_flat_index(x)  # the largest of ~index is the lowest index
         cutoff = _radix_select(order, need, valid=equal)
         return greater | (equal & (order >= cutoff))
 
@@ -141,11 +147,15 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
     """
     rows = x.reshape(1, -1) if x.ndim < 2 else x
     n = rows.shape[1]
+    # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
+    sharding = explicit_sharding(rows)
+    if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:
+        rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
     ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1), axis=1).astype(jnp.float32)
     relative = ranks / (n - 1) if n > 1 else jnp.full(rows.shape, 0.5, jnp.float32)
     density = jnp.asarray(density, jnp.float32)
     probabilities = density - epsilon + relative * 2 * jnp.asarray(epsilon, jnp.float32)
-    return probabilities.reshape(x.shape)
+    return like(probabilities.reshape(x.shape), x)
 
 
 def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmerge._sharding import like
 from jaxmerge._tree import PyTree
 from jaxmerge.statistics._data import labels_of, limited, model_function, sharded_like
 from jaxmerge.statistics._per_example import weighted_squared_gradients
@@ -97,9 +98,9 @@ def fisher_sum(params: PyTree, batch, valid: jax.Array, key: jax.Array, *, apply
                                                  keys)
         squared = weighted_squared_gradients(functools.partial(_label_gradient, apply_fn), params,
                                              (pairs, labels), weights)
-        return jax.tree.map(jnp.add, total, squared)
+        return jax.tree.map(lambda t, s: t + like(s, t), total, squared)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)  # sharded like the params
     return lax.fori_loop(0, steps, step, zeros)
 
 

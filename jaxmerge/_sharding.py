@@ -1,0 +1,53 @@
+"""Helpers for arrays whose type carries an explicit sharding (``jax.make_mesh``'s default
+``AxisType.Explicit`` in jax 0.10): a few operations need to be told how to shard.
+
+Under ``AxisType.Auto`` meshes (and for unsharded arrays) the type carries no sharding and
+every helper here is the plain operation: XLA's partitioner decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def explicit_sharding(x) -> NamedSharding | None:
+    """``x``'s sharding if its type carries an explicit, non-trivial one, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or all(s is None for s in spec):
+        return None
+    return sharding
+
+
+def mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
+    """Every mesh axis a spec shards over."""
+    return tuple(a for s in spec if s is not None for a in (s if isinstance(s, tuple) else (s,)))
+
+
+def reshard(x, spec: PartitionSpec, like) -> jax.Array:
+    """``x`` resharded to ``spec`` on ``like``'s mesh, when ``like`` is explicitly sharded."""
+    sharding = explicit_sharding(like)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+
+
+def like(x, reference) -> jax.Array:
+    """``x`` resharded like ``reference`` when that is explicitly sharded."""
+    sharding = explicit_sharding(reference)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def local_then_sum(fn: Callable, *arrays) -> jax.Array:
+    """``fn(*arrays)`` for a function whose result is a sum over the arrays' elements (e.g.
+    a histogram), computed per shard and summed across devices when the arrays are
+    explicitly sharded (all alike); a replicated result."""
+    sharding = explicit_sharding(arrays[0])
+    if sharding is None:
+        return fn(*arrays)
+    spec, axes = sharding.spec, mesh_axes(sharding.spec)
+    return jax.shard_map(lambda *local: jax.lax.psum(fn(*local), axes), mesh=sharding.mesh,
+                         in_specs=(spec,) * len(arrays), out_specs=PartitionSpec())(*arrays)
