@@ -18,6 +18,7 @@ from jaxmerge.checkpoints.stream import (
     _check_destination,
     _commit,
     _load,
+    largest_axes_sharding,
     open_checkpoint,
     staging_path,
     stream_merge,
@@ -26,8 +27,9 @@ from jaxmerge.checkpoints.stream import (
 
 def load(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None, dtype=None) -> PyTree:
     """Load a whole checkpoint: an Orbax checkpoint as its pytree, a safetensors checkpoint
-    as ``{tensor name: array}``; every array placed with ``sharding`` if given (each
-    process then reads only its shards of an Orbax checkpoint), float arrays cast to
+    as ``{tensor name: array}``; every array placed with ``sharding`` if given, a Sharding
+    or a rule ``rule(name, shape) -> Sharding`` such as :func:`largest_axes_sharding` (each
+    process then reads only its shards of an Orbax checkpoint); float arrays cast to
     ``dtype`` if given."""
     reader = open_checkpoint(path)
     values = {name: _load(reader, name, dtype, sharding) for name in reader.names}
@@ -69,5 +71,5 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
     return output
 
 
-__all__ = ["CheckpointError", "OrbaxReader", "OrbaxWriter", "SafetensorsReader", "SafetensorsWriter", "load",
-           "open_checkpoint", "parse_size", "save", "stream_merge"]
+__all__ = ["CheckpointError", "OrbaxReader", "OrbaxWriter", "SafetensorsReader", "SafetensorsWriter",
+           "largest_axes_sharding", "load", "open_checkpoint", "parse_size", "save", "stream_merge"]

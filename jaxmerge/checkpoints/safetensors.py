@@ -190,7 +190,10 @@ class SafetensorsReader:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.nbytes:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        return jax.device_put(raw.view(info.dtype).reshape(info.shape), sharding)
+        host = raw.view(info.dtype).reshape(info.shape)
+        if sharding is not None and not sharding.is_fully_addressable:  # a mesh across processes
+            return jax.make_array_from_callback(info.shape, sharding, lambda index: host[index])
+        return jax.device_put(host, sharding)
 
     def extra_files(self) -> list[Path]:
         """Files of the model directory that are not weights (config, tokenizer, ...)."""
@@ -240,9 +243,10 @@ class SafetensorsWriter:
             handle.truncate(start + offset)
             self._handles.append(handle)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def write(self, name: str, array) -> None:
+        """Write one planned tensor (a NumPy array, or a JAX array brought to the host)."""
         shard, offset, nbytes = self.plan[name]
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(jax.device_get(array))
         if data.nbytes != nbytes:
             raise ValueError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
         handle = self._handles[shard]

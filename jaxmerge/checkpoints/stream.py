@@ -67,6 +67,8 @@ def _check_destination(output: Path, inputs: Sequence[Path], force: bool) -> Non
 
 
 def _load(reader, name: str, dtype, sharding) -> jax.Array:
+    if callable(sharding):
+        sharding = sharding(name, reader.shape_dtype(name)[0])
     array = reader.read(name, sharding)
     if dtype is not None and is_float(array.dtype):
         array = array.astype(dtype)
@@ -75,12 +77,48 @@ def _load(reader, name: str, dtype, sharding) -> jax.Array:
 
 def staging_path(output: Path) -> Path:
     """A fresh sibling of ``output`` to build it in (no leading dot: Orbax's partial saves
-    do not finalise into hidden directories)."""
-    return output.with_name(f"{output.name}.jaxmerge-tmp-{uuid.uuid4().hex[:8]}")
+    do not finalise into hidden directories). Across processes every one must use the same
+    path, so it is then fixed, and process 0 clears what a killed run may have left."""
+    if jax.process_count() == 1:
+        return output.with_name(f"{output.name}.jaxmerge-tmp-{uuid.uuid4().hex[:8]}")
+    staging = output.with_name(f"{output.name}.jaxmerge-tmp")
+    if jax.process_index() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier("jaxmerge-staging")
+    return staging
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def largest_axes_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple], jax.sharding.NamedSharding]:
+    """A per-tensor sharding rule for ``mesh``: each mesh axis, in order, shards the largest
+    tensor axis not yet sharded that it divides; tensors it divides nowhere stay replicated
+    along it. ``rule(name, shape) -> NamedSharding``."""
+    def rule(name: str, shape: tuple) -> jax.sharding.NamedSharding:
+        spec: list = [None] * len(shape)
+        for axis_name, size in mesh.shape.items():
+            free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % size == 0 and shape[d] >= size]
+            if free:
+                spec[max(free, key=lambda d: shape[d])] = axis_name
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return rule
 
 
 def _commit(staging: Path, output: Path) -> None:
-    """Move the finished ``staging`` directory to ``output``, replacing an old one last."""
+    """Move the finished ``staging`` directory to ``output``, replacing an old one last
+    (by process 0 only, between barriers, when there are several processes)."""
+    _barrier("jaxmerge-written")
+    if jax.process_index() == 0:
+        _replace(staging, output)
+    _barrier("jaxmerge-committed")
+
+
+def _replace(staging: Path, output: Path) -> None:
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
@@ -113,7 +151,11 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
       max_shard_size: safetensors shard size limit, bytes or ``'5GB'``.
       force: replace an existing non-empty ``output``.
       progress: show a tqdm progress bar (bytes and tensors) on stderr.
-      sharding: place every tensor with this sharding (e.g. on a mesh) before merging.
+      sharding: place every tensor with this sharding before merging, or a rule
+        ``rule(name, shape) -> Sharding`` such as :func:`largest_axes_sharding` (mesh);
+        Orbax inputs are then read shard by shard, each process reading only its own.
+        With several processes (``jax.distributed``), every process calls this function
+        and the output must be Orbax.
       log: called with one line per merged tensor.
       extra_files: ``{file name: text}`` to write into the output too (e.g. the config).
 
@@ -134,6 +176,8 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
     output_format = output_format or reference.format
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
+    if jax.process_count() > 1 and output_format != "orbax":
+        raise ValueError("a merge across several processes writes an Orbax checkpoint: pass output_format='orbax'")
     _check_destination(output, paths, force)
     spec, _, _ = flatten_models([abstract(r, dtype) for r in readers],
                                 None if base_reader is None else abstract(base_reader, dtype),
@@ -154,11 +198,12 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
             writer = OrbaxWriter(staging, reference.treedef, reference.names)
         _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dtype, sharding, progress, log)
         writer.close()
-        for extra in reference.extra_files():
-            if not (staging / extra.name).exists():
-                shutil.copy2(extra, staging / extra.name)
-        for file_name, text in (extra_files or {}).items():
-            (staging / file_name).write_text(text)
+        if jax.process_index() == 0:
+            for extra in reference.extra_files():
+                if not (staging / extra.name).exists():
+                    shutil.copy2(extra, staging / extra.name)
+            for file_name, text in (extra_files or {}).items():
+                (staging / file_name).write_text(text)
         _commit(staging, output)
     except BaseException:
         if writer is not None:
@@ -178,8 +223,8 @@ def _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dt
 
     sizes = [int(np.prod(spec.leaves[i].shape)) * out_types[n].itemsize for i, n in enumerate(names)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="merging", disable=not progress,
-                 file=sys.stderr) as bar:
+            tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="merging",
+                 disable=not progress or jax.process_index() != 0, file=sys.stderr) as bar:
         upcoming = pool.submit(read, 0) if names else None
         for i, name in enumerate(names):
             base_leaf, leaves = upcoming.result() if upcoming is not None else read(i)
@@ -189,10 +234,9 @@ def _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dt
             merged = leaf_fn(i, base_leaf, leaves) if spec.is_float(i) else leaves[0]
             if merged.dtype != out_types[name]:
                 merged = merged.astype(out_types[name])
-            array = np.asarray(jax.device_get(merged))
-            writer.write(name, array)
-            bar.update(array.nbytes)
+            writer.write(name, merged)
+            bar.update(sizes[i])
             bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
-            if log is not None:
-                log(f"merged {name} {tuple(array.shape)} {array.dtype}")
-            del base_leaf, leaves, merged, array  # free this tensor before reading the next
+            if log is not None and jax.process_index() == 0:
+                log(f"merged {name} {tuple(merged.shape)} {merged.dtype}")
+            del base_leaf, leaves, merged  # free this tensor before reading the next

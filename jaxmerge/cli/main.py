@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--output-format", choices=("safetensors", "orbax"),
                        help="default: the format of the base (or first) model")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    merge.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                       help="merge on a device mesh, e.g. data=4,model=2 (sizes multiply to the device count): "
+                            "each tensor's largest axes are sharded over the mesh axes in order")
+    merge.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS "
+                            "etc.); every process runs the same command and the output is an Orbax checkpoint")
     merge.add_argument("-v", "--verbose", action="store_true", help="print a line per merged tensor on stderr")
     inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
@@ -63,10 +69,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_mesh(text: str):
+    """``'data=4,model=2'`` -> a mesh of the current devices with those axes."""
+    import jax
+
+    try:
+        axes = [(name.strip(), int(size)) for name, size in (part.split("=") for part in text.split(","))]
+    except ValueError:
+        raise CheckpointError(f"--mesh must look like data=4,model=2, got {text!r}") from None
+    sizes = tuple(size for _, size in axes)
+    if math.prod(sizes) != jax.device_count():
+        raise CheckpointError(f"--mesh {text} needs {math.prod(sizes)} devices, there are {jax.device_count()}")
+    return jax.make_mesh(sizes, tuple(name for name, _ in axes))
+
+
 def _merge(args) -> None:
-    from jaxmerge.checkpoints.stream import stream_merge
+    from jaxmerge.checkpoints.stream import largest_axes_sharding, stream_merge
     from jaxmerge.cli.config import load_config
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    sharding = largest_axes_sharding(parse_mesh(args.mesh)) if args.mesh else None
     config = load_config(args.config)
     pair = config.method.base == "pair"
     models = [config.base, *config.models] if pair else config.models
@@ -74,7 +99,7 @@ def _merge(args) -> None:
     output = stream_merge(config.plan(args.random_seed), models, args.output, base=None if pair else config.base,
                           dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                           max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
-                          log=log, extra_files={"jaxmerge_config.yml": config.text})
+                          log=log, sharding=sharding, extra_files={"jaxmerge_config.yml": config.text})
     print(f"wrote {output}")
 
 

@@ -180,3 +180,12 @@ def test_console_script_help():
     assert result.returncode == 0
     for text in ("--force", "--random-seed", "--max-shard-size", "merge_method: ties", "dare_ties"):
         assert text in result.stdout
+
+
+def test_merge_on_a_mesh(tmp_path, models):
+    base, tunes = models
+    config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "base"), parameters={"density": 0.5},
+                     models=[{"model": str(tmp_path / f"tune{i}"), "parameters": {"weight": 1.0}} for i in range(2)])
+    assert _run("merge", config, tmp_path / "out", "--no-progress", "--mesh", "data=4,model=2") == 0
+    _check_output(tmp_path / "out", jaxmerge.ties(base, tunes, density=0.5))
+    assert _run("merge", config, tmp_path / "out2", "--no-progress", "--mesh", "data=3") == 2
