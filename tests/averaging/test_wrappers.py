@@ -104,9 +104,10 @@ def test_orbax_restore_mid_training_continues_identically(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
 
 
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
 @pytest.mark.parametrize("name", NAMES)
-def test_sharded_params_give_a_sharded_average(name):
-    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+def test_sharded_params_give_a_sharded_average(name, axis_type):
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
     params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((16, 4)), jnp.float32)}
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))
     sharded = {"w": jax.device_put(params["w"], sharding)}
