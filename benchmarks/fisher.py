@@ -12,33 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import best_time, mlp
 
 import jaxmerge
 from jaxmerge.statistics.fisher import log_probabilities
 
 SIZES = (784, 1024, 256, 10)
-
-
-def init(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {f"dense{i}": {"w": jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), jnp.float32),
-                          "b": jnp.zeros(b, jnp.float32)}
-            for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
-
-
-def apply(params: dict, batch) -> jax.Array:
-    x = batch[0]
-    for i in range(len(SIZES) - 1):
-        layer = params[f"dense{i}"]
-        x = x @ layer["w"] + layer["b"][None]
-        if i < len(SIZES) - 2:
-            x = jax.nn.relu(x)
-    return x
 
 
 def main() -> None:
@@ -50,7 +33,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((args.examples, SIZES[0])), jnp.float32)
     y = jnp.asarray(rng.integers(0, SIZES[-1], args.examples))
-    params = init()
+    params, apply = mlp(SIZES)
     num_params = sum(p.size for p in jax.tree.leaves(params))
 
     def vmapped():
@@ -67,16 +50,8 @@ def main() -> None:
             total = accumulate(total, x[i], y[i])
         return jax.tree.map(lambda t: t / args.examples, total)
 
-    def best(fn):
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    t_loop, t_vmap = best(loop), best(vmapped)
+    t_loop = best_time(loop, args.reps, warmup=True)
+    t_vmap = best_time(vmapped, args.reps, warmup=True)
     worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in
                 zip(jax.tree.leaves(vmapped()), jax.tree.leaves(loop())))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; MLP {SIZES}, "

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +137,7 @@ def main() -> None:
                 shutil.rmtree(workdir / name, ignore_errors=True)
         print(f"\n{'merge':<8}{'how':<28}{'seconds':>9}{'vs I/O':>8}{'peak RSS MiB':>14}{'vs model':>10}")
         for method, label, seconds, rss in rows:
-            floor = next(s for m, l, s, _ in rows if m == method and l.startswith("read"))
+            floor = next(t for m, how, t, _ in rows if m == method and how.startswith("read"))
             print(f"{method:<8}{label:<28}{seconds:>9.2f}{seconds / floor:>7.2f}x{rss / 2 ** 20:>14.0f}"
                   f"{rss / model_bytes:>9.2f}x")
     finally:

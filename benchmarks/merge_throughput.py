@@ -26,12 +26,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import best_time
 
 import jaxmerge
 
@@ -56,17 +56,6 @@ def model_shapes(gib: float, d: int = 2048, vocab: int = 32000, ffn: int = 5632)
 def make_model(shapes: dict, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for k, s in shapes.items()}
-
-
-def best_time(fn, reps: int, setup=lambda: ()) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        args = jax.block_until_ready(setup())
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-        del out
-    return best
 
 
 def measure(num_models: int, gib: float, reps: int) -> list[tuple[str, float]]:

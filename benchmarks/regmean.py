@@ -16,39 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import best_time, mlp
 
 import jaxmerge
 
 WIDTHS = (1024, 1024, 1024, 1024, 1024)
-
-
-def init(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {f"dense{i}": {"kernel": jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), jnp.float32),
-                          "bias": jnp.zeros(b, jnp.float32)}
-            for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:]))}
-
-
-def apply(params: dict, batch) -> jax.Array:
-    x = batch[0]
-    for i in range(len(WIDTHS) - 1):
-        x = jax.nn.relu(x @ params[f"dense{i}"]["kernel"] + params[f"dense{i}"]["bias"][None])
-    return x
-
-
-def best(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -60,21 +36,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = [(jnp.asarray(rng.standard_normal((args.batch, WIDTHS[0])), jnp.float32),)
                for _ in range(args.examples // args.batch)]
-    params = init(0)
+    params, apply = mlp(WIDTHS, relu_last=True)
     forward = jax.jit(apply)
 
-    t_forward = best(lambda: [forward(params, b) for b in batches], args.reps)
-    t_capture = best(lambda: jaxmerge.input_grams(apply, batches, params=params), args.reps)
+    t_forward = best_time(lambda: [forward(params, b) for b in batches], args.reps, warmup=True)
+    t_capture = best_time(lambda: jaxmerge.input_grams(apply, batches, params=params), args.reps, warmup=True)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; MLP {WIDTHS}, "
           f"{args.examples} examples in batches of {args.batch}")
     print(f"{'':<34}{'seconds':>9}{'ratio':>9}")
     print(f"{'forward pass (baseline)':<34}{t_forward:>9.3f}{1:>8.2f}x")
     print(f"{'input_grams (forward + X^T X)':<34}{t_capture:>9.3f}{t_capture / t_forward:>8.2f}x")
 
-    models = [init(seed) for seed in range(3)]
+    models = [mlp(WIDTHS, seed=seed)[0] for seed in range(3)]
     grams = [jaxmerge.input_grams(apply, batches[:2], params=m) for m in models]
-    t_average = best(lambda: jaxmerge.average(models), args.reps)
-    t_regmean = best(lambda: jaxmerge.regmean(models, grams), args.reps)
+    t_average = best_time(lambda: jaxmerge.average(models), args.reps, warmup=True)
+    t_regmean = best_time(lambda: jaxmerge.regmean(models, grams), args.reps, warmup=True)
     print(f"\nmerge of 3 models, {len(WIDTHS) - 1} kernels of 1024x1024")
     print(f"{'average (baseline)':<34}{t_average:>9.3f}{1:>8.2f}x")
     print(f"{'regmean (Cholesky solves)':<34}{t_regmean:>9.3f}{t_regmean / t_average:>8.2f}x")

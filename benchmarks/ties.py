@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import best_time
 
 import jaxmerge
 
@@ -62,15 +62,6 @@ def numpy_ties(base: dict, models: list[dict], density: float) -> dict:
     return out
 
 
-def best(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--density", type=float, default=0.2)
@@ -95,26 +86,19 @@ def main() -> None:
     jitted = jax.jit(lambda b, ms: jaxmerge.ties(b, ms, density=args.density))
     jax.block_until_ready(ours())
     jax.block_until_ready(jitted(base, models))
-    t_numpy = best(lambda: numpy_ties(base_np, models_np, args.density), args.reps)
-    t_ours = best(ours, args.reps)
-    t_jit = best(lambda: jitted(base, models), args.reps)
+    t_numpy = best_time(lambda: numpy_ties(base_np, models_np, args.density), args.reps)
+    t_ours = best_time(ours, args.reps)
+    t_jit = best_time(lambda: jitted(base, models), args.reps)
 
     reference = numpy_ties(base_np, models_np, args.density)
     merged = ours()
     differing = sum(int(np.sum(np.asarray(merged[k]) != reference[k])) for k in layout)
 
     out = {k: np.empty_like(v) for k, v in base_np.items()}
-    t_copy = best(lambda: [np.copyto(out[k], v) for k, v in base_np.items()], args.reps)
-    jax.block_until_ready(jaxmerge.task_arithmetic(base, models))
-    t_linear = best(lambda: jaxmerge.task_arithmetic(base, models), args.reps)
+    t_copy = best_time(lambda: [np.copyto(out[k], v) for k, v in base_np.items()], args.reps)
+    t_linear = best_time(lambda: jaxmerge.task_arithmetic(base, models), args.reps, warmup=True)
     donating = jax.jit(jaxmerge.task_arithmetic, donate_argnums=0)
-    donated_times = []
-    for _ in range(args.reps + 1):
-        base_copy = jax.block_until_ready(jax.tree.map(jnp.copy, base))
-        start = time.perf_counter()
-        jax.block_until_ready(donating(base_copy, models))
-        donated_times.append(time.perf_counter() - start)
-    t_donated = min(donated_times[1:])  # the first call compiles
+    t_donated = best_time(donating, args.reps, setup=lambda: (jax.tree.map(jnp.copy, base), models), warmup=True)
 
     print(f"\n{'method':<34}{'seconds':>9}{'vs numpy':>10}")
     for name, t in (("numpy TIES (baseline)", t_numpy), ("jaxmerge.ties", t_ours), ("jax.jit(jaxmerge.ties)", t_jit)):

@@ -6,9 +6,9 @@ its own average of the same trajectory; the table reports test accuracy of each.
 """
 
 import optax
+from common import accuracy, digits, init_mlp, train
 
 import jaxmerge
-from common import accuracy, digits, init_mlp, train
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, params = init_mlp(seed=0)

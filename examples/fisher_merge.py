@@ -11,8 +11,17 @@ training data. Two settings:
 The merges are scored (10-way accuracy) on the test examples of each side and overall.
 """
 
+from common import (
+    accuracy,
+    digits,
+    init_mlp,
+    logits_fn,
+    print_table,
+    train,
+    two_sided_settings,
+)
+
 import jaxmerge
-from common import accuracy, digits, init_mlp, logits_fn, print_table, train, two_sided_settings
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, init = init_mlp(seed=0)

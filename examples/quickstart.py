@@ -1,9 +1,9 @@
 """Train three MLPs on digits from one start, average them with jaxmerge, compare accuracy."""
 
 import numpy as np
+from common import accuracy, digits, init_mlp, train
 
 import jaxmerge
-from common import accuracy, digits, init_mlp, train
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, start = init_mlp(seed=0)

@@ -11,9 +11,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import digits, init_mlp, logits_fn, train
 
 import jaxmerge
-from common import digits, init_mlp, logits_fn, train
 
 SIZES = (64, 512, 512, 10)
 x_train, y_train, x_test, y_test = digits()

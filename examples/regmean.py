@@ -7,8 +7,17 @@ Expect RuntimeWarnings: some digit pixels are always 0 and some hidden units nev
 so the Grams are singular and RegMean adds its small ridge term, as it says.
 """
 
+from common import (
+    accuracy,
+    digits,
+    init_mlp,
+    logits_fn,
+    print_table,
+    train,
+    two_sided_settings,
+)
+
 import jaxmerge
-from common import accuracy, digits, init_mlp, logits_fn, print_table, train, two_sided_settings
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, init = init_mlp(seed=0)

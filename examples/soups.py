@@ -7,9 +7,9 @@ every model is reported on a separate test split (the model soups paper's compar
 
 import numpy as np
 import optax
+from common import accuracy, digits, init_mlp, train
 
 import jaxmerge
-from common import accuracy, digits, init_mlp, train
 
 x_train, y_train, x_rest, y_rest = digits()
 half = len(x_rest) // 2
@@ -35,4 +35,5 @@ rows = {
 }
 print(f"{'model':<30}{'val':>8}{'test':>8}")
 for label, params in rows.items():
-    print(f"{label:<30}{accuracy(graphdef, params, x_val, y_val):>8.4f}{accuracy(graphdef, params, x_test, y_test):>8.4f}")
+    scores = [accuracy(graphdef, params, x, y) for x, y in ((x_val, y_val), (x_test, y_test))]
+    print(f"{label:<30}" + "".join(f"{score:>8.4f}" for score in scores))

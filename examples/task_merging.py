@@ -8,9 +8,9 @@ five classes) of every model and merge on the held-out test split.
 
 import jax
 import numpy as np
+from common import digits, init_mlp, logits_fn, train
 
 import jaxmerge
-from common import digits, init_mlp, logits_fn, train
 
 x_train, y_train, x_test, y_test = digits()
 graphdef, init = init_mlp(seed=0)

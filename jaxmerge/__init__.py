@@ -45,8 +45,8 @@ from jaxmerge.merging.task_vectors import (
     task_arithmetic,
     ties,
 )
-from jaxmerge.statistics.fisher import diagonal_fisher
 from jaxmerge.soups import category_expert_soup, greedy_soup, uniform_soup
+from jaxmerge.statistics.fisher import diagonal_fisher
 from jaxmerge.statistics.gram import input_grams
 
 __version__ = "0.1.0"

@@ -175,7 +175,8 @@ def _leaf_fn(value, name: str, spec: TreeSpec) -> Callable[[int], Any]:
 
 
 def _is_plain(value) -> bool:
-    return hasattr(value, "shape") or _is_number(value) or value is None or isinstance(value, (bool, str, bytes, complex))
+    return (hasattr(value, "shape") or _is_number(value) or value is None
+            or isinstance(value, (bool, str, bytes, complex)))
 
 
 Check = Callable[[float], "str | None"]

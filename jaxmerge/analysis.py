@@ -64,7 +64,8 @@ def task_vector_similarity(base: PyTree, models: Sequence[PyTree]) -> np.ndarray
     for i in range(n):
         for j in range(i + 1, n):
             denominator = norms[i] * norms[j]
-            out[i, j] = out[j, i] = float(jnp.where(denominator > 0, jnp.dot(vectors[i], vectors[j]) / denominator, 0.0))
+            cosine = jnp.where(denominator > 0, jnp.dot(vectors[i], vectors[j]) / denominator, 0.0)
+            out[i, j] = out[j, i] = float(cosine)
     return out
 
 

@@ -44,7 +44,8 @@ class _Scorer:
     def score(self, indices: Sequence[int], weights: Sequence[float] | None = None) -> float:
         key = (tuple(indices), None if weights is None else tuple(round(w, 12) for w in weights))
         if key not in self.cache:
-            self.cache[key] = as_score(self.evaluate(self.soup(indices, weights)), f"the soup of models {list(indices)}")
+            soup = self.soup(indices, weights)
+            self.cache[key] = as_score(self.evaluate(soup), f"the soup of models {list(indices)}")
         return self.cache[key]
 
 

@@ -58,10 +58,12 @@ class PermutationSpec:
         for spec_key, axes in self.axes.items():
             found = [i for i, k in enumerate(keys) if k == spec_key or k == spec_key + ("value",)]
             if not found:
-                raise ValueError(f"the permutation spec names the leaf {path_str(spec_key)!r}, which params do not have")
+                raise ValueError(f"the permutation spec names the leaf {path_str(spec_key)!r}, "
+                                 "which params do not have")
             shape = leaf_spec(leaves[found[0]]).shape
             if len(axes) != len(shape):
-                raise ValueError(f"the permutation spec gives {len(axes)} axes for {path_str(spec_key)!r} of shape {shape}")
+                raise ValueError(f"the permutation spec gives {len(axes)} axes for {path_str(spec_key)!r} "
+                                 f"of shape {shape}")
             index[spec_key] = found[0]
         sizes: dict[str, tuple[int, str, int]] = {}
         for spec_key, axes in self.axes.items():

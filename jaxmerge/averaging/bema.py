@@ -72,7 +72,8 @@ def bema(inner: optax.GradientTransformation, *, ema_power=0.5, bias_power=0.2, 
             if not is_float(e.dtype):
                 return previous
             value = e.astype(jnp.float32) + alpha * (jnp.asarray(p, jnp.float32) - t0.astype(jnp.float32))
-            value = jnp.where(resetting, jnp.asarray(p, jnp.float32), jnp.where(averaging, value, previous.astype(jnp.float32)))
+            value = jnp.where(averaging, value, previous.astype(jnp.float32))
+            value = jnp.where(resetting, jnp.asarray(p, jnp.float32), value)
             return value.astype(e.dtype)
         output = jax.tree.map(corrected, ema, theta0, new_params, state.output)
         return BemaState(optax.safe_increment(state.count), ema, theta0, output, inner_state)

@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from jaxmerge._tree import PyTree, is_float
-from jaxmerge.averaging._wrapper import blend, check, counter, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import (
+    blend,
+    check,
+    counter,
+    registers_average,
+    shadow,
+    wrap,
+)
 
 
 def _debiased(state: EmaState) -> PyTree:

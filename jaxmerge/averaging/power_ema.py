@@ -19,7 +19,15 @@ import numpy as np
 import optax
 
 from jaxmerge._tree import PyTree, apply_leafwise, flatten_models
-from jaxmerge.averaging._wrapper import averaging_states, blend, check, plain, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import (
+    averaging_states,
+    blend,
+    check,
+    plain,
+    registers_average,
+    shadow,
+    wrap,
+)
 from jaxmerge.merging.linear import average_plan
 
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the widest profile

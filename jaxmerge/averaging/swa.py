@@ -11,7 +11,14 @@ import optax
 from flax import nnx
 
 from jaxmerge._tree import PyTree
-from jaxmerge.averaging._wrapper import blend, check, counter, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import (
+    blend,
+    check,
+    counter,
+    registers_average,
+    shadow,
+    wrap,
+)
 from jaxmerge.statistics._data import inputs_of
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -12,15 +11,18 @@ import numpy as np
 from jaxmerge._tree import PyTree, flatten_with_keys, path_str
 from jaxmerge.checkpoints.errors import CheckpointError
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
-from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter, parse_size
+from jaxmerge.checkpoints.safetensors import (
+    SafetensorsReader,
+    SafetensorsWriter,
+    parse_size,
+)
 from jaxmerge.checkpoints.stream import (
     FORMATS,
     _check_destination,
-    _commit,
     _load,
     largest_axes_sharding,
     open_checkpoint,
-    staging_path,
+    staged,
     stream_merge,
 )
 
@@ -48,26 +50,19 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     output = Path(path).absolute()
     _check_destination(output, [], force)
-    staging, writer = staging_path(output), None
-    try:
+    with staged(output) as staging:
         if format == "orbax":
             from orbax.checkpoint import v1 as ocp
 
-            ocp.save(staging, tree)
+            ocp.save(staging.path, tree)
         else:
             keys, leaves, _ = flatten_with_keys(tree)
-            staging.mkdir(parents=True)
-            writer = SafetensorsWriter(staging, [(path_str(k), np.shape(x), np.asarray(x).dtype)
-                                                 for k, x in zip(keys, leaves)], max_shard_size)
+            staging.path.mkdir(parents=True)
+            staging.writer = SafetensorsWriter(staging.path, [(path_str(k), np.shape(x), np.asarray(x).dtype)
+                                                              for k, x in zip(keys, leaves)], max_shard_size)
             for k, x in zip(keys, leaves):
-                writer.write(path_str(k), np.asarray(jax.device_get(x)))
-            writer.close()
-        _commit(staging, output)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                staging.writer.write(path_str(k), x)
+            staging.writer.close()
     return output
 
 

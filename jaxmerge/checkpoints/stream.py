@@ -14,15 +14,15 @@ input (or containing one) is refused.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -109,6 +109,28 @@ def largest_axes_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple], jax
     return rule
 
 
+class Staging:
+    """A directory to build ``output`` in (:func:`staged`); ``writer`` is aborted on failure."""
+
+    def __init__(self, output: Path):
+        self.output, self.path, self.writer = output, staging_path(output), None
+
+
+@contextlib.contextmanager
+def staged(output: Path) -> Iterator[Staging]:
+    """Build ``output`` in a staging directory: committed (renamed into place) when the
+    block ends normally, removed, with its writer aborted, when it raises (Ctrl-C too)."""
+    staging = Staging(output)
+    try:
+        yield staging
+        _commit(staging.path, output)
+    except BaseException:
+        if staging.writer is not None:
+            staging.writer.abort()
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+
+
 def _commit(staging: Path, output: Path) -> None:
     """Move the finished ``staging`` directory to ``output``, replacing an old one last
     (by process 0 only, between barriers, when there are several processes)."""
@@ -187,29 +209,23 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
     out_types = {name: np.dtype(out_dtype or dtype or leaf.dtype) if is_float(leaf.dtype) else np.dtype(leaf.dtype)
                  for name, leaf in zip(names, spec.leaves)}
 
-    staging, writer = staging_path(output), None
-    try:
+    with staged(output) as staging:
         if output_format == "safetensors":
-            staging.mkdir(parents=True)
-            writer = SafetensorsWriter(staging, [(n, spec.leaves[i].shape, out_types[n]) for i, n in enumerate(names)],
-                                       max_shard_size)
+            staging.path.mkdir(parents=True)
+            staging.writer = SafetensorsWriter(
+                staging.path, [(n, spec.leaves[i].shape, out_types[n]) for i, n in enumerate(names)], max_shard_size)
         else:
-            staging.parent.mkdir(parents=True, exist_ok=True)
-            writer = OrbaxWriter(staging, reference.treedef, reference.names)
-        _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dtype, sharding, progress, log)
-        writer.close()
+            staging.path.parent.mkdir(parents=True, exist_ok=True)
+            staging.writer = OrbaxWriter(staging.path, reference.treedef, reference.names)
+        _merge_all(spec, names, leaf_fn, readers, base_reader, staging.writer, out_types, dtype, sharding, progress,
+                   log)
+        staging.writer.close()
         if jax.process_index() == 0:
             for extra in reference.extra_files():
-                if not (staging / extra.name).exists():
-                    shutil.copy2(extra, staging / extra.name)
+                if not (staging.path / extra.name).exists():
+                    shutil.copy2(extra, staging.path / extra.name)
             for file_name, text in (extra_files or {}).items():
-                (staging / file_name).write_text(text)
-        _commit(staging, output)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                (staging.path / file_name).write_text(text)
     return output
 
 

@@ -47,7 +47,8 @@ def evaluate_setting(setting, tensor: str, t: float):
             return (1 - (scaled - lo)) * setting[lo] + (scaled - lo) * setting[hi]
         for condition in setting:
             if not isinstance(condition, dict) or "value" not in condition:
-                raise CheckpointError(f"a parameter list must hold numbers or {{filter, value}} entries, got {condition!r}")
+                raise CheckpointError("a parameter list must hold numbers or {filter, value} entries, "
+                                      f"got {condition!r}")
             pattern = condition.get("filter")
             if pattern in (None, "*") or pattern in tensor:
                 return evaluate_setting(condition["value"], tensor, t)

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
     merge.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     merge.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (DARE, DELLA); default 0")
-    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    merge.add_argument("--max-shard-size", default="5GB",
+                       help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     merge.add_argument("--output-format", choices=("safetensors", "orbax"),
                        help="default: the format of the base (or first) model")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")

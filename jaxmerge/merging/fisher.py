@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_like, flatten_models
+from jaxmerge._tree import (
+    PyTree,
+    TreeSpec,
+    acc_dtype,
+    apply_leafwise,
+    flatten_like,
+    flatten_models,
+)
 
 NORMALIZATIONS = (False, True, "sum", "l2")
 

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import jax
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models, weighted_sum
+from jaxmerge._tree import (
+    PyTree,
+    TreeSpec,
+    acc_dtype,
+    apply_leafwise,
+    flatten_models,
+    weighted_sum,
+)
 
 
 @functools.partial(jax.jit, static_argnames="normalize")

@@ -12,7 +12,6 @@ Leaves that are not linear kernels (biases, norms, embeddings) are averaged.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +25,13 @@ from jax.sharding import PartitionSpec
 
 from jaxmerge import _hyper
 from jaxmerge._sharding import like, reshard
-from jaxmerge._tree import PyTree, TreeSpec, apply_leafwise, flatten_models, flatten_with_keys
+from jaxmerge._tree import (
+    PyTree,
+    TreeSpec,
+    apply_leafwise,
+    flatten_models,
+    flatten_with_keys,
+)
 from jaxmerge.merging.linear import average_kernel
 from jaxmerge.statistics import gram as gram_stats
 from jaxmerge.statistics._data import model_function

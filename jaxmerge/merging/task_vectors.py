@@ -60,7 +60,8 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("method", "rescale"))
-def sparse_task_vector(base: jax.Array, leaf: jax.Array, params: dict, *, method: str, rescale: str | None) -> jax.Array:
+def sparse_task_vector(base: jax.Array, leaf: jax.Array, params: dict, *, method: str,
+                       rescale: str | None) -> jax.Array:
     """``leaf - base`` in float32, sparsified by ``method`` and rescaled.
 
     ``params`` holds this model's ``density`` and, by method, ``k`` (entries to keep),

@@ -54,7 +54,8 @@ def model_function(model, params) -> tuple[Callable, Any]:
 def num_examples_in(batch: Batch) -> int:
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"every leaf of a batch needs the same leading (example) axis, got sizes {sorted(map(str, sizes))}")
+        raise ValueError("every leaf of a batch needs the same leading (example) axis, "
+                         f"got sizes {sorted(map(str, sizes))}")
     return sizes.pop()
 
 

@@ -26,7 +26,6 @@ from jaxmerge._tree import PyTree, flatten_with_keys
 from jaxmerge.statistics._data import limited, model_function, replicated_like
 from jaxmerge.statistics._jaxpr import CALL_PRIMITIVES, Env, bind
 
-
 _BLOCK = 128
 
 
