@@ -7,21 +7,11 @@ Expect RuntimeWarnings: some digit pixels are always 0 and some hidden units nev
 so the Grams are singular and RegMean adds its small ridge term, as it says.
 """
 
-from common import (
-    accuracy,
-    digits,
-    init_mlp,
-    logits_fn,
-    print_table,
-    train,
-    two_sided_settings,
-)
+from common import accuracy, logits_fn, print_table, shared_start, train, two_sided_settings
 
 import jaxmerge
 
-x_train, y_train, x_test, y_test = digits()
-graphdef, init = init_mlp(seed=0)
-start = train(graphdef, init, x_train, y_train, steps=15, learning_rate=3e-3, seed=0)
+(x_train, y_train, x_test, y_test), graphdef, start = shared_start()
 apply = logits_fn(graphdef)
 
 

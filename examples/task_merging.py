@@ -8,13 +8,11 @@ five classes) of every model and merge on the held-out test split.
 
 import jax
 import numpy as np
-from common import digits, init_mlp, logits_fn, train
+from common import logits_fn, shared_start, train
 
 import jaxmerge
 
-x_train, y_train, x_test, y_test = digits()
-graphdef, init = init_mlp(seed=0)
-start = train(graphdef, init, x_train, y_train, steps=15, learning_rate=3e-3, seed=0)
+(x_train, y_train, x_test, y_test), graphdef, start = shared_start()
 
 TASKS = {"A: 0-4": np.arange(5), "B: 5-9": np.arange(5, 10)}
 finetuned = {}
