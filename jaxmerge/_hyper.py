@@ -113,7 +113,8 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
     return positions
 
 
-def _gradient_value(anchors: Sequence[float], t: float) -> float:
+def gradient_value(anchors: Sequence[float], t: float) -> float:
+    """mergekit's gradient: ``anchors`` spread evenly over [0, 1], linearly interpolated at ``t``."""
     scaled = t * (len(anchors) - 1)
     lo = int(scaled)
     hi = min(len(anchors) - 1, lo + 1)
@@ -126,7 +127,7 @@ def _gradient_fn(anchors, name: str, spec: TreeSpec) -> Callable[[int], Any]:
         raise ValueError(f"{name} is an empty gradient list")
     anchors = [scalar(a, f"{name} gradient entry") for a in anchors]
     positions = layer_positions(spec.keys)
-    return lambda i: _gradient_value(anchors, positions[i])
+    return lambda i: gradient_value(anchors, positions[i])
 
 
 def _conditional_fn(entries, name: str, spec: TreeSpec) -> Callable[[int], Any]:
@@ -193,6 +194,15 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return check
 
 
+def positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def checked(value, where: str, check: Check | None = None):
+    """``value`` as a checked scalar (a float; a tracer passes unchecked beyond its shape)."""
+    return _checked(value, where, check)
+
+
 def _checked(value, where: str, check: Check | None):
     value = scalar(value, where)
     problem = check(value) if check is not None and isinstance(value, float) else None
@@ -223,17 +233,22 @@ def resolve(value, name: str, spec: TreeSpec, check: Check | None = None) -> lis
 
 
 class PerModel(tuple):
-    """A hyperparameter given separately for each model; see :func:`per_model`."""
+    """A hyperparameter given separately for each model; see :func:`per_model`. ``names``,
+    if set, are the models' names in error messages."""
+
+    names: tuple | None = None
 
 
-def per_model(*values) -> PerModel:
+def per_model(*values, names=None) -> PerModel:
     """Give a hyperparameter one value per model: ``density=jaxmerge.per_model(0.3, 0.5)``.
 
     Each value may itself be any per-leaf form (scalar, pytree, function, gradient, filters).
     Hyperparameters that mergekit sets per model (``density``, ``gamma``, ``epsilon``)
     accept this; without it, one value applies to every model.
     """
-    return PerModel(values)
+    marked = PerModel(values)
+    marked.names = None if names is None else tuple(names)
+    return marked
 
 
 def resolve_models(values, name: str, spec: TreeSpec, default=None, check: Check | None = None) -> list:
@@ -256,7 +271,9 @@ def resolve_models(values, name: str, spec: TreeSpec, default=None, check: Check
                         f"got {type(values).__name__}")
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries but there are {n} models")
-    columns = [resolve(v, f"{name}[{j}]", spec, check) for j, v in enumerate(values)]
+    names = getattr(values, "names", None)
+    columns = [resolve(v, f"{name}[{j}]" if names is None else f"{name} of {names[j]}", spec, check)
+               for j, v in enumerate(values)]
     return [None if columns[0][i] is None else vector([c[i] for c in columns])
             for i in range(len(spec.keys))]
 

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from jaxmerge._tree import PyTree, flatten_with_keys, path_str
+from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
 from jaxmerge.checkpoints.errors import CheckpointError
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import (
@@ -58,7 +57,7 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
         else:
             keys, leaves, _ = flatten_with_keys(tree)
             staging.path.mkdir(parents=True)
-            staging.writer = SafetensorsWriter(staging.path, [(path_str(k), np.shape(x), np.asarray(x).dtype)
+            staging.writer = SafetensorsWriter(staging.path, [(path_str(k), leaf_spec(x).shape, leaf_spec(x).dtype)
                                                               for k, x in zip(keys, leaves)], max_shard_size)
             for k, x in zip(keys, leaves):
                 staging.writer.write(path_str(k), x)

@@ -30,13 +30,15 @@ class OrbaxReader:
     format = "orbax"
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # Orbax reads nothing from a relative path
         if not (self.path / "_CHECKPOINT_METADATA").exists():
             raise CheckpointError(f"{self.path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA)")
         try:
             self.metadata = ocp.metadata(self.path).metadata
         except Exception as error:  # Orbax raises many types for unreadable metadata
             raise CheckpointError(f"{self.path}: unreadable Orbax metadata ({type(error).__name__}: {error})") from None
+        if self.metadata is None:
+            raise CheckpointError(f"{self.path}: Orbax found no pytree metadata in this checkpoint")
         with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(self.metadata)
         self.leaves = {_name(path): (i, leaf) for i, (path, leaf) in enumerate(with_paths)}
         for name, (_, leaf) in self.leaves.items():
@@ -55,6 +57,9 @@ class OrbaxReader:
         """One leaf, loaded alone (into ``sharding``, default: the first local device)."""
         index, _ = self.leaves[name]
         shape, dtype = self.shape_dtype(name)
+        if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+            raise CheckpointError(f"{self.path}: leaf {name!r} is {dtype}, which JAX holds only with x64 enabled "
+                                  "(JAX_ENABLE_X64=1)")
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         wanted = [ocp.PLACEHOLDER] * self.treedef.num_leaves
         wanted[index] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

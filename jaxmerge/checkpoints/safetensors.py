@@ -177,7 +177,8 @@ class SafetensorsReader:
         return info.shape, info.dtype
 
     def read(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
-        """One tensor, read into a buffer of its own (placed with ``sharding`` if given).
+        """One tensor, read into a buffer of its own (placed with ``sharding`` if given; a
+        64-bit tensor stays a NumPy array unless JAX runs with x64).
 
         A positioned read into an aligned buffer, not a memory map: mapping the file would
         count its pages in this process's resident memory while they are copied, doubling
@@ -191,6 +192,8 @@ class SafetensorsReader:
             if f.readinto(memoryview(raw)) != info.nbytes:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         host = raw.view(info.dtype).reshape(info.shape)
+        if info.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+            return host  # JAX would narrow a 64-bit tensor: it stays a NumPy array
         if sharding is not None and not sharding.is_fully_addressable:  # a mesh across processes
             return jax.make_array_from_callback(info.shape, sharding, lambda index: host[index])
         return jax.device_put(host, sharding)
@@ -211,6 +214,10 @@ class SafetensorsWriter:
                  max_shard_size: int | str = "5GB"):
         self.directory = Path(directory)
         limit = parse_size(max_shard_size)
+        tensors = list(tensors)
+        for name, _, dtype in tensors:
+            if np.dtype(dtype) not in CODES:
+                raise CheckpointError(f"tensor {name!r} has dtype {np.dtype(dtype)}, which safetensors cannot hold")
         shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
         sizes = [0]
         for name, shape, dtype in tensors:
@@ -226,6 +233,14 @@ class SafetensorsWriter:
         self.total_size = sum(sizes)
         self.plan: dict[str, tuple[int, int, int]] = {}  # name -> (shard, absolute offset, nbytes)
         self._handles = []
+        try:
+            self._open(shards)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, shards) -> None:
+        """Create every shard file, header first, at its full size."""
         for shard, (entries, file_name) in enumerate(zip(shards, self.file_names)):
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, shape, dtype in entries:

@@ -59,17 +59,26 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def _check_destination(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    resolved = output.resolve()
     for source in inputs:
-        if _inside(output, source.resolve()) or _inside(source.resolve(), output):
+        if _inside(resolved, source.resolve()) or _inside(source.resolve(), resolved):
             raise CheckpointError(f"the output {output} would overlap the input {source}; choose another directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise CheckpointError(f"the output {output} exists and is not empty; pass force=True (--force) to replace it")
 
 
-def _load(reader, name: str, dtype, sharding) -> jax.Array:
+def _load(reader, name: str, dtype, sharding) -> jax.Array | np.ndarray:
+    """One tensor, placed and (if float and ``dtype`` is given) cast. A 64-bit tensor that
+    JAX cannot hold without x64 stays NumPy if it is not a float (it is only passed
+    through), is cast on the host if a ``dtype`` is given, and is an error otherwise."""
     if callable(sharding):
         sharding = sharding(name, reader.shape_dtype(name)[0])
     array = reader.read(name, sharding)
+    if isinstance(array, np.ndarray) and is_float(array.dtype):
+        if dtype is None:
+            raise CheckpointError(f"{reader.path}: tensor {name!r} is {array.dtype}, which JAX holds only with x64 "
+                                  "enabled; set JAX_ENABLE_X64=1 or cast it (dtype: float32)")
+        array = jax.device_put(array.astype(dtype), sharding)
     if dtype is not None and is_float(array.dtype):
         array = array.astype(dtype)
     return array
@@ -120,6 +129,7 @@ class Staging:
 def staged(output: Path) -> Iterator[Staging]:
     """Build ``output`` in a staging directory: committed (renamed into place) when the
     block ends normally, removed, with its writer aborted, when it raises (Ctrl-C too)."""
+    missing = next((p for p in reversed(output.parents) if not p.exists()), None)  # made here, removed on failure
     staging = Staging(output)
     try:
         yield staging
@@ -128,6 +138,8 @@ def staged(output: Path) -> Iterator[Staging]:
         if staging.writer is not None:
             staging.writer.abort()
         shutil.rmtree(staging.path, ignore_errors=True)
+        if missing is not None:
+            shutil.rmtree(missing, ignore_errors=True)
         raise
 
 
@@ -147,7 +159,7 @@ def _replace(staging: Path, output: Path) -> None:
         output.rename(old)
     staging.rename(output)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        old.unlink() if old.is_symlink() or not old.is_dir() else shutil.rmtree(old)
 
 
 def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os.PathLike],
@@ -206,8 +218,9 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
                                 names=[str(m) for m in models])
     leaf_fn = plan(spec)
     names = [key[0] for key in spec.keys]
-    out_types = {name: np.dtype(out_dtype or dtype or leaf.dtype) if is_float(leaf.dtype) else np.dtype(leaf.dtype)
-                 for name, leaf in zip(names, spec.leaves)}
+    stored = {name: reference.shape_dtype(name)[1] for name in names}  # not narrowed by JAX
+    out_types = {name: np.dtype(out_dtype or dtype or stored[name]) if is_float(stored[name]) else stored[name]
+                 for name in names}
 
     with staged(output) as staging:
         if output_format == "safetensors":

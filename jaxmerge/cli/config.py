@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import yaml
 
-from jaxmerge._hyper import layer_positions, per_model
+from jaxmerge._hyper import PerModel, gradient_value, layer_positions, per_model
 from jaxmerge._tree import TreeSpec
 from jaxmerge.checkpoints.errors import CheckpointError
 from jaxmerge.merging.karcher import karcher_plan
@@ -41,10 +41,7 @@ def evaluate_setting(setting, tensor: str, t: float):
         setting = [setting]
     if isinstance(setting, list):
         if setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
-            scaled = t * (len(setting) - 1)
-            lo = int(scaled)
-            hi = min(len(setting) - 1, lo + 1)
-            return (1 - (scaled - lo)) * setting[lo] + (scaled - lo) * setting[hi]
+            return gradient_value(setting, t)
         for condition in setting:
             if not isinstance(condition, dict) or "value" not in condition:
                 raise CheckpointError("a parameter list must hold numbers or {filter, value} entries, "
@@ -72,7 +69,7 @@ def _task_vectors(method=None, consensus=None, normalize=False, rescale=False, e
     params = {"weight": REQUIRED, **({"density": 1.0, **dict(extra)} if method else {})}
 
     def build(spec, p, key, name):
-        sparsifier = {k: p.models_marked(k) for k in params if k != "weight"}
+        sparsifier = {k: p.models(k) for k in params if k != "weight"}
         return task_vector_plan(spec, p.models("weight"), lambda_=p.leaf("lambda"), normalize=p.scalar("normalize"),
                                 method=method, consensus=consensus, rescale=p.scalar("rescale"), key=key, name=name,
                                 **sparsifier)
@@ -128,24 +125,25 @@ class _Parameters:
             raise CheckpointError(f"missing required parameter {name!r} for {where} at tensor {path!r}")
         return default
 
-    def models(self, name: str) -> list[Callable]:
-        """One per-leaf function per model: its own setting, else the global one, else the default."""
-        return [lambda path, leaf, j=j: self._lookup(name, [self.models_[j], self.globals_], path,
-                                                     self.model_names[j]) for j in range(len(self.models_))]
-
-    def models_marked(self, name: str):
-        return per_model(*self.models(name))
+    def models(self, name: str) -> PerModel:
+        """One per-leaf function per model: its own setting, else the global one, else the
+        default (marked per model, with the models' names for error messages)."""
+        return per_model(*[lambda path, leaf, j=j: self._lookup(name, [self.models_[j], self.globals_], path,
+                                                                self.model_names[j])
+                           for j in range(len(self.models_))], names=self.model_names)
 
     def leaf(self, name: str) -> Callable:
         return lambda path, leaf: self._lookup(name, [self.globals_], path, "the merge")
 
     def scalar(self, name: str):
-        if name in self.globals_:
-            value = self.globals_[name]
-            if isinstance(value, (list, dict)):
-                raise CheckpointError(f"parameter {name!r} must be a single value, got {value!r}")
-            return value
-        return self._default(name)
+        """A global, non-per-tensor parameter, of the default's type (bool, int or number)."""
+        default = self._default(name)
+        value = self.globals_.get(name, default)
+        kinds = {bool: ((bool,), "a boolean"), int: ((int,), "an integer"), float: ((int, float), "a number")}
+        types, described = kinds[type(default)]
+        if not isinstance(value, types) or (type(default) is not bool and isinstance(value, bool)):
+            raise CheckpointError(f"parameter {name!r} must be {described}, got {value!r}")
+        return value
 
 
 @dataclasses.dataclass
@@ -155,6 +153,7 @@ class MergeConfig:
     method_name: str
     base: Path | None
     models: list[Path]
+    model_labels: list[str]
     model_settings: list[dict]
     global_settings: dict
     dtype: str | None
@@ -168,7 +167,7 @@ class MergeConfig:
     def plan(self, seed: int) -> Callable[[TreeSpec], Callable]:
         def build(spec: TreeSpec):
             parameters = _Parameters(self.method, self.model_settings, self.global_settings, spec,
-                                     [str(m) for m in self.models])
+                                     self.model_labels)
             return self.method.build(spec, parameters, jax.random.key(seed), self.method_name)
         return build
 
@@ -216,7 +215,7 @@ def load_config(path: str | Path) -> MergeConfig:
     config_dir = path.parent
     base = raw.get("base_model")
     base_path = _resolve(str(base), config_dir, "base_model") if base is not None else None
-    models, settings = [], []
+    models, labels, settings = [], [], []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -228,6 +227,7 @@ def load_config(path: str | Path) -> MergeConfig:
         if base_path is not None and model_path.resolve() == base_path.resolve() and spec.base != "ignored":
             continue  # the base is not one of the merged task vectors, as in mergekit
         models.append(model_path)
+        labels.append(f"models[{i}] ({entry['model']})")
         settings.append(parameters)
     global_settings = raw.get("parameters") or {}
     _check_names(global_settings, spec, "parameters", path, per_model_only=False)
@@ -237,7 +237,7 @@ def load_config(path: str | Path) -> MergeConfig:
         raise CheckpointError(f"{path}: slerp merges the base_model with exactly one other model, got {len(models)}")
     if spec.base == "ignored" and base_path is not None:
         base_path = None
-    return MergeConfig(method, base_path, models, settings, global_settings, _dtype(raw.get("dtype"), "dtype"),
+    return MergeConfig(method, base_path, models, labels, settings, global_settings, _dtype(raw.get("dtype"), "dtype"),
                        _dtype(raw.get("out_dtype"), "out_dtype"), text)
 
 

@@ -57,9 +57,9 @@ def _check_nonnegative(fisher_leaves: list[list], spec: TreeSpec) -> None:
     for j, leaves in enumerate(fisher_leaves):
         for i in spec.float_indices():
             leaf = leaves[i]
-            if not isinstance(leaf, jax.core.Tracer) and float(jnp.min(leaf)) < 0:
+            if not isinstance(leaf, jax.core.Tracer) and (lowest := float(np.asarray(leaf).min())) < 0:
                 raise ValueError(f"fishers[{j}] has negative values at {spec.paths[i]!r} "
-                                 f"(min {float(jnp.min(leaf)):g}); a Fisher is a mean of squares")
+                                 f"(min {lowest:g}); a Fisher is a mean of squares")
 
 
 def fisher_plan(spec: TreeSpec, fisher_leaves: list[list], weights=None, *, epsilon=1e-8,
@@ -69,9 +69,12 @@ def fisher_plan(spec: TreeSpec, fisher_leaves: list[list], weights=None, *, epsi
         raise ValueError(f"normalize_fishers must be one of {NORMALIZATIONS}, got {normalize_fishers!r}")
     w = _hyper.resolve_models(weights, "weights", spec, default=1.0, check=_hyper.in_range(0, float("inf")))
     _hyper.check_nonzero_sums(w, "weights", spec)
-    eps = _hyper.scalar(epsilon, "epsilon")
-    if not eps > 0:
-        raise ValueError(f"epsilon must be > 0, got {eps}")
+    eps = _hyper.checked(epsilon, "epsilon", _hyper.positive)
+    if favor_target:
+        for path, row in zip(spec.paths, w):
+            if isinstance(row, np.ndarray) and row[0] <= 0:
+                raise ValueError(f"favor_target needs a positive weight for models[0] (the target), got {row[0]} "
+                                 f"at {path!r}")
     _check_nonnegative(fisher_leaves, spec)
     if normalize_fishers:
         scales = _fisher_scales(fisher_leaves, spec, normalize_fishers)

@@ -65,9 +65,7 @@ def karcher_plan(spec: TreeSpec, weights=None, *, max_iter: int = 10, tol: float
     """Leaf function for :func:`karcher`."""
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    tol = _hyper.scalar(tol, "tol")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    tol = _hyper.checked(tol, "tol", _hyper.positive)
     w = _hyper.resolve_models(weights, "weights", spec, default=1.0)
     _hyper.check_nonzero_sums(w, "weights", spec)
 

@@ -92,7 +92,7 @@ def regmean_plan(spec: TreeSpec, grams: Sequence[dict], *, alpha=0.9, layout: st
     if not isinstance(grams, (list, tuple)) or len(grams) != spec.num_models:
         raise ValueError(f"grams must be a list with one statistics tree per model ({spec.num_models})")
     alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
-    ridge = _hyper.scalar(ridge, "ridge")
+    ridge = _hyper.checked(ridge, "ridge", _hyper.in_range(0, float("inf")))
     per_model = [_grams_by_kernel(g) for g in grams]
     plans: dict[int, tuple] = {}
     for i in spec.float_indices():
@@ -191,9 +191,12 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
     if not isinstance(data, (list, tuple)) or len(data) != spec.num_models:
         raise ValueError(f"data must be a list with one re-iterable of batches per model ({spec.num_models})")
     alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
-    ridge = _hyper.scalar(ridge, "ridge")
+    ridge = _hyper.checked(ridge, "ridge", _hyper.in_range(0, float("inf")))
     apply_fn, _ = model_function(model, None if isinstance(model, nnx.Module) else models[0])
-    first_use, kernel_order = _order_of_use(apply_fn, models[0], next(iter(data[0])))
+    first_batch = next(iter(data[0]), None)
+    if first_batch is None:
+        raise ValueError("data[0] yielded no batches")
+    first_use, kernel_order = _order_of_use(apply_fn, models[0], first_batch)
     if not kernel_order:
         raise ValueError("found no linear layer in the model")
     equal = np.ones(spec.num_models)

@@ -39,10 +39,8 @@ def slerp_kernel(a: jax.Array, b: jax.Array, t: jax.Array, epsilon: jax.Array,
 def slerp_plan(spec: TreeSpec, t, *, epsilon: float = 1e-8, dot_threshold: float = 0.9995):
     """Leaf function for :func:`slerp` (validates ``t``, ``epsilon`` and ``dot_threshold``)."""
     ts = _hyper.resolve(t, "t", spec)
-    epsilon = _hyper.scalar(epsilon, "epsilon")
-    dot_threshold = _hyper.scalar(dot_threshold, "dot_threshold")
-    if not 0 <= dot_threshold <= 1:
-        raise ValueError(f"dot_threshold must be in [0, 1], got {dot_threshold}")
+    epsilon = _hyper.checked(epsilon, "epsilon")
+    dot_threshold = _hyper.checked(dot_threshold, "dot_threshold", _hyper.in_range(0, 1))
     consts = _hyper.vector([epsilon, dot_threshold])
     return lambda i, _, leaves: slerp_kernel(*leaves, _hyper.scalar_arg(ts[i]), *consts)
 

@@ -38,6 +38,7 @@ from jaxmerge.merging import sparsify
 
 SPARSIFIERS = (None, "magnitude", "random", "breadcrumbs", "della")
 CONSENSUS = (None, "sum", "count")
+_ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # the methods that elect signs
 
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
@@ -175,8 +176,8 @@ def task_vector_plan(spec: TreeSpec, weights=None, *, lambda_=1.0, normalize: bo
     """Leaf function of a generalized task-arithmetic merge, after validating everything."""
     if not spec.has_base:
         raise ValueError(f"{name} needs a base model (base is None)")
-    if consensus not in CONSENSUS:
-        raise ValueError(f"majority_sign must be 'sum' or 'count', got {consensus!r}")
+    if consensus not in CONSENSUS or method not in SPARSIFIERS:
+        raise ValueError(f"unknown consensus {consensus!r} or sparsifier {method!r}")
     rescale = _normalized_rescale(rescale)
     w = _hyper.resolve_models(weights, "weights", spec, default=1.0)
     if normalize and consensus is None:
@@ -216,6 +217,8 @@ def task_vector_plan(spec: TreeSpec, weights=None, *, lambda_=1.0, normalize: bo
 def _merge(base, models, **plan_args) -> PyTree:
     if base is None:
         raise ValueError(f"{plan_args['name']} needs a base model (base is None)")
+    if plan_args["name"] in _ELECTING and plan_args.get("consensus") not in ("sum", "count"):
+        raise ValueError(f"majority_sign must be 'sum' or 'count', got {plan_args.get('consensus')!r}")
     spec, base_leaves, leaves = flatten_models(models, base)
     return apply_leafwise(spec, task_vector_plan(spec, **plan_args), base_leaves, leaves)
 

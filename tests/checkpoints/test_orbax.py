@@ -57,3 +57,10 @@ def test_refuses_to_overwrite_and_replaces_with_force(tmp_path):
     checkpoints.save(tmp_path / "ckpt", _tree(jnp.float16), force=True)
     assert checkpoints.load(tmp_path / "ckpt")["params"]["embed"].dtype == jnp.float16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or old copies left
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoints.save("ckpt", _tree(jnp.float32))
+    loaded = checkpoints.load("ckpt")
+    np.testing.assert_array_equal(loaded["params"]["embed"], _tree(jnp.float32)["params"]["embed"])

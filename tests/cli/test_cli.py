@@ -108,7 +108,11 @@ def test_inspect(tmp_path, models, capsys):
      "models[0].parameters has the parameter 'wieght'"),
     (dict(merge_method="linear", models=["tune0", "tune1"]), "missing required parameter 'weight'"),
     (dict(merge_method="ties", base_model="base", models=[{"model": "tune0", "parameters": {"weight": 1, "density": 2}}]),
-     "density[0] at 'lm_head.weight' must be in (0, 1], got 2"),
+     "density of models[0] (tune0) at 'lm_head.weight' must be in (0, 1], got 2"),
+    (dict(merge_method="ties", base_model="base", parameters={"normalize": "false"},
+          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "parameter 'normalize' must be a boolean"),
+    (dict(merge_method="karcher", models=["tune0", "tune1"], parameters={"max_iter": 2.5}),
+     "parameter 'max_iter' must be an integer"),
     (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}), "has no leaf 'lm_head.weight'"),
     (dict(merge_method="linear", models=["tune0", "odd"], parameters={"weight": 1}),
      "'model.norm.weight': shape (7,) != (16,)"),
@@ -189,3 +193,43 @@ def test_merge_on_a_mesh(tmp_path, models):
     assert _run("merge", config, tmp_path / "out", "--no-progress", "--mesh", "data=4,model=2") == 0
     _check_output(tmp_path / "out", jaxmerge.ties(base, tunes, density=0.5))
     assert _run("merge", config, tmp_path / "out2", "--no-progress", "--mesh", "data=3") == 2
+
+
+def test_64_bit_tensors(tmp_path, models, capsys):
+    base, tunes = models
+    for i, t in enumerate(tunes):  # an int64 position table passes through; a float64 tensor needs a cast
+        write_model(tmp_path / f"wide{i}", dict(t, **{"model.position_ids": np.arange(2 ** 40, 2 ** 40 + 6),
+                                                      "model.scale64": np.full(3, 0.1 * (i + 1), np.float64)}))
+    config = _config(tmp_path, merge_method="linear", parameters={"weight": 1.0},
+                     models=[str(tmp_path / "wide0"), str(tmp_path / "wide1")])
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 2
+    assert "'model.scale64' is float64, which JAX holds only with x64" in capsys.readouterr().err
+    config = _config(tmp_path, merge_method="linear", parameters={"weight": 1.0}, dtype="float32",
+                     models=[str(tmp_path / "wide0"), str(tmp_path / "wide1")])
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    reader = checkpoints.SafetensorsReader(tmp_path / "out")
+    np.testing.assert_array_equal(reader.read("model.position_ids"), np.arange(2 ** 40, 2 ** 40 + 6))
+    np.testing.assert_allclose(reader.read("model.scale64"), np.full(3, 0.15, np.float32))
+
+
+def test_outputs_that_alias_inputs_are_refused_and_links_replaced(tmp_path, models, capsys):
+    config = _config(tmp_path, merge_method="linear", parameters={"weight": 1.0},
+                     models=[str(tmp_path / "tune0"), str(tmp_path / "tune1")])
+    before = _digest(tmp_path / "tune1")
+    assert _run("merge", config, tmp_path / "base" / ".." / "tune1", "--no-progress", "--force") == 2
+    assert "would overlap the input" in capsys.readouterr().err
+    assert _digest(tmp_path / "tune1") == before
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert _run("merge", config, tmp_path / "link", "--no-progress", "--force") == 0
+    assert (tmp_path / "link" / "model.safetensors").is_file() and not (tmp_path / "link").is_symlink()
+    assert (tmp_path / "elsewhere" / "old.txt").exists()  # the link was replaced, not what it pointed to
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
+def test_a_failed_merge_removes_the_parents_it_made(tmp_path, models):
+    config = _config(tmp_path, merge_method="linear", models=["tune0", "tune1"])  # no weight: fails in the plan
+    os.chdir(tmp_path)
+    assert _run("merge", config, tmp_path / "new" / "deeper" / "out", "--no-progress") == 2
+    assert not (tmp_path / "new").exists()

@@ -85,3 +85,11 @@ def test_errors_name_the_argument_and_path():
         jaxmerge.fisher_merge(models, fishers, [1.0, -1.0])
     with pytest.raises(ValueError, match="normalize_fishers must be one of"):
         jaxmerge.fisher_merge(models, fishers, normalize_fishers="max")
+
+
+def test_traced_epsilon_and_target_weight():
+    models, fishers = [random_tree(i) for i in range(2)], _fishers(2)
+    out = jax.jit(lambda eps: jaxmerge.fisher_merge(models, fishers, epsilon=eps))(1e-8)
+    assert_trees_match(out, jaxmerge.fisher_merge(models, fishers), f32_tol=1e-6)
+    with pytest.raises(ValueError, match="favor_target needs a positive weight for models"):
+        jaxmerge.fisher_merge(models, fishers, [0.0, 1.0], favor_target=True)

@@ -63,3 +63,9 @@ def test_karcher_errors():
         jaxmerge.karcher([random_tree(0)] * 2, tol=0.0)
     with pytest.raises(ValueError, match="max_iter must be a non-negative int"):
         jaxmerge.karcher([random_tree(0)] * 2, max_iter=-1)
+
+
+def test_tol_may_be_traced():
+    models = [random_tree(i) for i in range(2)]
+    out = jax.jit(lambda tol: jaxmerge.karcher(models, tol=tol))(1e-5)
+    assert_trees_match(out, jaxmerge.karcher(models), f32_tol=1e-6)

@@ -144,3 +144,12 @@ def test_regmean_plus_plus_with_an_nnx_module():
     expected = jaxmerge.regmean_plus_plus(two_layer_apply, as_dict, [[(x,)] for x in data])
     assert isinstance(merged, nnx.State)
     np.testing.assert_allclose(merged["l2"]["kernel"][...], expected["l2"]["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_regmean_plus_plus_and_ridge_errors():
+    models, data = _two_layer_models()
+    with pytest.raises(ValueError, match=r"data\[0\] yielded no batches"):
+        jaxmerge.regmean_plus_plus(two_layer_apply, models, [[], [(data[1],)]])
+    grams = [jaxmerge.input_grams(two_layer_apply, [(x,)], params=p) for p, x in zip(models, data)]
+    with pytest.raises(ValueError, match=r"ridge must be in \[0, inf\]"):
+        jaxmerge.regmean(models, grams, ridge=-1.0)

@@ -75,3 +75,9 @@ def test_slerp_layer_gradient():
 def test_slerp_dot_threshold_is_checked():
     with pytest.raises(ValueError, match="dot_threshold must be in"):
         jaxmerge.slerp(random_tree(0), random_tree(1), 0.5, dot_threshold=1.5)
+
+
+def test_slerp_thresholds_may_be_traced():
+    a, b = random_tree(0), random_tree(1)
+    out = jax.jit(lambda eps, dot: jaxmerge.slerp(a, b, 0.3, epsilon=eps, dot_threshold=dot))(1e-8, 0.9995)
+    assert_trees_match(out, jaxmerge.slerp(a, b, 0.3))

@@ -211,3 +211,9 @@ def test_models_whose_shapes_disagree_with_the_base():
     models[1]["params"]["Dense_0"]["kernel"] = jnp.zeros((5, 5))
     with pytest.raises(ValueError, match=r"models\[1\] 'params/Dense_0/kernel': shape \(5, 5\) != \(5, 4\) of base"):
         jaxmerge.ties(base, models, density=0.5)
+
+
+def test_majority_sign_must_be_given_to_sign_electing_methods():
+    base, models = _models(2)
+    with pytest.raises(ValueError, match="majority_sign must be 'sum' or 'count', got None"):
+        jaxmerge.ties(base, models, density=0.5, majority_sign=None)
