@@ -200,10 +200,6 @@ def positive(v: float) -> str | None:
 
 def checked(value, where: str, check: Check | None = None):
     """``value`` as a checked scalar (a float; a tracer passes unchecked beyond its shape)."""
-    return _checked(value, where, check)
-
-
-def _checked(value, where: str, check: Check | None):
     value = scalar(value, where)
     problem = check(value) if check is not None and isinstance(value, float) else None
     if problem:
@@ -225,10 +221,10 @@ def resolve(value, name: str, spec: TreeSpec, check: Check | None = None) -> lis
       ``None`` for the others (which are passed through and need no value).
     """
     if _is_plain(value):
-        value = _checked(value, name, check)
+        value = checked(value, name, check)
         return [value if spec.is_float(i) else None for i in range(len(spec.keys))]
     fn = _leaf_fn(value, name, spec)
-    return [_checked(fn(i), f"{name} at {spec.paths[i]!r}", check) if spec.is_float(i) else None
+    return [checked(fn(i), f"{name} at {spec.paths[i]!r}", check) if spec.is_float(i) else None
             for i in range(len(spec.keys))]
 
 

@@ -129,8 +129,12 @@ def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
     Keeps the entries ranked ``[int(gamma n), int(gamma n) + int(density n))`` by
     descending magnitude.
     """
-    top = num_kept(gamma, x.size)
-    return top_k_mask(x, top + num_kept(density, x.size)) & ~top_k_mask(x, top)
+    return band_mask(x, num_kept(gamma, x.size), num_kept(density, x.size))
+
+
+def band_mask(x: jax.Array, top, count) -> jax.Array:
+    """Mask of the ``count`` entries ranked just below the ``top`` largest magnitudes."""
+    return top_k_mask(x, top + count) & ~top_k_mask(x, top)
 
 
 def random_mask(key: jax.Array, x: jax.Array, density) -> jax.Array:

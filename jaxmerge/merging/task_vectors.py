@@ -74,7 +74,7 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params: dict, *, method
     if method == "magnitude":
         mask, keep = sparsify.top_k_mask(delta, params["k"]), density
     elif method == "breadcrumbs":
-        mask = sparsify.top_k_mask(delta, params["top"] + params["k"]) & ~sparsify.top_k_mask(delta, params["top"])
+        mask = sparsify.band_mask(delta, params["top"], params["k"])
         keep = density
     elif method == "random":
         mask, keep = sparsify.random_mask(params["key"], delta, density), density
