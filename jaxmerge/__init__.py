@@ -26,7 +26,9 @@ from jaxmerge.averaging.lawa import lawa
 from jaxmerge.averaging.power_ema import post_hoc_ema, power_ema, power_ema_snapshot
 from jaxmerge.averaging.swa import swa, update_batch_stats
 from jaxmerge.averaging.wsm import checkpoint_merge_weights
-from jaxmerge.merging import sparsify
+from jaxmerge import checkpoints
+from jaxmerge.errors import CheckpointError, ConfigError, JaxmergeError
+from jaxmerge.merging import MergePlan, methods, plan, sparsify
 from jaxmerge.merging.fisher import fisher_merge
 from jaxmerge.merging.karcher import karcher
 from jaxmerge.merging.linear import average, lerp
@@ -52,6 +54,10 @@ from jaxmerge.statistics.gram import input_grams
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "JaxmergeError",
+    "MergePlan",
     "PermutationSpec",
     "align",
     "apply_permutation",
@@ -63,6 +69,7 @@ __all__ = [
     "breadcrumbs_ties",
     "category_expert_soup",
     "checkpoint_merge_weights",
+    "checkpoints",
     "cnn_permutation_spec",
     "dare_linear",
     "dare_ties",
@@ -80,9 +87,11 @@ __all__ = [
     "layer_positions",
     "lerp",
     "magmax",
+    "methods",
     "mlp_permutation_spec",
     "model_stock",
     "per_model",
+    "plan",
     "plot_interpolation",
     "plot_similarity",
     "post_hoc_ema",

@@ -1,22 +1,27 @@
-"""Per-leaf hyperparameters.
+"""Per-leaf hyperparameters: the one resolver behind every merge function and every merge config.
 
-Every merge hyperparameter that is documented as *per-leaf* (a weight, ``t``, ``density``,
-...) may be given in any of these forms:
+A hyperparameter *setting* takes any of these forms:
 
 - a **scalar**: the same value for every leaf;
-- a **callable** ``fn(path, leaf) -> scalar``, where ``path`` is the leaf's path joined
-  with ``/`` (``'params/Dense_0/kernel'``) and ``leaf`` is the reference model's leaf (a
+- a **callable** ``fn(path, leaf) -> scalar``, where ``path`` is the leaf's path joined with
+  ``/`` (``'params/Dense_0/kernel'``) and ``leaf`` is the reference model's leaf (a
   ``jax.ShapeDtypeStruct`` in streamed checkpoint merges);
 - a **pytree of scalars** matched to the model by path: each of its leaves applies to the
   model leaves at or below its path, so it may be a prefix of the model
   (``{'encoder': 0.3, 'decoder': 0.7}``). Container types need not match: a plain dict
-  works for an ``nnx.State``. Every float leaf of the model must be covered, and every
-  entry must cover some leaf;
+  works for an ``nnx.State``. Every entry must cover some leaf;
 - a **list of numbers**, mergekit's layer *gradient*: anchor values spread evenly from the
   first to the last layer and linearly interpolated in between (see :func:`layer_positions`);
 - a **list of** ``{'filter': str, 'value': v}`` **dicts**, mergekit's conditional form: the
   first entry whose ``filter`` is a substring of the leaf's path (or whose filter is
   missing or ``'*'``) gives the value, itself a scalar or a gradient.
+
+**Precedence.** A hyperparameter is resolved from :class:`Levels`, settings in order of
+precedence: a model's own setting, then the merge-wide one (in a config: the model's
+``parameters``, then the global ``parameters``). The first level that gives a value for a
+leaf wins; a level gives none where its filters all miss, where its pytree does not reach
+the leaf, or where its callable returns ``None``; the method's default applies when no level
+does, and a hyperparameter without a default is then an error. This is mergekit's rule.
 
 Because a list of numbers means a gradient, a model whose top level is a list cannot take
 a pytree-valued hyperparameter; use a callable there.
@@ -24,6 +29,7 @@ a pytree-valued hyperparameter; use a callable there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -34,9 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge._tree import TreeSpec, flatten_with_keys, path_str
+from jaxmerge.errors import JaxmergeError
 
 _NAME_WITH_INDEX = re.compile(r"(.*\D)_(\d+)")
 _EMBEDDING_NAMES = ("embed", "wte", "wpe")
+REQUIRED = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+"""The default of a hyperparameter that has none: some level must set it."""
 
 
 def _is_number(x) -> bool:
@@ -47,13 +56,18 @@ def _is_conditional(x) -> bool:
     return isinstance(x, dict) and "value" in x and set(x) <= {"filter", "value"}
 
 
+def _is_plain(value) -> bool:
+    return (hasattr(value, "shape") or _is_number(value) or value is None
+            or isinstance(value, (bool, str, bytes, complex)))
+
+
 def scalar(value, where: str):
     """``value`` as a Python float after checking it is one finite real number.
 
     Traced values (inside ``jax.jit``) are returned as they are, checked for shape only.
 
     Raises:
-      TypeError: not a real scalar. ValueError: NaN or infinite. Both name ``where``.
+      TypeError: not a real scalar. JaxmergeError: NaN or infinite. Both name ``where``.
     """
     if isinstance(value, jax.core.Tracer):
         if value.shape != ():
@@ -64,13 +78,42 @@ def scalar(value, where: str):
             or np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"{where} must be a real number, got {value!r}")
     if not np.isfinite(arr):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
+        raise JaxmergeError(f"{where} must be a finite number, got {value!r}")
     return float(arr)
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The interval a number must lie in: ``Range(0, 1, lo_open=True)`` is ``(0, 1]``."""
+
+    lo: float
+    hi: float = float("inf")
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        hi = "inf" if self.hi == float("inf") else f"{self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}{')' if self.hi_open or hi == 'inf' else ']'}"
+
+    def __call__(self, v: float) -> str | None:
+        """The problem with ``v``, or None if it lies in the interval."""
+        below = v <= self.lo if self.lo_open else v < self.lo
+        above = v >= self.hi if self.hi_open else v > self.hi
+        return f"must be in {self}" if below or above else None
+
+
+def checked(value, where: str, check: Range | None = None):
+    """``value`` as a checked scalar (a float; a tracer passes unchecked beyond its shape)."""
+    value = scalar(value, where)
+    problem = check(value) if check is not None and isinstance(value, float) else None
+    if problem:
+        raise JaxmergeError(f"{where} {problem}, got {value!r}")
+    return value
+
+
 def _stack_parts(path_keys: tuple[str, ...]) -> list[str]:
-    # Flat checkpoint names ('model.layers.3.mlp.up_proj.weight') are split on dots too.
-    return [part for key in path_keys for part in key.split(".")]
+    # Flat checkpoint names ('model.layers.3.mlp.up_proj.weight', 'params/Block_3/...') are split too.
+    return [part for key in path_keys for part in re.split(r"[./]", key)]
 
 
 def _numbered_parts(path_keys: tuple[str, ...]) -> list[tuple[tuple[str, ...], int]]:
@@ -93,6 +136,18 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
     ``i`` of ``L`` gets ``i / (L - 1)`` (1.0 when ``L == 1``). Leaves outside the stack get
     0.0 if their path names an embedding (``embed``, ``wte``, ``wpe``), as mergekit's
     pre-layer weights do, else 1.0, as its post-layer weights (final norm, head) do.
+
+    Args:
+      keys: each leaf's path as a tuple of names (``('params', 'Block_0', 'kernel')``), or a
+        flat name in a 1-tuple (``('model.layers.0.mlp.up_proj.weight',)``).
+
+    Returns:
+      One float per leaf.
+
+    Examples:
+      >>> import jaxmerge
+      >>> jaxmerge.layer_positions([("embed",), ("layers", "0", "w"), ("layers", "2", "w"), ("head",)])
+      [0.0, 0.0, 1.0, 1.0]
     """
     numbered = [_numbered_parts(k) for k in keys]
     indices: dict[tuple[str, ...], set[int]] = defaultdict(set)
@@ -122,164 +177,174 @@ def gradient_value(anchors: Sequence[float], t: float) -> float:
     return (1 - frac) * anchors[lo] + frac * anchors[hi]
 
 
-def _gradient_fn(anchors, name: str, spec: TreeSpec) -> Callable[[int], Any]:
-    if not anchors:
-        raise ValueError(f"{name} is an empty gradient list")
-    anchors = [scalar(a, f"{name} gradient entry") for a in anchors]
-    positions = layer_positions(spec.keys)
-    return lambda i: gradient_value(anchors, positions[i])
-
-
-def _conditional_fn(entries, name: str, spec: TreeSpec) -> Callable[[int], Any]:
-    fns = [(e.get("filter"), _leaf_fn(e["value"], f"{name} filter {e.get('filter')!r}", spec))
-           for e in entries]
-    paths = spec.paths
-
-    def value(i):
-        for pattern, fn in fns:
-            if pattern in (None, "*") or pattern in paths[i]:
-                return fn(i)
-        raise ValueError(f"{name}: no filter matches leaf {paths[i]!r}; add an entry without "
-                         "a filter as the default")
-    return value
-
-
-def _pytree_fn(tree, name: str, spec: TreeSpec) -> Callable[[int], Any]:
-    entries = list(zip(*flatten_with_keys(tree)[:2]))
-    owner: dict[int, Any] = {}
-    for entry_keys, entry_value in entries:
-        matched = [i for i, keys in enumerate(spec.keys) if keys[:len(entry_keys)] == entry_keys]
-        if not matched:
-            raise ValueError(f"{name} has an entry {path_str(entry_keys)!r} that matches no leaf")
-        for i in matched:
-            owner.setdefault(i, entry_value)
-    missing = [i for i in spec.float_indices() if i not in owner]
-    if missing:
-        raise ValueError(f"{name} gives no value for leaf {spec.paths[missing[0]]!r}")
-    return owner.__getitem__
-
-
-def _leaf_fn(value, name: str, spec: TreeSpec) -> Callable[[int], Any]:
-    """A function from leaf index to the (unchecked) value of the hyperparameter."""
-    if callable(value) and not hasattr(value, "shape"):
-        return lambda i: value(spec.paths[i], spec.leaves[i])
-    if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
-        return _gradient_fn(value, name, spec)
-    if isinstance(value, (list, tuple)) and value and all(_is_conditional(v) for v in value):
-        return _conditional_fn(value, name, spec)
-    if isinstance(value, dict) and _is_conditional(value):
-        return _conditional_fn([value], name, spec)
-    if _is_plain(value):
-        value = scalar(value, name)
-        return lambda i: value
-    return _pytree_fn(value, name, spec)
-
-
-def _is_plain(value) -> bool:
-    return (hasattr(value, "shape") or _is_number(value) or value is None
-            or isinstance(value, (bool, str, bytes, complex)))
-
-
-Check = Callable[[float], "str | None"]
-
-
-def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
-    """A check that a value lies in the interval from ``lo`` to ``hi``."""
-    text = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def check(v):
-        below = v <= lo if lo_open else v < lo
-        above = v >= hi if hi_open else v > hi
-        return f"must be in {text}" if below or above else None
-    return check
-
-
-def positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def checked(value, where: str, check: Check | None = None):
-    """``value`` as a checked scalar (a float; a tracer passes unchecked beyond its shape)."""
-    value = scalar(value, where)
-    problem = check(value) if check is not None and isinstance(value, float) else None
-    if problem:
-        raise ValueError(f"{where} {problem}, got {value!r}")
-    return value
-
-
-def resolve(value, name: str, spec: TreeSpec, check: Check | None = None) -> list:
-    """Resolve a per-leaf hyperparameter to one checked scalar per float leaf.
-
-    Args:
-      value: the hyperparameter in any of the forms of this module.
-      name: its argument name, for error messages.
-      spec: the tree it applies to.
-      check: optional ``check(v) -> problem or None`` for concrete values.
-
-    Returns:
-      A list aligned with ``spec.keys``: a float (or a tracer) for every float leaf,
-      ``None`` for the others (which are passed through and need no value).
-    """
-    if _is_plain(value):
-        value = checked(value, name, check)
-        return [value if spec.is_float(i) else None for i in range(len(spec.keys))]
-    fn = _leaf_fn(value, name, spec)
-    return [checked(fn(i), f"{name} at {spec.paths[i]!r}", check) if spec.is_float(i) else None
-            for i in range(len(spec.keys))]
-
-
 class PerModel(tuple):
-    """A hyperparameter given separately for each model; see :func:`per_model`. ``names``,
-    if set, are the models' names in error messages."""
-
-    names: tuple | None = None
+    """A hyperparameter given separately for each model; see :func:`per_model`."""
 
 
-def per_model(*values, names=None) -> PerModel:
+def per_model(*values) -> PerModel:
     """Give a hyperparameter one value per model: ``density=jaxmerge.per_model(0.3, 0.5)``.
 
     Each value may itself be any per-leaf form (scalar, pytree, function, gradient, filters).
     Hyperparameters that mergekit sets per model (``density``, ``gamma``, ``epsilon``)
     accept this; without it, one value applies to every model.
-    """
-    marked = PerModel(values)
-    marked.names = None if names is None else tuple(names)
-    return marked
-
-
-def resolve_models(values, name: str, spec: TreeSpec, default=None, check: Check | None = None) -> list:
-    """Resolve one per-leaf hyperparameter for each model to a float32 vector per leaf.
 
     Args:
-      values: a sequence with one per-leaf hyperparameter per model (or a 1-d array), or
-        ``None`` for ``default`` everywhere.
+      *values: one setting per model, in the order of the models.
 
     Returns:
-      A list aligned with ``spec.keys``: a vector of length ``spec.num_models``
-      for every float leaf (a NumPy array, or a JAX array when a value is traced), ``None``
-      for the others.
+      The settings, marked as per-model.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(4)}
+      >>> tunes = [{"w": jnp.asarray([4.0, 3.0, 2.0, 1.0])}, {"w": jnp.asarray([1.0, 2.0, 3.0, 4.0])}]
+      >>> merged = jaxmerge.ties(base, tunes, density=jaxmerge.per_model(0.25, 0.5), normalize=False)
+      >>> merged["w"].tolist()
+      [4.0, 0.0, 3.0, 4.0]
     """
-    n = spec.num_models
-    if values is None:
-        values = [default] * n
-    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
-        raise TypeError(f"{name} must be a sequence with one entry per model ({n} models), "
-                        f"got {type(values).__name__}")
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but there are {n} models")
-    names = getattr(values, "names", None)
-    columns = [resolve(v, f"{name}[{j}]" if names is None else f"{name} of {names[j]}", spec, check)
-               for j, v in enumerate(values)]
-    return [None if columns[0][i] is None else vector([c[i] for c in columns])
-            for i in range(len(spec.keys))]
+    return PerModel(values)
 
 
-def resolve_shared(value, name: str, spec: TreeSpec, check: Check | None = None) -> list:
-    """Like :func:`resolve_models`, for a value shared by all models unless :func:`per_model`."""
+@dataclasses.dataclass(frozen=True)
+class Levels:
+    """The settings of one hyperparameter, highest precedence first.
+
+    Attributes:
+      shared: settings that apply to every model (or to the whole merge).
+      per_model: for per-model hyperparameters, one tuple of settings per model, which
+        take precedence over ``shared``; ``None`` when not given per model.
+    """
+
+    shared: tuple = ()
+    per_model: tuple[tuple, ...] | None = None
+
+    def of_model(self, j: int) -> tuple:
+        return (self.per_model[j] if self.per_model is not None else ()) + self.shared
+
+
+LeafValue = Callable[[int], Any]
+
+
+class Resolver:
+    """Resolves hyperparameter :class:`Levels` against one tree, one value per float leaf.
+
+    Every resolved hyperparameter has one type: a list aligned with ``spec.keys`` holding,
+    for each float leaf, a float (or a tracer under ``jax.jit``) for a merge-wide value, or a
+    vector with one entry per model (:func:`vector`) for a per-model value; ``None`` for the
+    other leaves, which are passed through and need no value.
+    """
+
+    def __init__(self, spec: TreeSpec):
+        self.spec = spec
+        self._positions: list[float] | None = None
+
+    @property
+    def positions(self) -> list[float]:
+        if self._positions is None:
+            self._positions = layer_positions(self.spec.keys)
+        return self._positions
+
+    def leafwise(self, levels: Sequence, name: str, default=REQUIRED, check: Range | None = None) -> list:
+        """One checked scalar per float leaf from ``levels`` (settings, highest precedence first).
+
+        ``name`` labels errors (``'density of models[1]'``); a value that depends on the leaf
+        is named with its path too.
+
+        Raises:
+          JaxmergeError: a value out of ``check``'s range, not finite, or missing where there
+            is no default (naming ``name`` and the path). TypeError: a value that is not a
+            real number.
+        """
+        float_leaves = self.spec.float_indices()
+        if not levels or _is_plain(levels[0]):
+            value = default if not levels or levels[0] is None else levels[0]
+            if value is REQUIRED:
+                raise JaxmergeError(f"{name} is required but not given")
+            value = checked(value, name, check) if float_leaves else None
+            return [value if self.spec.is_float(i) else None for i in range(len(self.spec.keys))]
+        getters = [self._getter(setting, name) for setting in levels]
+        out: list = [None] * len(self.spec.keys)
+        for i in float_leaves:
+            value = next((v for v in (get(i) for get in getters) if v is not None), default)
+            where = f"{name} at {self.spec.paths[i]!r}"
+            if value is REQUIRED:
+                raise JaxmergeError(f"{where} is required: no setting gives it a value")
+            out[i] = checked(value, where, check)
+        return out
+
+    def per_model(self, levels: Levels, name: str, model_names: Sequence[str], default=REQUIRED,
+                  check: Range | None = None) -> list:
+        """One checked vector (one entry per model) per float leaf; see :meth:`leafwise`.
+
+        Raises:
+          JaxmergeError: as :meth:`leafwise`, naming the model; or ``levels.per_model`` with
+            the wrong number of entries.
+        """
+        n = self.spec.num_models
+        if levels.per_model is not None and len(levels.per_model) != n:
+            raise JaxmergeError(f"{name} has {len(levels.per_model)} entries but there are {n} models")
+        columns = [self.leafwise(levels.of_model(j), f"{name} of {model_names[j]}", default, check)
+                   for j in range(n)]
+        return [None if columns[0][i] is None else vector([c[i] for c in columns]) for i in range(len(self.spec.keys))]
+
+    def _getter(self, setting, name: str) -> LeafValue:
+        """A function from leaf index to the (unchecked) value ``setting`` gives, or None."""
+        spec = self.spec
+        if callable(setting) and not hasattr(setting, "shape"):
+            return lambda i: setting(spec.paths[i], spec.leaves[i])
+        if isinstance(setting, (list, tuple)) and setting and all(_is_number(v) for v in setting):
+            anchors = [scalar(a, f"{name} gradient entry") for a in setting]
+            return lambda i: gradient_value(anchors, self.positions[i])
+        if isinstance(setting, dict) and _is_conditional(setting):
+            setting = [setting]
+        if isinstance(setting, (list, tuple)) and all(_is_conditional(v) for v in setting):
+            return self._conditional(setting, name)
+        if _is_plain(setting):
+            return lambda i: setting
+        return self._pytree(setting, name)
+
+    def _conditional(self, entries, name: str) -> LeafValue:
+        getters = [(e.get("filter"), self._getter(e["value"], f"{name} filter {e.get('filter')!r}")) for e in entries]
+        paths = self.spec.paths
+
+        def value(i):
+            for pattern, get in getters:
+                if pattern in (None, "*") or pattern in paths[i]:
+                    return get(i)
+            return None
+        return value
+
+    def _pytree(self, tree, name: str) -> LeafValue:
+        leaf_parts = [tuple(path.split("/")) for path in self.spec.paths]
+        owner: dict[int, Any] = {}
+        for entry_keys, entry_value in zip(*flatten_with_keys(tree)[:2]):
+            parts = tuple(path_str(entry_keys).split("/"))
+            matched = [i for i, leaf in enumerate(leaf_parts) if leaf[:len(parts)] == parts]
+            if not matched:
+                raise JaxmergeError(f"{name} has an entry {path_str(entry_keys)!r} that matches no leaf")
+            for i in matched:
+                owner.setdefault(i, entry_value)
+        return owner.get
+
+
+def python_levels(value, *, sequence: bool = False) -> Levels:
+    """The :class:`Levels` of a hyperparameter given to a Python function.
+
+    ``None`` means not given (the default applies); :func:`per_model` gives one setting per
+    model; with ``sequence`` (``weights``) the value itself has one entry per model.
+
+    Raises:
+      TypeError: ``sequence`` and ``value`` is not a sequence.
+    """
+    if value is None:
+        return Levels()
     if isinstance(value, PerModel):
-        return resolve_models(value, name, spec, check=check)
-    rows = resolve(value, name, spec, check)
-    return [None if v is None else vector([v] * spec.num_models) for v in rows]
+        return Levels(per_model=tuple((v,) for v in value))
+    if sequence:
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or getattr(value, "ndim", 1) != 1:
+            raise TypeError(f"must be a sequence with one entry per model, got {type(value).__name__}")
+        return Levels(per_model=tuple((value[j],) for j in range(len(value))))
+    return Levels(shared=(value,))
 
 
 def scalar_arg(value) -> np.ndarray | jax.Array:
@@ -299,5 +364,10 @@ def check_nonzero_sums(weights: list, name: str, spec: TreeSpec) -> None:
     """Raise if a concrete per-leaf weight vector sums to zero (normalisation would divide by 0)."""
     for path, w in zip(spec.paths, weights):
         if isinstance(w, np.ndarray) and w.sum(dtype=np.float64) == 0:
-            raise ValueError(f"{name} sum to 0 at {path!r}, so they cannot be normalized; "
-                             "pass normalize=False or change the weights")
+            raise JaxmergeError(f"{name} sum to 0 at {path!r}, so they cannot be normalized; "
+                                "pass normalize=False or change the weights")
+
+
+def resolve(value, name: str, spec: TreeSpec, check: Range | None = None) -> list:
+    """A merge-wide per-leaf hyperparameter given in Python, resolved (see :meth:`Resolver.leafwise`)."""
+    return Resolver(spec).leafwise(python_levels(value).shared, name, REQUIRED, check)

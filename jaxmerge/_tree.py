@@ -1,12 +1,12 @@
-"""Pytree plumbing shared by every merge: leaf paths, compatibility checks, the leafwise driver.
+"""Pytree plumbing shared by every merge: leaf paths, compatibility checks, float32 sums.
 
 A merge sees its inputs as a :class:`TreeSpec` (the paths, shapes and dtypes of the
 reference model: the base if there is one, else the first model) plus the leaves of each
 model in the spec's order. A method turns the spec and its hyperparameters into a *leaf
-function* ``leaf_fn(i, base_leaf, model_leaves) -> Array``; :func:`apply_leafwise` runs it
-over in-memory trees, and the checkpoint driver runs the same function over leaves read
-from disk. ``model_leaves`` is a fresh list for each call, which the leaf function may
-clear entries of once it is done with them (so that streamed inputs are freed early).
+function* ``leaf_fn(i, base_leaf, model_leaves) -> Array``, which the one driver
+(:mod:`jaxmerge._driver`) runs over in-memory trees and over leaves read from disk alike.
+``model_leaves`` is a fresh list for each call, which the leaf function may clear entries
+of once it is done with them (so that streamed inputs are freed early).
 
 Only floating-point leaves are merged. Integer, boolean and other non-float leaves (step
 counters, RNG keys, masks) are passed through unchanged from the reference model, never
@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxmerge.errors import JaxmergeError
 
 PyTree = Any
 LeafFn = Callable[[int, Any, Sequence[Any]], Any]
@@ -109,26 +111,26 @@ def _aligned_leaves(name: str, tree: PyTree, ref_keys, ref_specs, ref_name: str)
     by_key = dict(zip(keys, leaves))
     for key in ref_keys:
         if key not in by_key:
-            raise ValueError(f"{name} has no leaf {path_str(key)!r} (present in {ref_name})")
+            raise JaxmergeError(f"{name} has no leaf {path_str(key)!r} (present in {ref_name})")
     extra = set(by_key) - set(ref_keys)
     if extra:
-        raise ValueError(f"{name} has a leaf {path_str(min(extra))!r} that {ref_name} does not have")
+        raise JaxmergeError(f"{name} has a leaf {path_str(min(extra))!r} that {ref_name} does not have")
     out = []
     for key, ref in zip(ref_keys, ref_specs):
         leaf = by_key[key]
         spec = leaf_spec(leaf)
         if spec.shape != ref.shape:
-            raise ValueError(
+            raise JaxmergeError(
                 f"{name} {path_str(key)!r}: shape {spec.shape} != {ref.shape} of {ref_name}")
         if _kind(spec.dtype) != _kind(ref.dtype):
-            raise ValueError(
+            raise JaxmergeError(
                 f"{name} {path_str(key)!r}: dtype {spec.dtype} is not of the same kind as "
                 f"{ref.dtype} of {ref_name}")
         out.append(leaf)
     return out
 
 
-def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *, min_models: int = 1,
+def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *,
                    names: Sequence[str] | None = None) -> tuple[TreeSpec, list | None, list[list]]:
     """Check that ``base`` and ``models`` are compatible and flatten them.
 
@@ -143,16 +145,14 @@ def flatten_models(models: Sequence[PyTree], base: PyTree | None = None, *, min_
 
     Raises:
       TypeError: ``models`` is not a list or tuple.
-      ValueError: too few models, or a missing/extra leaf, shape or dtype-kind mismatch,
+      JaxmergeError: no models, or a missing/extra leaf, shape or dtype-kind mismatch,
         naming the model index and the leaf path.
     """
     if not isinstance(models, (list, tuple)):
         raise TypeError(
             f"models must be a list or tuple of pytrees, got {type(models).__name__}")
-    if len(models) < min_models:
-        if not models:
-            raise ValueError("models is empty: give at least one model to merge")
-        raise ValueError(f"this merge needs at least {min_models} models, got {len(models)}")
+    if not models:
+        raise JaxmergeError("models is empty: give at least one model to merge")
     names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
     reference, ref_name = (base, "base") if base is not None else (models[0], names[0])
     ref_keys, ref_leaves, treedef = flatten_with_keys(reference)
@@ -175,19 +175,6 @@ def keep_sharding(out, reference):
     return out
 
 
-def apply_leafwise(spec: TreeSpec, leaf_fn: LeafFn, base_leaves: list | None,
-                   model_leaves: list[list]) -> PyTree:
-    """Run ``leaf_fn`` on every float leaf; pass the reference's other leaves through."""
-    out = []
-    for i, ref in enumerate(spec.leaves):
-        if spec.is_float(i):
-            base_leaf = None if base_leaves is None else base_leaves[i]
-            out.append(keep_sharding(leaf_fn(i, base_leaf, [leaves[i] for leaves in model_leaves]), ref))
-        else:
-            out.append(ref)
-    return jax.tree_util.tree_unflatten(spec.treedef, out)
-
-
 def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array, dtype) -> jax.Array:
     """``sum_i weights[i] * leaves[i]`` accumulated in ``dtype`` (one fused pass under jit)."""
     weights = weights.astype(dtype)
@@ -195,18 +182,3 @@ def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array, dtype) -> jax.
     for i in range(1, len(leaves)):
         total = total + weights[i] * leaves[i].astype(dtype)
     return total
-
-
-def flatten_like(spec: TreeSpec, trees: Sequence[PyTree], name: str) -> list[list]:
-    """Leaves of each of ``trees`` (one per model) aligned with ``spec``, checked like models.
-
-    Raises:
-      ValueError: wrong number of trees, or a missing/extra leaf or shape mismatch, naming
-        ``name[i]`` and the leaf path.
-    """
-    if not isinstance(trees, (list, tuple)) or len(trees) != spec.num_models:
-        count = len(trees) if isinstance(trees, (list, tuple)) else type(trees).__name__
-        raise ValueError(f"{name} must be a list with one tree per model ({spec.num_models}), got {count}")
-    ref_specs = [leaf_spec(leaf) for leaf in spec.leaves]
-    ref_name = "base" if spec.has_base else "models[0]"
-    return [_aligned_leaves(f"{name}[{i}]", tree, spec.keys, ref_specs, ref_name) for i, tree in enumerate(trees)]

@@ -17,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmerge
 from jaxmerge import checkpoints
-from jaxmerge.merging.task_vectors import task_vector_plan
 
 
 def model(seed: int) -> dict:
@@ -52,9 +51,8 @@ def main(process_id: int, port: int, out: Path) -> None:
 
     paths = [checkpoints.save(out / f"m{i}", distributed(model(i))) for i in range(4)]
     # streamed: each process reads only its shards of every tensor, merges, writes its shards
-    plan = lambda spec: task_vector_plan(spec, None, method="magnitude", consensus="sum",  # noqa: E731
-                                         density=0.5, normalize=True, name="ties")
-    checkpoints.stream_merge(plan, paths[1:], out / "ties", base=paths[0], sharding=rule, progress=False)
+    checkpoints.stream_merge(jaxmerge.plan("ties", density=0.5), paths[1:], out / "ties", base=paths[0],
+                             options=checkpoints.StreamOptions(sharding=rule, progress=False))
     # in memory: restore into the sharding, merge under jit, save sharded
     loaded = [checkpoints.load(p, sharding=rule) for p in paths[1:]]
     merged = jax.jit(jaxmerge.average)(loaded)

@@ -6,6 +6,7 @@ from flax import nnx
 
 import jaxmerge
 from jaxmerge import _hyper
+from jaxmerge._hyper import Levels, Range, Resolver
 from jaxmerge._tree import flatten_models
 from tests.helpers import random_tree
 
@@ -34,7 +35,7 @@ def test_scalar_callable_and_pytree_forms():
 
 def test_pytree_form_errors_name_the_path():
     spec = _spec(random_tree(0))
-    with pytest.raises(ValueError, match="t gives no value for leaf 'extra/0'"):
+    with pytest.raises(ValueError, match="t at 'extra/0' is required: no setting gives it a value"):
         _hyper.resolve({"params": 1.0}, "t", spec)
     with pytest.raises(ValueError, match="t has an entry 'params/Dense_9' that matches no leaf"):
         _hyper.resolve({"params": {"Dense_9": 1.0}, "extra": 1.0}, "t", spec)
@@ -57,9 +58,11 @@ def test_invalid_scalars():
     for bad in (float("nan"), float("inf"), np.float32(-np.inf)):
         with pytest.raises(ValueError, match=r"^t must be a finite number"):
             _hyper.resolve(bad, "t", spec)
-    for bad in ("0.5", None, True, 1j, jnp.ones(2)):
+    for bad in ("0.5", True, 1j, jnp.ones(2)):
         with pytest.raises(TypeError, match="^t must be a real number"):
             _hyper.resolve(bad, "t", spec)
+    with pytest.raises(ValueError, match="^t is required but not given"):
+        _hyper.resolve(None, "t", spec)
 
 
 def _llama_names(num_layers):
@@ -103,7 +106,7 @@ def test_gradient_interpolates_anchors_over_layers():
     assert values["model.embed_tokens.weight"] == 0.0 and values["lm_head.weight"] == 1.0
 
 
-def test_filters_first_match_wins_and_need_a_default():
+def test_filters_first_match_wins_and_fall_through_to_the_default():
     spec = _spec(_llama_names(3))
     setting = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25}, {"value": 0.75}]
     values = _by_path(spec, _hyper.resolve(setting, "t", spec))
@@ -111,32 +114,51 @@ def test_filters_first_match_wins_and_need_a_default():
     assert values["model.layers.2.self_attn.q_proj.weight"] == 1.0
     assert values["model.layers.0.mlp.up_proj.weight"] == 0.25
     assert values["model.norm.weight"] == 0.75
-    with pytest.raises(ValueError, match="t: no filter matches leaf 'lm_head.weight'"):
+    with pytest.raises(ValueError, match="t at 'lm_head.weight' is required: no setting gives it a value"):
         _hyper.resolve(setting[:2], "t", spec)
+    values = _by_path(spec, Resolver(spec).leafwise(setting[:2], "t", default=0.125))
+    assert values["lm_head.weight"] == 0.125 and values["model.layers.0.mlp.up_proj.weight"] == 0.25
+
+
+def test_levels_fall_through_as_in_mergekit():
+    """A model's own setting, then the merge-wide one, then the default; a level that gives no
+    value for a tensor (no filter matches, the pytree does not reach it) passes it on."""
+    spec = _spec(_llama_names(2), n=2)
+    levels = Levels(shared=([{"filter": "mlp", "value": 0.5}],),
+                    per_model=(([{"filter": "self_attn", "value": 0.25}],), ()))
+    rows = _by_path(spec, Resolver(spec).per_model(levels, "density", ["a", "b"], default=1.0, check=Range(0, 1)))
+    np.testing.assert_array_equal(rows["model.layers.0.self_attn.q_proj.weight"], [0.25, 1.0])
+    np.testing.assert_array_equal(rows["model.layers.1.mlp.up_proj.weight"], [0.5, 0.5])
+    np.testing.assert_array_equal(rows["lm_head.weight"], [1.0, 1.0])
+    with pytest.raises(ValueError, match="density of a at 'lm_head.weight' is required"):
+        Resolver(spec).per_model(levels, "density", ["a", "b"])
+    with pytest.raises(ValueError, match=r"density of a at 'model.layers.0.self_attn.q_proj.weight' must be in "
+                                         r"\[0, 1\], got 2.0"):
+        Resolver(spec).per_model(Levels(per_model=(([{"filter": "self_attn", "value": 2.0}],), ())), "density",
+                                 ["a", "b"], default=1.0, check=Range(0, 1))
+
+
+def _weights(value, spec):
+    names = [f"models[{j}]" for j in range(spec.num_models)]
+    return Resolver(spec).per_model(_hyper.python_levels(value, sequence=True), "weights", names, default=1.0)
 
 
 def test_per_model_lengths_and_types():
     spec = _spec(random_tree(0), n=3)
     with pytest.raises(ValueError, match="weights has 2 entries but there are 3 models"):
-        _hyper.resolve_models([1.0, 2.0], "weights", spec)
-    with pytest.raises(TypeError, match="weights must be a sequence with one entry per model"):
-        _hyper.resolve_models(1.0, "weights", spec)
-    rows = _hyper.resolve_models([1.0, {"params": 2.0, "extra": 3.0}, lambda p, x: 4.0], "weights", spec)
-    by_path = _by_path(spec, rows)
+        _weights([1.0, 2.0], spec)
+    with pytest.raises(TypeError, match="must be a sequence with one entry per model"):
+        _weights(1.0, spec)
+    by_path = _by_path(spec, _weights([1.0, {"params": 2.0}, lambda p, x: 4.0], spec))
     np.testing.assert_array_equal(by_path["params/Dense_0/kernel"], [1.0, 2.0, 4.0])
-    np.testing.assert_array_equal(by_path["extra/0"], [1.0, 3.0, 4.0])
-    with pytest.raises(ValueError, match=r"weights\[1\] at 'params/Dense_0/bias' must be a finite number"):
-        _hyper.resolve_models([1.0, lambda p, x: float("nan") if "bias" in p else 1.0, 1.0], "weights", spec)
-    with pytest.raises(ValueError, match=r"^weights\[2\] must be a finite number"):
-        _hyper.resolve_models([1.0, 1.0, float("inf")], "weights", spec)
+    np.testing.assert_array_equal(by_path["extra/0"], [1.0, 1.0, 4.0])  # the pytree does not reach it: default
+    with pytest.raises(ValueError, match=r"weights of models\[1\] at 'params/Dense_0/bias' must be a finite number"):
+        _weights([1.0, lambda p, x: float("nan") if "bias" in p else 1.0, 1.0], spec)
+    with pytest.raises(ValueError, match=r"^weights of models\[2\] must be a finite number"):
+        _weights([1.0, 1.0, float("inf")], spec)
 
 
 def test_traced_values_are_accepted_under_jit():
     spec = _spec(random_tree(0), n=2)
-
-    @jax.jit
-    def f(w):
-        rows = _hyper.resolve_models(w, "weights", spec)
-        return rows[0]
-
+    f = jax.jit(lambda w: _weights(w, spec)[0])
     np.testing.assert_array_equal(f(jnp.asarray([1.0, 2.0])), [1.0, 2.0])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmerge._tree import PyTree, apply_leafwise, flatten_models
+from jaxmerge._tree import PyTree
 from jaxmerge.averaging._wrapper import (
     averaging_states,
     blend,
@@ -28,7 +28,7 @@ from jaxmerge.averaging._wrapper import (
     shadow,
     wrap,
 )
-from jaxmerge.merging.linear import average_plan
+from jaxmerge.merging.linear import average
 
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the widest profile
 
@@ -166,6 +166,4 @@ def post_hoc_ema(snapshots: Sequence[PowerEmaSnapshot], sigma_rel: float, *, ste
         raise ValueError(f"no snapshot was taken at a step in (0, {step}]")
     names, steps, gammas, emas = zip(*used)
     weights = post_hoc_ema_weights(steps, gammas, step, gamma)
-    spec, _, leaves = flatten_models(list(emas), names=names)
-    plan = average_plan(spec, [float(w) for w in weights], normalize=False)
-    return apply_leafwise(spec, plan, None, leaves)
+    return average.method.merge(list(emas), names=names, weights=[float(w) for w in weights], normalize=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 
 from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
-from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.errors import CheckpointError
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import (
     SafetensorsReader,
@@ -17,6 +17,7 @@ from jaxmerge.checkpoints.safetensors import (
 )
 from jaxmerge.checkpoints.stream import (
     FORMATS,
+    StreamOptions,
     _check_destination,
     _load,
     largest_axes_sharding,
@@ -66,4 +67,5 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
 
 
 __all__ = ["CheckpointError", "OrbaxReader", "OrbaxWriter", "SafetensorsReader", "SafetensorsWriter",
-           "largest_axes_sharding", "load", "open_checkpoint", "parse_size", "save", "stream_merge"]
+           "largest_axes_sharding", "load", "open_checkpoint", "parse_size", "save", "stream_merge",
+           "StreamOptions"]

@@ -17,7 +17,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from jaxmerge._tree import key_name, path_str
-from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.errors import CheckpointError
 
 
 def _name(path) -> str:

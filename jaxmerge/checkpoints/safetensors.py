@@ -27,7 +27,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -1,9 +1,10 @@
 """The streaming merge driver: any leafwise merge over checkpoints on disk, tensor by tensor.
 
 For each tensor name it reads that tensor from the base and every model, runs the merge's
-leaf function (the same one the in-memory functions use), and writes the result straight
-into its planned place in the output; the next tensors are read in a background thread
-meanwhile. Peak memory is therefore a few tensors per model, not whole models.
+leaf function (the same one the in-memory functions use, through the same driver,
+:func:`jaxmerge._driver.run`), and writes the result straight into its planned place in the
+output; the next tensors are read in a background thread meanwhile. Peak memory is
+therefore a few tensors per model, not whole models.
 
 The output is built in a temporary directory next to the destination and renamed into
 place only when complete, so an error, a kill or Ctrl-C leaves no partial output; an
@@ -15,19 +16,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
+import math
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmerge._tree import TreeSpec, flatten_models, is_float
-from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge._driver import run
+from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
+from jaxmerge.errors import CheckpointError, JaxmergeError
+from jaxmerge.merging.method import MergePlan
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
 
@@ -162,77 +168,174 @@ def _replace(staging: Path, output: Path) -> None:
         old.unlink() if old.is_symlink() or not old.is_dir() else shutil.rmtree(old)
 
 
-def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os.PathLike],
-                 output: str | os.PathLike, *, base: str | os.PathLike | None = None, dtype=None, out_dtype=None,
-                 output_format: str | None = None, max_shard_size: int | str = "5GB", force: bool = False,
-                 progress: bool = True, sharding: jax.sharding.Sharding | None = None,
-                 log: Callable[[str], None] | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Merge checkpoints on disk into ``output``, one tensor at a time.
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+    """How :func:`stream_merge` reads and writes.
 
-    Args:
-      plan: ``plan(spec) -> leaf_fn``, e.g. ``lambda spec: jaxmerge.merging.task_vectors.
-        task_vector_plan(spec, weights, method='magnitude', consensus='sum', density=0.5,
-        normalize=True)``; it validates its hyperparameters against the tensors' names,
-        shapes and dtypes before anything is written.
-      models: checkpoint paths (safetensors files or directories, Orbax directories).
-      output: the directory to create.
-      base: the base checkpoint, for methods that need one.
+    Attributes:
       dtype: cast float inputs to this dtype when reading (mergekit's ``dtype``); the merge
         itself accumulates in float32.
       out_dtype: dtype of the written float tensors (default: ``dtype``, else the
         reference's dtype per tensor).
       output_format: ``'safetensors'`` or ``'orbax'`` (default: the reference's format).
       max_shard_size: safetensors shard size limit, bytes or ``'5GB'``.
-      force: replace an existing non-empty ``output``.
+      force: replace an existing non-empty output.
       progress: show a tqdm progress bar (bytes and tensors) on stderr.
       sharding: place every tensor with this sharding before merging, or a rule
         ``rule(name, shape) -> Sharding`` such as :func:`largest_axes_sharding` (mesh);
         Orbax inputs are then read shard by shard, each process reading only its own.
-        With several processes (``jax.distributed``), every process calls this function
-        and the output must be Orbax.
+        With several processes (``jax.distributed``), every process calls
+        :func:`stream_merge` and the output must be Orbax.
       log: called with one line per merged tensor.
+    """
+
+    dtype: Any = None
+    out_dtype: Any = None
+    output_format: Literal["safetensors", "orbax"] | None = None
+    max_shard_size: int | str = "5GB"
+    force: bool = False
+    progress: bool = True
+    sharding: Any = None
+    log: Callable[[str], None] | None = None
+
+
+class CheckpointSource:
+    """The models' (and the base's) tensors read from checkpoints one name at a time, the next
+    ones read in a background thread while the current one is merged (unless large)."""
+
+    def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions):
+        self.spec, self.readers, self.base_reader, self.options = spec, readers, base_reader, options
+        self.names = [key[0] for key in spec.keys]
+
+    def _read(self, i: int):
+        name, options = self.names[i], self.options
+        base = None if self.base_reader is None else _load(self.base_reader, name, options.dtype, options.sharding)
+        if not self.spec.is_float(i):
+            return base, ([] if base is not None else [_load(self.readers[0], name, options.dtype, options.sharding)])
+        return base, [_load(r, name, options.dtype, options.sharding) for r in self.readers]
+
+    def leaves(self):
+        sizes = [self.spec.size(i) * leaf_spec(leaf).dtype.itemsize for i, leaf in enumerate(self.spec.leaves)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self._read, 0) if self.names else None
+            for i in range(len(self.names)):
+                current = upcoming.result() if upcoming is not None else self._read(i)
+                ahead = i + 1 < len(self.names) and sizes[i + 1] <= PREFETCH_BYTES  # bounds memory
+                upcoming = pool.submit(self._read, i + 1) if ahead else None
+                yield current
+                del current
+
+
+class WriterSink:
+    """Writes each merged tensor, cast to its output dtype, with a progress bar and a log line."""
+
+    def __init__(self, writer, tensors: list[tuple[str, tuple]], out_types: dict, options: StreamOptions):
+        self.writer, self.names, self.out_types, self.log = writer, [n for n, _ in tensors], out_types, options.log
+        self.sizes = [math.prod(shape) * out_types[n].itemsize for n, shape in tensors]
+        self.bar = tqdm(total=sum(self.sizes), unit="B", unit_scale=True, desc="merging", file=sys.stderr,
+                        disable=not options.progress or jax.process_index() != 0)
+
+    def write(self, i: int, merged) -> None:
+        name = self.names[i]
+        if merged.dtype != self.out_types[name]:
+            merged = merged.astype(self.out_types[name])
+        self.writer.write(name, merged)
+        self.bar.update(self.sizes[i])
+        self.bar.set_postfix_str(f"{i + 1}/{len(self.names)} tensors")
+        if self.log is not None and jax.process_index() == 0:
+            self.log(f"merged {name} {tuple(merged.shape)} {merged.dtype}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+class _StatisticsStore:
+    """A statistics checkpoint as a :class:`~jaxmerge._driver.Store`, tensors placed like the models'."""
+
+    def __init__(self, reader, sharding):
+        self.reader, self.sharding, self.names = reader, sharding, reader.names
+        self.shape_dtype = reader.shape_dtype
+
+    def read(self, name: str):
+        return _load(self.reader, name, None, self.sharding)
+
+
+def stream_merge(plan: MergePlan, models: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                 base: str | os.PathLike | None = None, statistics: Sequence[str | os.PathLike] | None = None,
+                 options: StreamOptions = StreamOptions(), extra_files: dict[str, str] | None = None,
+                 model_names: Sequence[str] | None = None) -> Path:
+    """Merge checkpoints on disk into ``output``, one tensor at a time.
+
+    The same merge as the in-memory function, read and written tensor by tensor: peak
+    memory is a few tensors per model, not whole models. The output is built in a staging
+    directory next to ``output`` and renamed into place when complete.
+
+    Args:
+      plan: the method and its hyperparameters, from :func:`jaxmerge.plan` (e.g.
+        ``jaxmerge.plan('ties', weights=[1.0, 0.5], density=0.5)``); they are checked
+        against the tensors' names, shapes and dtypes before anything is written.
+      models: checkpoint paths (safetensors files or directories, Orbax directories); for
+        a ``'pair'`` method (slerp) the two models, the first one ``t = 0``.
+      output: the directory to create.
+      base: the base checkpoint, for methods that take one.
+      statistics: one statistics checkpoint per model (Fisher or Gram, as written by
+        :func:`jaxmerge.checkpoints.save`), for ``fisher`` and ``regmean``.
+      options: how to read and write (:class:`StreamOptions`).
       extra_files: ``{file name: text}`` to write into the output too (e.g. the config).
+      model_names: the models' names in error messages (default: their paths).
 
     Returns:
       The output path. The reference (base, else the first model) also gives the non-weight
       files copied into the output (config.json, tokenizer files, ...).
 
     Raises:
-      CheckpointError, ValueError: unreadable inputs, tensors missing or of other shapes in
-        some model (naming the checkpoint and the tensor), a bad destination, or the
-        plan's own checks; in every case before the output directory is created.
+      CheckpointError: unreadable inputs, or a bad destination.
+      JaxmergeError: tensors missing or of other shapes in some model (naming the
+        checkpoint and the tensor), or the plan's own checks; in every case before the
+        output directory is created.
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> paths = [jaxmerge.checkpoints.save(tmp / f"m{i}", {"w": jnp.full(3, float(i))}, format="safetensors")
+      ...          for i in range(2)]
+      >>> out = jaxmerge.checkpoints.stream_merge(jaxmerge.plan("linear"), paths, tmp / "avg",
+      ...                                         options=jaxmerge.checkpoints.StreamOptions(progress=False))
+      >>> jaxmerge.checkpoints.load(out)["w"].tolist()
+      [0.5, 0.5, 0.5]
     """
     output = Path(output).absolute()
-    paths = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     readers = [open_checkpoint(m) for m in models]
     base_reader = open_checkpoint(base) if base is not None else None
+    stat_readers = None if statistics is None else [open_checkpoint(s) for s in statistics]
     reference = base_reader or readers[0]
-    output_format = output_format or reference.format
+    output_format = options.output_format or reference.format
     if output_format not in FORMATS:
-        raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
+        raise JaxmergeError(f"output_format must be one of {FORMATS}, got {output_format!r}")
     if jax.process_count() > 1 and output_format != "orbax":
-        raise ValueError("a merge across several processes writes an Orbax checkpoint: pass output_format='orbax'")
-    _check_destination(output, paths, force)
-    spec, _, _ = flatten_models([abstract(r, dtype) for r in readers],
-                                None if base_reader is None else abstract(base_reader, dtype),
-                                names=[str(m) for m in models])
-    leaf_fn = plan(spec)
-    names = [key[0] for key in spec.keys]
-    stored = {name: reference.shape_dtype(name)[1] for name in names}  # not narrowed by JAX
-    out_types = {name: np.dtype(out_dtype or dtype or stored[name]) if is_float(stored[name]) else stored[name]
-                 for name in names}
+        raise JaxmergeError("a merge across several processes writes an Orbax checkpoint: pass output_format='orbax'")
+    inputs = [Path(m) for m in models] + [Path(p) for p in [base, *(statistics or [])] if p is not None]
+    _check_destination(output, inputs, options.force)
+    names = list(model_names) if model_names is not None else [str(m) for m in models]
+    source_spec, _, _ = flatten_models([abstract(r, options.dtype) for r in readers],
+                                       None if base_reader is None else abstract(base_reader, options.dtype),
+                                       names=names)
+    stores = None if stat_readers is None else [_StatisticsStore(r, options.sharding) for r in stat_readers]
+    leaf_fn = plan.leaf_fn(source_spec, stores, names)
+    tensors = [(key[0], leaf_spec(leaf).shape) for key, leaf in zip(source_spec.keys, source_spec.leaves)]
+    out_types = _out_types(reference, [name for name, _ in tensors], options)
 
     with staged(output) as staging:
         if output_format == "safetensors":
             staging.path.mkdir(parents=True)
-            staging.writer = SafetensorsWriter(
-                staging.path, [(n, spec.leaves[i].shape, out_types[n]) for i, n in enumerate(names)], max_shard_size)
+            staging.writer = SafetensorsWriter(staging.path, [(n, shape, out_types[n]) for n, shape in tensors],
+                                               options.max_shard_size)
         else:
             staging.path.parent.mkdir(parents=True, exist_ok=True)
             staging.writer = OrbaxWriter(staging.path, reference.treedef, reference.names)
-        _merge_all(spec, names, leaf_fn, readers, base_reader, staging.writer, out_types, dtype, sharding, progress,
-                   log)
-        staging.writer.close()
+        run(source_spec, leaf_fn, CheckpointSource(source_spec, readers, base_reader, options),
+            WriterSink(staging.writer, tensors, out_types, options))
         if jax.process_index() == 0:
             for extra in reference.extra_files():
                 if not (staging.path / extra.name).exists():
@@ -242,30 +345,10 @@ def stream_merge(plan: Callable[[TreeSpec], Callable], models: Sequence[str | os
     return output
 
 
-def _merge_all(spec, names, leaf_fn, readers, base_reader, writer, out_types, dtype, sharding, progress, log):
-    def read(i):
-        name = names[i]
-        base_leaf = None if base_reader is None else _load(base_reader, name, dtype, sharding)
-        if not spec.is_float(i):
-            return base_leaf, [base_leaf if base_leaf is not None else _load(readers[0], name, dtype, sharding)]
-        return base_leaf, [_load(r, name, dtype, sharding) for r in readers]
-
-    sizes = [int(np.prod(spec.leaves[i].shape)) * out_types[n].itemsize for i, n in enumerate(names)]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="merging",
-                 disable=not progress or jax.process_index() != 0, file=sys.stderr) as bar:
-        upcoming = pool.submit(read, 0) if names else None
-        for i, name in enumerate(names):
-            base_leaf, leaves = upcoming.result() if upcoming is not None else read(i)
-            # read ahead while merging, unless the next tensors are large (bounds memory)
-            ahead = i + 1 < len(names) and sizes[i + 1] <= PREFETCH_BYTES
-            upcoming = pool.submit(read, i + 1) if ahead else None
-            merged = leaf_fn(i, base_leaf, leaves) if spec.is_float(i) else leaves[0]
-            if merged.dtype != out_types[name]:
-                merged = merged.astype(out_types[name])
-            writer.write(name, merged)
-            bar.update(sizes[i])
-            bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
-            if log is not None and jax.process_index() == 0:
-                log(f"merged {name} {tuple(merged.shape)} {merged.dtype}")
-            del base_leaf, leaves, merged  # free this tensor before reading the next
+def _out_types(reference, names: list[str], options: StreamOptions) -> dict:
+    """Each tensor's written dtype: float tensors in ``out_dtype``, else ``dtype``, else as stored."""
+    out = {}
+    for name in names:
+        stored = reference.shape_dtype(name)[1]  # not narrowed by JAX
+        out[name] = np.dtype(options.out_dtype or options.dtype or stored) if is_float(stored) else stored
+    return out

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmerge.checkpoints.errors import CheckpointError
+from jaxmerge.errors import ConfigError
 
 MERGE_EXAMPLE = """\
 example config (mergekit's format):
@@ -27,10 +27,7 @@ example config (mergekit's format):
   dtype: float32                            # inputs cast to this before merging
   out_dtype: bfloat16                       # written tensors
 
-methods: linear (weight; normalize), slerp (t; base_model + one model), task_arithmetic,
-ties, dare_ties, dare_linear (weight, density; normalize, rescale, lambda), breadcrumbs,
-breadcrumbs_ties (+ gamma), della, della_linear (+ epsilon), model_stock (filter_wise),
-magmax (lambda), sce (select_topk), karcher (max_iter, tol).
+`jaxmerge methods` lists every merge_method with its parameters, defaults and ranges.
 
 Models are local directories of Hugging Face safetensors (model.safetensors, or shards
 with model.safetensors.index.json) or Orbax checkpoints. The output is written to a
@@ -67,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
                                               "or Orbax directory) with shapes and dtypes, and the totals.")
     inspect.add_argument("path", help="the checkpoint")
+    listing = commands.add_parser("methods", help="list the merge methods and their parameters",
+                                  description="List every merge method a config may name, with its parameters "
+                                              "(defaults, ranges, per-model or global) and references.")
+    listing.add_argument("method", nargs="?", help="show only this method")
     return parser
 
 
@@ -77,15 +78,15 @@ def parse_mesh(text: str):
     try:
         axes = [(name.strip(), int(size)) for name, size in (part.split("=") for part in text.split(","))]
     except ValueError:
-        raise CheckpointError(f"--mesh must look like data=4,model=2, got {text!r}") from None
+        raise ConfigError(f"--mesh must look like data=4,model=2, got {text!r}") from None
     sizes = tuple(size for _, size in axes)
     if math.prod(sizes) != jax.device_count():
-        raise CheckpointError(f"--mesh {text} needs {math.prod(sizes)} devices, there are {jax.device_count()}")
+        raise ConfigError(f"--mesh {text} needs {math.prod(sizes)} devices, there are {jax.device_count()}")
     return jax.make_mesh(sizes, tuple(name for name, _ in axes))
 
 
 def _merge(args) -> None:
-    from jaxmerge.checkpoints.stream import largest_axes_sharding, stream_merge
+    from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_merge
     from jaxmerge.cli.config import load_config
 
     if args.distributed:
@@ -95,13 +96,34 @@ def _merge(args) -> None:
     sharding = largest_axes_sharding(parse_mesh(args.mesh)) if args.mesh else None
     config = load_config(args.config)
     pair = config.method.base == "pair"
-    models = [config.base, *config.models] if pair else config.models
+    models, labels = ([config.base, *config.models], ["base_model", *config.model_labels]) if pair else \
+        (config.models, config.model_labels)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
+                            max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
+                            sharding=sharding, log=log)
     output = stream_merge(config.plan(args.random_seed), models, args.output, base=None if pair else config.base,
-                          dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
-                          max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
-                          log=log, sharding=sharding, extra_files={"jaxmerge_config.yml": config.text})
+                          statistics=config.statistics, options=options, model_names=labels,
+                          extra_files={"jaxmerge_config.yml": config.text})
     print(f"wrote {output}")
+
+
+def _methods(args) -> None:
+    from jaxmerge.merging import methods
+
+    for name, record in methods().items():
+        if args.method and name != args.method:
+            continue
+        print(f"{name}  (jaxmerge.{record.function.__name__}; base model: {record.base})")
+        print(f"    {record.summary}")
+        for p in record.params:
+            if p.key is not None:
+                scope = {"model": "per model", "leaf": "per tensor", "option": "global"}[p.scope]
+                print(f"    {p.describe(config=True)} ({scope}): {p.doc}")
+        if record.statistics:
+            print(f"    statistics: per model, required - the model's {record.statistics[:-1]} checkpoint")
+        if record.references:
+            print(f"    arXiv {', '.join(record.references)}")
 
 
 def _inspect(args) -> None:
@@ -122,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; exit status 0 on success, 2 on a bad config or checkpoint, 130 on Ctrl-C."""
     args = _parser().parse_args(argv)
     try:
-        _merge(args) if args.command == "merge" else _inspect(args)
-    except (CheckpointError, ValueError, TypeError, OSError) as error:
+        {"merge": _merge, "inspect": _inspect, "methods": _methods}[args.command](args)
+    except (ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"jaxmerge: error: {message}", file=sys.stderr)
         return 2

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import _hyper
-from jaxmerge._tree import (
-    PyTree,
-    TreeSpec,
-    acc_dtype,
-    apply_leafwise,
-    flatten_like,
-    flatten_models,
-)
-
-NORMALIZATIONS = (False, True, "sum", "l2")
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, leaf_spec
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
 @functools.partial(jax.jit, static_argnames="favor_target")
@@ -40,66 +36,85 @@ def fisher_kernel(leaves: Sequence[jax.Array], fishers: Sequence[jax.Array], wei
     return (numerator / denominator).astype(leaves[0].dtype)
 
 
-def _fisher_scales(fisher_leaves: list[list], spec: TreeSpec, how) -> np.ndarray | jax.Array:
-    """One factor per model that scales its Fisher to unit total mass (``'sum'``) or L2 norm."""
-    how = "sum" if how is True else how
-    floats = spec.float_indices()
-    if how == "sum":
-        totals = [sum(jnp.sum(leaves[i].astype(jnp.float32)) for i in floats) for leaves in fisher_leaves]
+def _check_fishers(fishers: Sequence, spec: TreeSpec) -> None:
+    """Every float leaf has a Fisher of its shape in every store, and no store has a Fisher of no leaf."""
+    shapes = {spec.paths[i]: leaf_spec(spec.leaves[i]).shape for i in spec.float_indices()}
+    known = set(spec.paths)
+    for j, store in enumerate(fishers):
+        names = set(store.names)
+        if missing := sorted(set(shapes) - names):
+            raise JaxmergeError(f"fishers[{j}] has no Fisher for {missing[0]!r}")
+        if extra := sorted(names - known):
+            raise JaxmergeError(f"fishers[{j}] has a Fisher for {extra[0]!r}, which is not a leaf of the models")
+        for name, shape in shapes.items():
+            if tuple(store.shape_dtype(name)[0]) != tuple(shape):
+                raise JaxmergeError(f"fishers[{j}] {name!r}: shape {store.shape_dtype(name)[0]} != {shape} of the "
+                                    "models")
+
+
+def _fisher_scales(fishers: Sequence, spec: TreeSpec, how) -> jax.Array:
+    """One factor per model that scales its Fisher to unit total mass (``'sum'``) or L2 norm
+    (a pass over every Fisher, one leaf at a time)."""
+    names = [spec.paths[i] for i in spec.float_indices()]
+    if how in (True, "sum"):
+        totals = [sum(jnp.sum(jnp.asarray(store.read(n), jnp.float32)) for n in names) for store in fishers]
     else:
-        totals = [jnp.sqrt(sum(jnp.sum(jnp.square(leaves[i].astype(jnp.float32))) for i in floats))
-                  for leaves in fisher_leaves]
+        totals = [jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(store.read(n), jnp.float32))) for n in names))
+                  for store in fishers]
     totals = jnp.stack(totals)
     return 1 / jnp.where(totals > 0, totals, 1)
 
 
-def _check_nonnegative(fisher_leaves: list[list], spec: TreeSpec) -> None:
-    for j, leaves in enumerate(fisher_leaves):
-        for i in spec.float_indices():
-            leaf = leaves[i]
-            if not isinstance(leaf, jax.core.Tracer) and (lowest := float(np.asarray(leaf).min())) < 0:
-                raise ValueError(f"fishers[{j}] has negative values at {spec.paths[i]!r} "
-                                 f"(min {lowest:g}); a Fisher is a mean of squares")
+def _nonnegative(fisher, j: int, path: str):
+    if not isinstance(fisher, jax.core.Tracer) and (lowest := float(np.asarray(fisher).min())) < 0:
+        raise JaxmergeError(f"fishers[{j}] has negative values at {path!r} (min {lowest:g}); a Fisher is a mean "
+                            "of squares")
+    return fisher
 
 
-def fisher_plan(spec: TreeSpec, fisher_leaves: list[list], weights=None, *, epsilon=1e-8,
-                normalize_fishers=False, favor_target: bool = False):
-    """Leaf function for :func:`fisher_merge`; the model leaves come first, then the Fishers'."""
-    if normalize_fishers not in NORMALIZATIONS:
-        raise ValueError(f"normalize_fishers must be one of {NORMALIZATIONS}, got {normalize_fishers!r}")
-    w = _hyper.resolve_models(weights, "weights", spec, default=1.0, check=_hyper.in_range(0, float("inf")))
+def _fisher_plan(spec: TreeSpec, hp: dict, fishers: Sequence):
+    w, favor_target, eps = hp["weights"], hp["favor_target"], _hyper.scalar_arg(hp["epsilon"])
     _hyper.check_nonzero_sums(w, "weights", spec)
-    eps = _hyper.checked(epsilon, "epsilon", _hyper.positive)
     if favor_target:
         for path, row in zip(spec.paths, w):
             if isinstance(row, np.ndarray) and row[0] <= 0:
-                raise ValueError(f"favor_target needs a positive weight for models[0] (the target), got {row[0]} "
-                                 f"at {path!r}")
-    _check_nonnegative(fisher_leaves, spec)
-    if normalize_fishers:
-        scales = _fisher_scales(fisher_leaves, spec, normalize_fishers)
+                raise JaxmergeError(f"favor_target needs a positive weight for models[0] (the target), got {row[0]} "
+                                    f"at {path!r}")
+    _check_fishers(fishers, spec)
+    if hp["normalize_fishers"]:
+        scales = _fisher_scales(fishers, spec, hp["normalize_fishers"])
         w = [None if row is None else jnp.asarray(row, jnp.float32) * scales for row in w]
-    n = spec.num_models
 
     def leaf_fn(i, _, leaves):
-        return fisher_kernel(leaves[:n], leaves[n:], w[i], _hyper.scalar_arg(eps), favor_target=favor_target)
+        path = spec.paths[i]
+        masses = [_nonnegative(store.read(path), j, path) for j, store in enumerate(fishers)]
+        return fisher_kernel(leaves, masses, w[i], eps, favor_target=favor_target)
     return leaf_fn
 
 
+@merge_method("fisher", base="none", plan=_fisher_plan, statistics="fishers", references=("2111.09832",), params=(
+    dataclasses.replace(WEIGHTS, check=Range(0)),
+    Param("epsilon", "option", "the floor on the Fisher values", kind=float, check=Range(0, lo_open=True)),
+    Param("normalize_fishers", "option", "scale each Fisher to unit total mass (True/'sum') or L2 norm ('l2')",
+          choices=(False, True, "sum", "l2")),
+    Param("favor_target", "option", "floor only models[0]'s Fisher, keeping its values where the others have none",
+          kind=bool)))
 def fisher_merge(models: Sequence[PyTree], fishers: Sequence[PyTree], weights=None, *, epsilon=1e-8,
-                 normalize_fishers=False, favor_target: bool = False) -> PyTree:
-    """Fisher-weighted average of models (arXiv 2111.09832).
+                 normalize_fishers: Literal[False, True, "sum", "l2"] = False, favor_target: bool = False) -> PyTree:
+    """Fisher-weighted average of models: per parameter, weighted by each model's Fisher.
 
     Per parameter, ``sum_i w_i F_i theta_i / sum_i w_i F_i`` with each Fisher floored at
     ``epsilon``, so parameters that no model's Fisher cares about fall back to the weighted
-    average. With equal Fishers this is :func:`jaxmerge.average`.
+    average. With equal Fishers this is :func:`jaxmerge.average`. In a merge config
+    (``merge_method: fisher``) each model's ``statistics`` parameter names its Fisher
+    checkpoint.
 
     Args:
       models: the models; the output has ``models[0]``'s structure and dtypes.
       fishers: one diagonal Fisher per model, shaped like the models (for example from
         :func:`jaxmerge.diagonal_fisher`).
       weights: one non-negative per-leaf weight per model (``None``: equal).
-      epsilon: the floor on the Fisher values.
+      epsilon: the floor on the Fisher values, > 0.
       normalize_fishers: scale each model's Fisher before merging to unit total mass
         (``True`` or ``'sum'``), or to unit L2 norm over all leaves (``'l2'``, what the
         paper's code does), so that models with larger gradients do not dominate.
@@ -107,13 +122,21 @@ def fisher_merge(models: Sequence[PyTree], fishers: Sequence[PyTree], weights=No
         experiment): only its Fisher is floored, so parameters that the other models'
         Fishers do not cover keep the target's value.
 
+    Returns:
+      A pytree shaped like ``models[0]``.
+
     Raises:
-      ValueError: fishers whose structure or shapes differ from the models (naming
+      JaxmergeError: a Fisher missing for a leaf, of another shape, or for no leaf (naming
         ``fishers[i]`` and the path), negative Fisher values, negative weights or weights
         summing to 0, ``epsilon <= 0``.
+
+    References:
+      Matena & Raffel, "Merging models with Fisher-weighted averaging", arXiv 2111.09832.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([0.0, 0.0])}, {"w": jnp.asarray([4.0, 4.0])}
+      >>> fa, fb = {"w": jnp.asarray([3.0, 1.0])}, {"w": jnp.asarray([1.0, 1.0])}
+      >>> jaxmerge.fisher_merge([a, b], [fa, fb])["w"].tolist()
+      [1.0, 2.0]
     """
-    spec, _, model_leaves = flatten_models(models)
-    fisher_leaves = flatten_like(spec, fishers, "fishers")
-    plan = fisher_plan(spec, fisher_leaves, weights, epsilon=epsilon, normalize_fishers=normalize_fishers,
-                       favor_target=favor_target)
-    return apply_leafwise(spec, plan, None, model_leaves + fisher_leaves)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
 @functools.partial(jax.jit, static_argnames="max_iter")
@@ -61,23 +64,23 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
     return result.astype(leaves[0].dtype)
 
 
-def karcher_plan(spec: TreeSpec, weights=None, *, max_iter: int = 10, tol: float = 1e-5):
-    """Leaf function for :func:`karcher`."""
-    if not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    tol = _hyper.checked(tol, "tol", _hyper.positive)
-    w = _hyper.resolve_models(weights, "weights", spec, default=1.0)
+def _karcher_plan(spec: TreeSpec, hp: dict):
+    w, tol, max_iter = hp["weights"], _hyper.scalar_arg(hp["tol"]), hp["max_iter"]
     _hyper.check_nonzero_sums(w, "weights", spec)
 
     def leaf_fn(i, _, leaves):
         if len(leaves) == 1:
             return leaves[0]
-        return karcher_kernel(leaves, w[i], _hyper.scalar_arg(tol), max_iter=max_iter)
+        return karcher_kernel(leaves, w[i], tol, max_iter=max_iter)
     return leaf_fn
 
 
+@merge_method("karcher", base="none", plan=_karcher_plan, references=("2603.04972",), params=(
+    dataclasses.replace(WEIGHTS, config=None),
+    Param("max_iter", "option", "maximum number of Riemannian gradient steps", kind=int, check=Range(0)),
+    Param("tol", "option", "convergence threshold on the step size", kind=float, check=Range(0, lo_open=True))))
 def karcher(models: Sequence[PyTree], weights=None, *, max_iter: int = 10, tol: float = 1e-5) -> PyTree:
-    """Karcher mean of models (mergekit's ``karcher``), per leaf.
+    """Karcher mean of models, mergekit's ``karcher``: the Riemannian mean of directions, per leaf.
 
     Treats each leaf as a point ``r u`` (norm times direction) and returns the weighted
     Riemannian (Karcher) mean of the directions on the unit sphere, scaled by the weighted
@@ -86,10 +89,25 @@ def karcher(models: Sequence[PyTree], weights=None, *, max_iter: int = 10, tol: 
 
     Args:
       models: the models to merge; the output has ``models[0]``'s structure and dtypes.
-      weights: one per-leaf weight per model (``None``: equal, as in mergekit).
+      weights: one per-leaf weight per model (``None``: equal, as in mergekit, whose
+        configs do not set them).
       max_iter: maximum number of Riemannian gradient steps.
       tol: convergence threshold on the step size; leaves with norm at most ``tol`` do
         not contribute a direction.
+
+    Returns:
+      A pytree shaped like ``models[0]``.
+
+    Raises:
+      JaxmergeError: a structure or shape mismatch, weights summing to 0, or a bad
+        ``max_iter`` or ``tol``.
+
+    References:
+      The Karcher mean on the sphere, as mergekit's ``karcher`` method (arXiv 2603.04972).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([2.0, 0.0])}, {"w": jnp.asarray([0.0, 2.0])}
+      >>> [round(x, 4) for x in jaxmerge.karcher([a, b])["w"].tolist()]
+      [1.4142, 1.4142]
     """
-    spec, _, leaves = flatten_models(models)
-    return apply_leafwise(spec, karcher_plan(spec, weights, max_iter=max_iter, tol=tol), None, leaves)

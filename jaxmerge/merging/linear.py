@@ -1,9 +1,4 @@
-"""Linear merges: weighted average and linear interpolation.
-
-Each method is a jitted leaf kernel, a *plan* that turns a :class:`~jaxmerge._tree.TreeSpec`
-and the hyperparameters into a leaf function (validating everything first), and the public
-tree function.
-"""
+"""Linear merges: weighted average (mergekit's ``linear``) and linear interpolation."""
 
 from __future__ import annotations
 
@@ -13,14 +8,8 @@ from collections.abc import Sequence
 import jax
 
 from jaxmerge import _hyper
-from jaxmerge._tree import (
-    PyTree,
-    TreeSpec,
-    acc_dtype,
-    apply_leafwise,
-    flatten_models,
-    weighted_sum,
-)
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, weighted_sum
+from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
 @functools.partial(jax.jit, static_argnames="normalize")
@@ -33,27 +22,26 @@ def average_kernel(leaves: Sequence[jax.Array], weights: jax.Array, *, normalize
     return total.astype(leaves[0].dtype)
 
 
-def average_plan(spec: TreeSpec, weights=None, *, normalize: bool = True):
-    """Leaf function for :func:`average` (validates ``weights`` against ``spec``)."""
-    w = _hyper.resolve_models(weights, "weights", spec, default=1.0)
+def _average_plan(spec: TreeSpec, hp: dict):
+    w, normalize = hp["weights"], hp["normalize"]
     if normalize:
         _hyper.check_nonzero_sums(w, "weights", spec)
     return lambda i, _, leaves: average_kernel(leaves, w[i], normalize=normalize)
 
 
-def lerp_plan(spec: TreeSpec, t):
-    """Leaf function for :func:`lerp`: weights ``(1 - t, t)`` without normalisation."""
-    ts = _hyper.resolve(t, "t", spec)
-    w = [None if v is None else _hyper.vector([1 - v, v]) for v in ts]
+def _lerp_plan(spec: TreeSpec, hp: dict):
+    w = [None if t is None else _hyper.vector([1 - t, t]) for t in hp["t"]]
     return lambda i, _, leaves: average_kernel(leaves, w[i], normalize=False)
 
 
+@merge_method("linear", base="none", plan=_average_plan, references=("2203.05482",), params=(
+    WEIGHTS, Param("normalize", "option", "divide by the sum of the weights", kind=bool)))
 def average(models: Sequence[PyTree], weights=None, *, normalize: bool = True) -> PyTree:
     """Weighted average of models, leaf by leaf (mergekit's ``linear``).
 
     ``sum_i w_i theta_i / sum_i w_i``; with ``normalize=False`` the plain weighted sum.
     Float leaves accumulate in float32 (bf16/fp16 in, same dtype out); other leaves are
-    taken from ``models[0]``. This is also the uniform model soup (arXiv 2203.05482).
+    taken from ``models[0]``. This is also the uniform model soup.
 
     Args:
       models: a list of pytrees of the same structure, shapes and dtype kinds.
@@ -65,13 +53,26 @@ def average(models: Sequence[PyTree], weights=None, *, normalize: bool = True) -
       A pytree shaped like ``models[0]``, with its dtypes.
 
     Raises:
-      ValueError: no models, a structure/shape mismatch, weights of the wrong length, a
-        non-finite weight, or weights that sum to 0 with ``normalize``.
+      JaxmergeError: no models, a structure or shape mismatch, weights of the wrong
+        length, a non-finite weight, or weights that sum to 0 with ``normalize``.
+      TypeError: ``models`` is not a list, or a weight is not a real number.
+
+    References:
+      Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models
+      improves accuracy without increasing inference time", arXiv 2203.05482.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([0.0, 2.0])}, {"w": jnp.asarray([4.0, 6.0])}
+      >>> jaxmerge.average([a, b])["w"].tolist()
+      [2.0, 4.0]
+      >>> jaxmerge.average([a, b], [3.0, 1.0])["w"].tolist()
+      [1.0, 3.0]
     """
-    spec, _, leaves = flatten_models(models)
-    return apply_leafwise(spec, average_plan(spec, weights, normalize=normalize), None, leaves)
 
 
+@merge_method("lerp", base="pair", plan=_lerp_plan, params=(
+    Param("t", "leaf", "interpolation position: 0 gives the first model, 1 the second"),))
 def lerp(a: PyTree, b: PyTree, t) -> PyTree:
     """Linear interpolation ``(1 - t) a + t b`` of two models, leaf by leaf.
 
@@ -79,6 +80,16 @@ def lerp(a: PyTree, b: PyTree, t) -> PyTree:
       a, b: pytrees of the same structure; the result has ``a``'s dtypes.
       t: a finite per-leaf hyperparameter; 0 gives ``a``, 1 gives ``b``, values outside
         [0, 1] extrapolate.
+
+    Returns:
+      A pytree shaped like ``a``.
+
+    Raises:
+      JaxmergeError: a structure or shape mismatch, or a non-finite ``t``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([0.0, 2.0])}, {"w": jnp.asarray([4.0, 6.0])}
+      >>> jaxmerge.lerp(a, b, 0.25)["w"].tolist()
+      [1.0, 3.0]
     """
-    spec, _, leaves = flatten_models([a, b])
-    return apply_leafwise(spec, lerp_plan(spec, t), None, leaves)

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge._tree import PyTree, acc_dtype
+from jaxmerge.merging.method import Param, merge_method
 
 
 @functools.partial(jax.jit, static_argnames="filter_wise")
@@ -42,16 +43,13 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     return (t * mean + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
 
 
-def model_stock_plan(spec: TreeSpec, *, filter_wise: bool = False):
-    """Leaf function for :func:`model_stock`."""
-    if not spec.has_base or spec.num_models < 2:
-        raise ValueError("model_stock needs a base model and at least 2 fine-tuned models, "
-                         f"got {'a' if spec.has_base else 'no'} base and {spec.num_models} models")
-    return lambda i, base, leaves: model_stock_kernel(base, leaves, filter_wise=filter_wise)
-
-
+@merge_method("model_stock", base="required", min_models=2, references=("2403.19522",),
+              plan=lambda spec, hp: lambda i, base, leaves: model_stock_kernel(base, leaves,
+                                                                               filter_wise=hp["filter_wise"]),
+              params=(Param("filter_wise", "option", "one t per row along the last axis instead of per leaf",
+                            kind=bool),))
 def model_stock(base: PyTree, models: Sequence[PyTree], *, filter_wise: bool = False) -> PyTree:
-    """Model Stock merge (arXiv 2403.19522), mergekit's ``model_stock``.
+    """Model Stock, mergekit's ``model_stock``: move from the base toward the average by the angle.
 
     Per leaf, moves from the base toward the average of the fine-tuned models by
     ``t = N cos(theta) / (1 + (N - 1) cos(theta))``, where ``theta`` is the angle between
@@ -62,8 +60,21 @@ def model_stock(base: PyTree, models: Sequence[PyTree], *, filter_wise: bool = F
       models: at least two fine-tuned models.
       filter_wise: one ``t`` per row along the last axis (per output filter in PyTorch's
         ``(out, in)`` layout) instead of one per leaf.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, fewer than two models, or a structure or shape mismatch.
+
+    References:
+      Jang et al., "Model Stock: all we need is just a few fine-tuned models",
+      arXiv 2403.19522.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(2)}
+      >>> tunes = [{"w": jnp.asarray([1.0, 0.0])}, {"w": jnp.asarray([0.0, 1.0])}]
+      >>> jaxmerge.model_stock(base, tunes)["w"].tolist()  # orthogonal task vectors: t = 0
+      [0.0, 0.0]
     """
-    if base is None:
-        raise ValueError("model_stock needs a base model (base is None)")
-    spec, base_leaves, leaves = flatten_models(models, base)
-    return apply_leafwise(spec, model_stock_plan(spec, filter_wise=filter_wise), base_leaves, leaves)

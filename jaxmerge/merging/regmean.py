@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +26,16 @@ from jax.sharding import PartitionSpec
 
 from jaxmerge import _hyper
 from jaxmerge._sharding import like, reshard
-from jaxmerge._tree import (
-    PyTree,
-    TreeSpec,
-    apply_leafwise,
-    flatten_models,
-    flatten_with_keys,
-)
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, flatten_models, leaf_spec
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import average_kernel
+from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.statistics import gram as gram_stats
 from jaxmerge.statistics._data import model_function
 
 LAYOUTS = ("in_out", "out_in")
+Layout = Literal["in_out", "out_in"]
 
 
 @jax.jit
@@ -79,47 +78,46 @@ def _as_matrix(kernel_shape: tuple[int, ...], features: int, layout: str) -> tup
     return (lambda w: w.reshape(-1, features).T), (lambda m: m.T.reshape(kernel_shape))
 
 
-def _grams_by_kernel(grams_tree: PyTree) -> dict[tuple[str, ...], jax.Array]:
-    keys, leaves, _ = flatten_with_keys(grams_tree)
-    return {key[:-1]: leaf for key, leaf in zip(keys, leaves) if key[-1] == "gram"}
+def _gram_paths(store, j: int, known: set[str]) -> set[str]:
+    """The layer paths that ``grams[j]`` has a Gram matrix for (its ``'<path>/gram'`` entries)."""
+    paths = {name[:-len("/gram")] for name in store.names if name.endswith("/gram")}
+    if not paths:
+        raise JaxmergeError(f"grams[{j}] has no Gram matrices (entries named '<layer path>/gram', as "
+                            "jaxmerge.input_grams makes them)")
+    if extra := sorted(paths - known):
+        raise JaxmergeError(f"grams[{j}] has statistics for {extra[0]!r}, which is not a leaf of the models")
+    return paths
 
 
-def regmean_plan(spec: TreeSpec, grams: Sequence[dict], *, alpha=0.9, layout: str = "in_out",
-                 ridge: float = 1e-5, linear: Callable | None = None):
+def _regmean_plan(spec: TreeSpec, hp: dict, grams: Sequence):
     """Leaf function for :func:`regmean` (validates the statistics against the kernels)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(grams, (list, tuple)) or len(grams) != spec.num_models:
-        raise ValueError(f"grams must be a list with one statistics tree per model ({spec.num_models})")
-    alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
-    ridge = _hyper.checked(ridge, "ridge", _hyper.in_range(0, float("inf")))
-    per_model = [_grams_by_kernel(g) for g in grams]
-    plans: dict[int, tuple] = {}
+    layout, ridge, alphas, linear = hp["layout"], hp["ridge"], hp["alpha"], hp["linear"]
+    covered = [_gram_paths(store, j, set(spec.paths)) for j, store in enumerate(grams)]
+    views: dict[int, tuple] = {}
     for i in spec.float_indices():
-        key, path, shape = spec.keys[i], spec.paths[i], spec.leaves[i].shape
-        present = [key in g for g in per_model]
-        wanted = any(present) if linear is None else bool(linear(path, spec.leaves[i]))
-        if not wanted:
+        path, shape = spec.paths[i], leaf_spec(spec.leaves[i]).shape
+        present = [path in paths for paths in covered]
+        if not (any(present) if linear is None else bool(linear(path, spec.leaves[i]))):
             continue
         if not all(present):
-            raise ValueError(f"grams[{present.index(False)}] has no statistics for the linear layer {path!r}")
-        features = per_model[0][key].shape[0]
-        for j, g in enumerate(per_model):
-            if g[key].shape != (features, features) or g[key].shape != per_model[0][key].shape:
-                raise ValueError(f"grams[{j}] at {path!r} has shape {g[key].shape}, expected a square Gram "
-                                 f"like grams[0]'s {per_model[0][key].shape}")
-        views = _as_matrix(shape, features, layout)
-        if views is None:
-            raise ValueError(f"the Gram at {path!r} has {features} input features, which do not match the "
-                             f"{'leading' if layout == 'in_out' else 'trailing'} axes of the kernel of shape {shape}")
-        plans[i] = (views, [g[key] for g in per_model])
+            raise JaxmergeError(f"grams[{present.index(False)}] has no statistics for the linear layer {path!r}")
+        shapes = [tuple(store.shape_dtype(f"{path}/gram")[0]) for store in grams]
+        for j, gram_shape in enumerate(shapes):
+            if len(gram_shape) != 2 or gram_shape[0] != gram_shape[1] or gram_shape != shapes[0]:
+                raise JaxmergeError(f"grams[{j}] at {path!r} has shape {gram_shape}, expected a square Gram like "
+                                    f"grams[0]'s {shapes[0]}")
+        views[i] = _as_matrix(shape, shapes[0][0], layout)
+        if views[i] is None:
+            raise JaxmergeError(f"the Gram at {path!r} has {shapes[0][0]} input features, which do not match the "
+                                f"{'leading' if layout == 'in_out' else 'trailing'} axes of the kernel of shape {shape}")
     equal = np.ones(spec.num_models)
 
     def leaf_fn(i, _, leaves):
-        if i not in plans:
+        if i not in views:
             return average_kernel(leaves, equal, normalize=True)
-        views, leaf_grams = plans[i]
-        return _solve(spec.paths[i], views, leaves, leaf_grams, alphas[i], ridge, stacklevel=5)
+        path = spec.paths[i]
+        return _solve(path, views[i], leaves, [store.read(f"{path}/gram") for store in grams], alphas[i], ridge,
+                      stacklevel=6)
     return leaf_fn
 
 
@@ -136,32 +134,58 @@ def _solve(path: str, views: tuple[Callable, Callable], kernels: Sequence[jax.Ar
     return from_matrix(solution).astype(kernels[0].dtype)
 
 
-def regmean(models: Sequence[PyTree], grams: Sequence[dict], *, alpha=0.9, layout: str = "in_out",
+@merge_method("regmean", base="none", plan=_regmean_plan, statistics="grams", references=("2212.09849",), params=(
+    Param("alpha", "leaf", "scale of the Grams' off-diagonal entries", check=Range(0, 1)),
+    Param("layout", "option", "kernel layout: Flax 'in_out' or PyTorch 'out_in'", choices=LAYOUTS),
+    Param("ridge", "option", "ridge added to a singular summed Gram, times its mean diagonal", kind=float,
+          check=Range(0)),
+    Param("linear", "option", "fn(path, leaf) -> bool choosing the leaves merged by RegMean", config=None)))
+def regmean(models: Sequence[PyTree], grams: Sequence[PyTree], *, alpha=0.9, layout: Layout = "in_out",
             ridge: float = 1e-5, linear: Callable | None = None) -> PyTree:
-    """RegMean merge (arXiv 2212.09849): per linear layer, the least-squares merged kernel.
+    """RegMean merge: per linear layer, the kernel that best reproduces every model's outputs.
+
+    For a linear layer with kernels ``W_i`` and input Grams ``G_i = X_i^T X_i``, the merged
+    kernel is ``W* = (sum_i G~_i)^-1 sum_i G~_i W_i`` with ``G~ = alpha G + (1 - alpha)
+    diag(G)``, the minimiser of ``sum_i ||X_i W - X_i W_i||^2``, solved by Cholesky in
+    float32. Leaves without statistics (biases, norms, embeddings) are averaged. In a merge
+    config (``merge_method: regmean``) each model's ``statistics`` parameter names its Gram
+    checkpoint.
 
     Args:
       models: the models; the output has ``models[0]``'s structure and dtypes.
       grams: one statistics tree per model, from :func:`jaxmerge.input_grams` (on each
         model's own data), or any nested dicts keyed like the params with
         ``{'gram': (d, d)}`` where a kernel is.
-      alpha: per-leaf scale of the Grams' off-diagonal entries (0: a per-input weighted
-        average; 1: the exact least-squares solution).
+      alpha: per-leaf scale of the Grams' off-diagonal entries, in [0, 1] (0: a per-input
+        weighted average; 1: the exact least-squares solution).
       layout: ``'in_out'`` for Flax kernels (the Gram covers the leading axes) or
         ``'out_in'`` for PyTorch-style ``(out, in)`` weights (the trailing axes).
       ridge: if a summed Gram is singular, ``ridge`` times its mean diagonal is added to
         its diagonal (with a ``RuntimeWarning`` naming the layer).
       linear: optional ``fn(path, leaf) -> bool`` choosing the leaves merged by RegMean
         (they then must have statistics); by default every leaf with statistics is, and
-        every other leaf (biases, norms, embeddings) is averaged.
+        every other leaf is averaged.
+
+    Returns:
+      A pytree shaped like ``models[0]``.
 
     Raises:
-      ValueError: statistics missing for a layer in some model, a Gram whose size does
+      JaxmergeError: a statistics tree with no Gram matrices or with one for a path that is
+        not a leaf, statistics missing for a layer in some model, a Gram whose size does
         not match the kernel's input features, a bad ``alpha`` or ``layout``.
+
+    References:
+      Jin et al., "Dataless knowledge fusion by merging weights of language models",
+      arXiv 2212.09849.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"k": jnp.asarray([[1.0], [0.0]])}, {"k": jnp.asarray([[0.0], [1.0]])}
+      >>> ga = {"k": {"gram": jnp.asarray([[1.0, 0.0], [0.0, 0.0]])}}
+      >>> gb = {"k": {"gram": jnp.asarray([[0.0, 0.0], [0.0, 1.0]])}}
+      >>> jaxmerge.regmean([a, b], [ga, gb], alpha=1.0)["k"].tolist()  # each model owns one input
+      [[1.0], [1.0]]
     """
-    spec, _, leaves = flatten_models(models)
-    plan = regmean_plan(spec, grams, alpha=alpha, layout=layout, ridge=ridge, linear=linear)
-    return apply_leafwise(spec, plan, None, leaves)
 
 
 def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable], *, alpha=0.9, ridge: float = 1e-5,
@@ -189,16 +213,16 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
     """
     spec, _, model_leaves = flatten_models(models)
     if not isinstance(data, (list, tuple)) or len(data) != spec.num_models:
-        raise ValueError(f"data must be a list with one re-iterable of batches per model ({spec.num_models})")
-    alphas = _hyper.resolve(alpha, "alpha", spec, _hyper.in_range(0, 1))
-    ridge = _hyper.checked(ridge, "ridge", _hyper.in_range(0, float("inf")))
+        raise JaxmergeError(f"data must be a list with one re-iterable of batches per model ({spec.num_models})")
+    alphas = _hyper.resolve(alpha, "alpha", spec, Range(0, 1))
+    ridge = _hyper.checked(ridge, "ridge", Range(0))
     apply_fn, _ = model_function(model, None if isinstance(model, nnx.Module) else models[0])
     first_batch = next(iter(data[0]), None)
     if first_batch is None:
-        raise ValueError("data[0] yielded no batches")
+        raise JaxmergeError("data[0] yielded no batches")
     first_use, kernel_order = _order_of_use(apply_fn, models[0], first_batch)
     if not kernel_order:
-        raise ValueError("found no linear layer in the model")
+        raise JaxmergeError("found no linear layer in the model")
     equal = np.ones(spec.num_models)
     merged = [average_kernel([m[i] for m in model_leaves], equal, normalize=True) if spec.is_float(i)
               else spec.leaves[i] for i in range(len(spec.keys))]

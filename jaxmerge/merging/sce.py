@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.merging import sparsify
-from jaxmerge.merging.task_vectors import elect_sign
+from jaxmerge.merging.task_vectors import INT8_MASK, elect_sign
 
 
 @jax.jit
@@ -44,25 +46,41 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     return (base32 + merged / jnp.where(divisor == 0, 1, divisor)).astype(base.dtype)
 
 
-def sce_plan(spec: TreeSpec, *, select_topk=1.0):
-    """Leaf function for :func:`sce`."""
-    if not spec.has_base:
-        raise ValueError("sce needs a base model (base is None)")
-    topk = _hyper.resolve(select_topk, "select_topk", spec, _hyper.in_range(0, 1, lo_open=True))
+def _sce_plan(spec: TreeSpec, hp: dict):
+    topk = hp["select_topk"]
     return lambda i, base, leaves: sce_kernel(base, leaves, _hyper.scalar_arg(topk[i]))
 
 
+@merge_method("sce", base="required", plan=_sce_plan, references=("2408.07990",), params=(
+    Param("select_topk", "leaf", "fraction of the entries with non-zero variance kept", check=Range(0, 1, lo_open=True)),
+    INT8_MASK))
 def sce(base: PyTree, models: Sequence[PyTree], *, select_topk=1.0) -> PyTree:
-    """SCE merge (arXiv 2408.07990), mergekit's ``sce``: select high-variance entries,
-    calculate per-model weights from task-vector energy, erase minority-sign entries.
+    """SCE merge, mergekit's ``sce``: select high-variance entries, calculate weights, erase.
+
+    Select the entries whose variance across the task vectors is largest, calculate
+    per-model weights from each selected task vector's energy (mean square), and erase
+    entries whose sign disagrees with the elected sign before the weighted mean.
 
     Args:
       base: the pivot model; the output has its structure and dtypes.
       models: the models to fuse.
       select_topk: per-leaf fraction in (0, 1] of the entries with non-zero variance
         across models to keep.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, a structure or shape mismatch, or ``select_topk`` out of
+        range.
+
+    References:
+      Wan et al., "FuseChat: knowledge fusion of chat models", arXiv 2408.07990.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(2)}
+      >>> tunes = [{"w": jnp.asarray([1.0, 1.0])}, {"w": jnp.asarray([1.0, 1.0])}]
+      >>> jaxmerge.sce(base, tunes)["w"].tolist()
+      [1.0, 1.0]
     """
-    if base is None:
-        raise ValueError("sce needs a base model (base is None)")
-    spec, base_leaves, leaves = flatten_models(models, base)
-    return apply_leafwise(spec, sce_plan(spec, select_topk=select_topk), base_leaves, leaves)

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge.merging.method import Param, merge_method
 
 
 def _unit(x: jax.Array, epsilon: float) -> jax.Array:
@@ -36,32 +38,43 @@ def slerp_kernel(a: jax.Array, b: jax.Array, t: jax.Array, epsilon: jax.Array,
     return (ca * a32 + cb * b32).astype(a.dtype)
 
 
-def slerp_plan(spec: TreeSpec, t, *, epsilon: float = 1e-8, dot_threshold: float = 0.9995):
-    """Leaf function for :func:`slerp` (validates ``t``, ``epsilon`` and ``dot_threshold``)."""
-    ts = _hyper.resolve(t, "t", spec)
-    epsilon = _hyper.checked(epsilon, "epsilon")
-    dot_threshold = _hyper.checked(dot_threshold, "dot_threshold", _hyper.in_range(0, 1))
-    consts = _hyper.vector([epsilon, dot_threshold])
+def _slerp_plan(spec: TreeSpec, hp: dict):
+    ts, consts = hp["t"], _hyper.vector([hp["epsilon"], hp["dot_threshold"]])
     return lambda i, _, leaves: slerp_kernel(*leaves, _hyper.scalar_arg(ts[i]), *consts)
 
 
+@merge_method("slerp", base="pair", plan=_slerp_plan, params=(
+    Param("t", "leaf", "interpolation position: 0 gives the base (first) model, 1 the other"),
+    Param("epsilon", "option", "norms at or below this are not normalised", kind=float, check=Range(0)),
+    Param("dot_threshold", "option", "|cos| above which lerp is used", kind=float, check=Range(0, 1))))
 def slerp(a: PyTree, b: PyTree, t, *, epsilon: float = 1e-8, dot_threshold: float = 0.9995) -> PyTree:
     """Spherical linear interpolation of two models, per leaf (mergekit's ``slerp``).
 
     Each leaf is treated as one flat vector (Shoemake 1985; the model-merging use follows
     mergekit): the two are interpolated along the great circle between their directions,
-    keeping the magnitudes' linear blend, with lerp as the fallback where the directions
-    are nearly parallel (``|cos| > dot_threshold``). Computed in float32 and cast back to
-    ``a``'s dtypes.
+    ``sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b``, with lerp as the
+    fallback where the directions are nearly parallel (``|cos theta| > dot_threshold``).
+    Computed in float32 and cast back to ``a``'s dtypes.
 
     Args:
       a, b: pytrees of the same structure; ``t = 0`` gives ``a`` and ``t = 1`` gives ``b``.
+        In a merge config, ``a`` is the ``base_model``.
       t: a finite per-leaf hyperparameter (mergekit configs commonly pass a layer gradient
         list, and filter lists such as ``[{'filter': 'self_attn', 'value': [0, 0.5, 1]},
         {'value': 0.5}]``).
       epsilon: norms at or below this are not normalised.
-      dot_threshold: colinearity threshold for the lerp fallback.
+      dot_threshold: colinearity threshold for the lerp fallback, in [0, 1].
+
+    Returns:
+      A pytree shaped like ``a``, with its dtypes.
+
+    Raises:
+      JaxmergeError: a structure or shape mismatch, a non-finite ``t``, or an out-of-range
+        ``epsilon`` or ``dot_threshold``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([1.0, 0.0])}, {"w": jnp.asarray([0.0, 1.0])}
+      >>> [round(x, 4) for x in jaxmerge.slerp(a, b, 0.5)["w"].tolist()]
+      [0.7071, 0.7071]
     """
-    spec, _, leaves = flatten_models([a, b])
-    return apply_leafwise(spec, slerp_plan(spec, t, epsilon=epsilon, dot_threshold=dot_threshold),
-                          None, leaves)

@@ -1,9 +1,11 @@
 """Sparsification of task vectors: exact magnitude top-k, random drop, breadcrumbs, DELLA.
 
 These are array-level, jit-compatible building blocks; the task-vector merges (TIES, DARE,
-breadcrumbs, DELLA, SCE) are made of them. Each ``*_mask`` function returns a boolean mask
-(and, for the random ones, the keep probability of every entry); :func:`rescale` then
-zeroes the dropped entries and rescales the kept ones.
+breadcrumbs, DELLA, SCE) are made of them. Each sparsifier is a typed strategy
+(:class:`Magnitude`, :class:`Breadcrumbs`, :class:`Random`, :class:`Ranked`) that resolves
+its hyperparameters once per leaf and makes the mask inside the jitted kernel; the public
+``*_mask`` functions run the same strategies on one array. :func:`rescale` then zeroes the
+dropped entries and rescales the kept ones.
 
 Exact top-k without sorting: ``jnp.sort`` and ``lax.top_k`` are 20-100x slower than a
 selection on XLA's CPU backend. :func:`kth_largest_magnitude` instead runs a radix select
@@ -16,12 +18,16 @@ stable descending sort does), so the result is deterministic on every backend.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxmerge._sharding import explicit_sharding, like, local_then_sum, reshard
+from jaxmerge.errors import JaxmergeError
 
 _DIGIT_BITS = 11
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -111,25 +117,158 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
 
 
 def num_kept(density, size: int):
-    """``int(density * size)`` as mergekit computes it (a traced density rounds in float32)."""
+    """``int(density * size)`` as mergekit computes it: in float64 for concrete densities
+    (scalars or NumPy vectors), in float32 for traced ones."""
     if isinstance(density, (int, float)):
         return int(density * size)
+    if isinstance(density, np.ndarray):
+        return np.asarray([int(float(d) * size) for d in density.reshape(-1)], np.int32).reshape(density.shape)
     return jnp.floor(jnp.asarray(density, jnp.float32) * size).astype(jnp.int32)
 
 
+class MagnitudeParams(NamedTuple):
+    density: Any  # fraction kept
+    k: Any  # entries kept, int(density * size)
+
+
+class BandParams(NamedTuple):
+    density: Any
+    k: Any
+    top: Any  # outliers dropped, int(gamma * size)
+
+
+class RandomParams(NamedTuple):
+    density: Any  # keep probability
+
+
+class RankedParams(NamedTuple):
+    density: Any  # mean keep probability
+    epsilon: Any  # its spread across magnitude ranks
+
+
+def _concrete_pairs(a, b) -> list[tuple[float, float]]:
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return []
+    return list(zip(np.reshape(a, -1).tolist(), np.reshape(b, -1).tolist()))
+
+
+class Sparsifier:
+    """How a task vector is sparsified: a typed strategy that resolves its hyperparameters once
+    per leaf (:meth:`leaf_params`, a NamedTuple of arrays) and then makes the mask inside the
+    jitted kernel (:meth:`mask`). Instances are hashable, so a kernel takes one as a static
+    argument. The public ``*_mask`` functions of this module call the same two methods.
+
+    Attributes:
+      hyperparameters: the per-model hyperparameters it reads, by name.
+      random: whether :meth:`mask` draws from a random key.
+    """
+
+    hyperparameters: tuple[str, ...] = ("density",)
+    random: bool = False
+
+    def leaf_params(self, size: int, where: str = "", **values) -> NamedTuple:
+        """The kernel's parameters for a leaf of ``size`` entries, from the hyperparameters'
+        values (scalars or per-model vectors), after checking they fit together."""
+        raise NotImplementedError
+
+    def mask(self, x: jax.Array, params: NamedTuple, key: jax.Array | None) -> tuple[jax.Array, Any]:
+        """``(mask of the kept entries, keep probability of each)``, for one model's params."""
+        raise NotImplementedError
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class Magnitude(Sparsifier):
+    """TIES trim (arXiv 2306.01708): keep the ``int(density * n)`` largest magnitudes."""
+
+    def leaf_params(self, size, where="", *, density):
+        return MagnitudeParams(density, num_kept(density, size))
+
+    def mask(self, x, params, key):
+        return top_k_mask(x, params.k), params.density
+
+
+class Breadcrumbs(Sparsifier):
+    """Model Breadcrumbs (arXiv 2312.06795): drop the ``gamma`` fraction of largest magnitudes
+    as outliers, then the smallest, keeping the ``int(density * n)`` entries ranked
+    ``[int(gamma n), int(gamma n) + int(density n))`` by descending magnitude."""
+
+    hyperparameters = ("density", "gamma")
+
+    def leaf_params(self, size, where="", *, density, gamma):
+        for g, d in _concrete_pairs(gamma, density):
+            if g + d > 1:
+                raise JaxmergeError(f"gamma + density must be <= 1, got gamma={g:g} + density={d:g}{where}")
+        return BandParams(density, num_kept(density, size), num_kept(gamma, size))
+
+    def mask(self, x, params, key):
+        return band_mask(x, params.top, params.k), params.density
+
+
+class Random(Sparsifier):
+    """DARE's drop (arXiv 2311.03099): keep each entry independently with probability ``density``."""
+
+    random = True
+
+    def leaf_params(self, size, where="", *, density):
+        return RandomParams(density)
+
+    def mask(self, x, params, key):
+        return jax.random.bernoulli(key, jnp.asarray(params.density, jnp.float32), x.shape), params.density
+
+
+class Ranked(Sparsifier):
+    """DELLA's MagPrune (arXiv 2406.11617): keep each entry with a probability that rises with
+    its magnitude rank within its row, from ``density - epsilon`` to ``density + epsilon``."""
+
+    hyperparameters = ("density", "epsilon")
+    random = True
+
+    def leaf_params(self, size, where="", *, density, epsilon):
+        for e, d in _concrete_pairs(epsilon, density):
+            if d < 1 and (d - e <= 0 or d + e >= 1):
+                raise JaxmergeError("epsilon must keep density +/- epsilon inside (0, 1), got "
+                                    f"epsilon={e:g} and density={d:g}{where}")
+        return RankedParams(density, epsilon)
+
+    def mask(self, x, params, key):
+        probabilities = della_probabilities(x, params.density, params.epsilon)
+        return jax.random.bernoulli(key, probabilities), probabilities
+
+
+MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), Ranked()
+
+
 def magnitude_mask(x: jax.Array, density) -> jax.Array:
-    """Keep the ``int(density * x.size)`` entries of largest magnitude (TIES trim)."""
-    return top_k_mask(x, num_kept(density, x.size))
+    """Keep the ``int(density * x.size)`` entries of largest magnitude (TIES trim).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> sparsify.magnitude_mask(jnp.asarray([0.1, -3.0, 2.0, 0.5]), 0.5).tolist()
+      [False, True, True, False]
+    """
+    return MAGNITUDE.mask(x, MAGNITUDE.leaf_params(x.size, density=density), None)[0]
 
 
 def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
-    """Model Breadcrumbs (arXiv 2312.06795): drop the ``gamma`` fraction of largest
-    magnitudes as outliers, then the smallest, so that ``density`` of the entries remain.
+    """Model Breadcrumbs' mask (:class:`Breadcrumbs`): the ``gamma`` fraction of largest
+    magnitudes and the smallest are dropped, ``density`` of the entries kept.
 
-    Keeps the entries ranked ``[int(gamma n), int(gamma n) + int(density n))`` by
-    descending magnitude.
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> sparsify.breadcrumbs_mask(jnp.asarray([0.1, -3.0, 2.0, 0.5]), 0.5, 0.25).tolist()
+      [False, False, True, True]
     """
-    return band_mask(x, num_kept(gamma, x.size), num_kept(density, x.size))
+    return BREADCRUMBS.mask(x, BREADCRUMBS.leaf_params(x.size, density=density, gamma=gamma), None)[0]
 
 
 def band_mask(x: jax.Array, top, count) -> jax.Array:
@@ -138,8 +277,8 @@ def band_mask(x: jax.Array, top, count) -> jax.Array:
 
 
 def random_mask(key: jax.Array, x: jax.Array, density) -> jax.Array:
-    """DARE's drop (arXiv 2311.03099): keep each entry independently with probability ``density``."""
-    return jax.random.bernoulli(key, jnp.asarray(density, jnp.float32), x.shape)
+    """DARE's drop (:class:`Random`): keep each entry independently with probability ``density``."""
+    return RANDOM.mask(x, RANDOM.leaf_params(x.size, density=density), key)[0]
 
 
 def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
@@ -163,9 +302,9 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
 
 
 def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:
-    """DELLA's random drop with magnitude-ranked probabilities: ``(mask, probabilities)``."""
-    probabilities = della_probabilities(x, density, epsilon)
-    return jax.random.bernoulli(key, probabilities), probabilities
+    """DELLA's random drop with magnitude-ranked probabilities (:class:`Ranked`):
+    ``(mask, probabilities)``."""
+    return RANKED.mask(x, RANKED.leaf_params(x.size, density=density, epsilon=epsilon), key)
 
 
 RESCALE_NORMS = (None, "l1", "l2", "linf", "density")

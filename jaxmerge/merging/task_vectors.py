@@ -27,18 +27,21 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, apply_leafwise, flatten_models
+from jaxmerge._hyper import Range
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging import sparsify
+from jaxmerge.merging.method import LAMBDA, WEIGHTS, Param, merge_method
+from jaxmerge.merging.sparsify import Sparsifier
 
-SPARSIFIERS = (None, "magnitude", "random", "breadcrumbs", "della")
-CONSENSUS = (None, "sum", "count")
-_ELECTING = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # the methods that elect signs
+Rescale = Literal[False, True, "l1", "l2", "linf", "density"]
+MajoritySign = Literal["sum", "count"]
 
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
@@ -60,27 +63,16 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
     return jnp.where(total >= 0, 1, -1).astype(weighted[0].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "rescale"))
-def sparse_task_vector(base: jax.Array, leaf: jax.Array, params: dict, *, method: str,
+@functools.partial(jax.jit, static_argnames=("sparsifier", "rescale"))
+def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, *, sparsifier: Sparsifier,
                        rescale: str | None) -> jax.Array:
-    """``leaf - base`` in float32, sparsified by ``method`` and rescaled.
-
-    ``params`` holds this model's ``density`` and, by method, ``k`` (entries to keep),
-    ``top`` (outliers to drop), ``epsilon``, and its random ``key``.
-    """
+    """``leaf - base`` in float32, sparsified by ``sparsifier`` with this model's ``params``
+    (a NamedTuple of scalars, see :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`)
+    and rescaled; a density of 1 leaves the task vector untouched, as in mergekit."""
     dtype = acc_dtype(base.dtype)
     delta = leaf.astype(dtype) - base.astype(dtype)
-    density = params["density"]
-    if method == "magnitude":
-        mask, keep = sparsify.top_k_mask(delta, params["k"]), density
-    elif method == "breadcrumbs":
-        mask = sparsify.band_mask(delta, params["top"], params["k"])
-        keep = density
-    elif method == "random":
-        mask, keep = sparsify.random_mask(params["key"], delta, density), density
-    else:
-        mask, keep = sparsify.della_mask(params["key"], delta, density, params["epsilon"])
-    keep_all = density >= 1  # density 1 leaves the task vector untouched, as in mergekit
+    mask, keep = sparsifier.mask(delta, params, key)
+    keep_all = params.density >= 1
     keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
     return sparsify.rescale(delta, mask | keep_all, rescale, keep)
 
@@ -113,235 +105,394 @@ def combine_task_vectors(base: jax.Array, leaves: Sequence[jax.Array], weights: 
     return (base32 + lambda_.astype(dtype) * mixed).astype(base.dtype)
 
 
-def task_vector_kernel(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array,
-                       params: dict, *, method: str | None, consensus: str | None, normalize: bool,
+def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, key, *,
+                       sparsifier: Sparsifier | None, consensus: str | None, normalize: bool,
                        rescale: str | None) -> jax.Array:
     """One leaf of a generalized task-arithmetic merge (see the module docstring).
 
     Without sparsification this is one fused pass. With it, each model's task vector is
     sparsified by its own jitted call, so that only one model's selection temporaries are
-    alive at a time (this bounds the memory of streamed merges of large tensors), then
-    the sparse task vectors are combined.
+    alive at a time (this bounds the memory of streamed merges of large tensors), and each
+    model's leaf is dropped from ``leaves`` once used (a streamed input is then freed);
+    then the sparse task vectors are combined.
 
     Args:
       base, leaves: the base's and the models' leaves.
-      weights: float32 ``(N,)``. lambda_: float32 scalar.
-      params: the sparsifier's per-model arrays (``(N,)`` each; see
-        :func:`sparse_task_vector`) and one ``key`` for this leaf.
-      method, consensus, normalize, rescale: static choices (:data:`SPARSIFIERS`,
-        :data:`CONSENSUS`, bool, a norm of :func:`~jaxmerge.merging.sparsify.rescale`).
+      weights: ``(N,)``. lambda_: a scalar.
+      params: the sparsifier's per-leaf parameters, each field ``(N,)``.
+      key: this leaf's random key (for a random sparsifier), folded with each model's index.
+      sparsifier, consensus, normalize, rescale: static choices.
     """
-    if method is None:
+    if sparsifier is None:
         return combine_task_vectors(base, leaves, weights, lambda_, consensus=consensus, normalize=normalize,
                                     subtract_base=True)
     deltas = []
     for j in range(len(leaves)):
-        own = {name: value[j] for name, value in params.items() if name != "key"}
-        if "key" in params:
-            own["key"] = jax.random.fold_in(params["key"], j)
-        deltas.append(sparse_task_vector(base, leaves[j], own, method=method, rescale=rescale))
-        if isinstance(leaves, list):
-            leaves[j] = None  # drop our reference: a streamed input is then freed once used
+        own = type(params)(*(field[j] for field in params))
+        model_key = None if key is None else jax.random.fold_in(key, j)
+        deltas.append(sparse_task_vector(base, leaves[j], own, model_key, sparsifier=sparsifier, rescale=rescale))
+        leaves[j] = None
     return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize)
 
 
-def _normalized_rescale(rescale) -> str | None:
-    if rescale is True:
-        return "l1"
-    if rescale is False or rescale is None:
-        return None
-    if rescale not in sparsify.RESCALE_NORMS:
-        raise ValueError(f"rescale must be True, False or one of {sparsify.RESCALE_NORMS[1:]}, got {rescale!r}")
-    return rescale
+_RESCALE_NORMS = {False: None, True: "l1", "l1": "l1", "l2": "l2", "linf": "linf", "density": "density"}
 
 
-def _check_together(spec: TreeSpec, rows_a: list, rows_b: list, bad, message: str) -> None:
-    """Raise ``message.format(a=, b=, path=)`` where ``bad(a, b)`` for concrete per-model values."""
-    for path, a, b in zip(spec.paths, rows_a, rows_b):
-        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-            for x, y in zip(a.tolist(), b.tolist()):
-                if bad(x, y):
-                    raise ValueError(message.format(a=x, b=y, path=path))
-
-
-def _counts(row, size: int):
-    if isinstance(row, np.ndarray):
-        return np.asarray([sparsify.num_kept(float(v), size) for v in row], np.int32)
-    return sparsify.num_kept(row, size)
-
-
-def task_vector_plan(spec: TreeSpec, weights=None, *, lambda_=1.0, normalize: bool = False,
-                     method: str | None = None, consensus: str | None = None, density=1.0,
-                     gamma=0.01, epsilon=0.15, rescale=False, key=None, name: str = "merge"):
-    """Leaf function of a generalized task-arithmetic merge, after validating everything."""
-    if not spec.has_base:
-        raise ValueError(f"{name} needs a base model (base is None)")
-    if consensus not in CONSENSUS or method not in SPARSIFIERS:
-        raise ValueError(f"unknown consensus {consensus!r} or sparsifier {method!r}")
-    rescale = _normalized_rescale(rescale)
-    w = _hyper.resolve_models(weights, "weights", spec, default=1.0)
-    if normalize and consensus is None:
-        _hyper.check_nonzero_sums(w, "weights", spec)
-    lam = _hyper.resolve(lambda_, "lambda_", spec)
-    params: list = [{} for _ in spec.keys]
-    if method is not None:
-        dens = _hyper.resolve_shared(density, "density", spec, _hyper.in_range(0, 1, lo_open=True))
-        for i in spec.float_indices():
-            params[i]["density"] = dens[i]
-            params[i]["k"] = _counts(dens[i], spec.size(i))
-        if method in ("random", "della"):
-            if key is None:
-                raise ValueError(f"{name} is random: pass key=jax.random.key(seed)")
+def task_vector_plan(sparsifier: Sparsifier | None, *, elects_sign: bool):
+    """The plan of a generalized task-arithmetic method with this sparsifier, electing signs or not."""
+    def plan(spec: TreeSpec, hp: dict):
+        consensus = hp["majority_sign"] if elects_sign else None
+        normalize, rescale = hp["normalize"], _RESCALE_NORMS[hp.get("rescale", False)]
+        weights, lam = hp["weights"], hp["lambda_"]
+        if normalize and consensus is None:
+            _hyper.check_nonzero_sums(weights, "weights", spec)
+        params, keys = [None] * len(spec.keys), [None] * len(spec.keys)
+        if sparsifier is not None:
             for i in spec.float_indices():
-                params[i]["key"] = leaf_key(key, spec.paths[i])
-        if method == "breadcrumbs":
-            gam = _hyper.resolve_shared(gamma, "gamma", spec, _hyper.in_range(0, 1, hi_open=True))
-            _check_together(spec, gam, dens, lambda g, d: g + d > 1,
-                            "gamma + density must be <= 1, got gamma={a:g} + density={b:g} at {path!r}")
-            for i in spec.float_indices():
-                params[i]["top"] = _counts(gam[i], spec.size(i))
-        if method == "della":
-            eps = _hyper.resolve_shared(epsilon, "epsilon", spec, _hyper.in_range(0, 1, hi_open=True))
-            _check_together(spec, eps, dens, lambda e, d: d < 1 and (d - e <= 0 or d + e >= 1),
-                            "epsilon must keep density +/- epsilon inside (0, 1), got epsilon={a:g} "
-                            "and density={b:g} at {path!r}")
-            for i in spec.float_indices():
-                params[i]["epsilon"] = eps[i]
+                values = {name: hp[name][i] for name in sparsifier.hyperparameters}
+                params[i] = sparsifier.leaf_params(spec.size(i), f" at {spec.paths[i]!r}", **values)
+                if sparsifier.random:
+                    keys[i] = leaf_key(hp["key"], spec.paths[i])
 
-    def leaf_fn(i, base, leaves):
-        return task_vector_kernel(base, leaves, w[i], _hyper.scalar_arg(lam[i]), params[i],
-                                  method=method, consensus=consensus, normalize=normalize, rescale=rescale)
-    return leaf_fn
+        def leaf_fn(i, base, leaves):
+            return task_vector_kernel(base, leaves, weights[i], _hyper.scalar_arg(lam[i]), params[i], keys[i],
+                                      sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale)
+        return leaf_fn
+    return plan
 
 
-def _merge(base, models, **plan_args) -> PyTree:
-    if base is None:
-        raise ValueError(f"{plan_args['name']} needs a base model (base is None)")
-    if plan_args["name"] in _ELECTING and plan_args.get("consensus") not in ("sum", "count"):
-        raise ValueError(f"majority_sign must be 'sum' or 'count', got {plan_args.get('consensus')!r}")
-    spec, base_leaves, leaves = flatten_models(models, base)
-    return apply_leafwise(spec, task_vector_plan(spec, **plan_args), base_leaves, leaves)
+def _normalize(default: bool) -> Param:
+    return Param("normalize", "option", "divide by the summed weights" + (" of the agreeing models" if default else ""),
+                 kind=bool)
 
 
-_COMMON_ARGS = """Args:
+DENSITY = Param("density", "model", "fraction of each task vector kept", check=Range(0, 1, lo_open=True))
+GAMMA = Param("gamma", "model", "fraction of largest magnitudes dropped as outliers", check=Range(0, 1, hi_open=True))
+EPSILON = Param("epsilon", "model", "spread of the keep probabilities: density +/- epsilon",
+                check=Range(0, 1, hi_open=True))
+MAJORITY_SIGN = Param("majority_sign", "option", "sign election by the sum of the weighted task vectors or by "
+                      "the count of signs", choices=("sum", "count"), config=None)
+RESCALE = Param("rescale", "option", "match the kept entries' norm to the original (True/'l1', 'l2', 'linf'), "
+                "divide by the keep probability ('density'), or not (False)", choices=tuple(_RESCALE_NORMS))
+KEY = Param("key", "option", "the jax.random key of the drops, e.g. jax.random.key(0) (configs: --random-seed)",
+            config=None)
+INT8_MASK = Param("int8_mask", "option", "accepted from mergekit configs and ignored: masks are boolean here",
+                  kind=bool, default=False)
+
+
+@merge_method("task_arithmetic", base="required", plan=task_vector_plan(None, elects_sign=False),
+              references=("2212.04089",), params=(WEIGHTS, LAMBDA, _normalize(False), INT8_MASK))
+def task_arithmetic(base: PyTree, models: Sequence[PyTree], weights=None, *, lambda_=1.0,
+                    normalize: bool = False) -> PyTree:
+    """Task arithmetic, mergekit's ``task_arithmetic``: add the weighted task vectors to the base.
+
+    ``base + lambda_ * sum_i w_i (theta_i - base)``, the sum divided by ``sum_i w_i`` when
+    ``normalize``. Negative weights subtract a task ("forgetting via negation").
+
+    Args:
       base: the model the fine-tunes started from; the output has its structure and dtypes.
       models: the fine-tuned models.
       weights: one per-leaf weight per model (``None``: 1.0 each).
-      lambda_: per-leaf scale of the merged task vector."""
-
-
-def task_arithmetic(base: PyTree, models: Sequence[PyTree], weights=None, *, lambda_=1.0,
-                    normalize: bool = False) -> PyTree:
-    """Task arithmetic (Ilharco et al., arXiv 2212.04089), mergekit's ``task_arithmetic``.
-
-    ``base + lambda_ * sum_i w_i (theta_i - base)``, the sum divided by ``sum_i w_i``
-    when ``normalize``. Negative weights subtract a task ("forgetting via negation").
-    {args}
+      lambda_: per-leaf scale of the merged task vector.
       normalize: divide by the sum of the weights.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, a structure or shape mismatch, non-finite hyperparameters, or
+        weights summing to 0 with ``normalize``.
+
+    References:
+      Ilharco et al., "Editing models with task arithmetic", arXiv 2212.04089.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(2)}
+      >>> tunes = [{"w": jnp.asarray([1.0, 0.0])}, {"w": jnp.asarray([0.0, 2.0])}]
+      >>> jaxmerge.task_arithmetic(base, tunes, lambda_=0.5)["w"].tolist()
+      [0.5, 1.0]
     """
-    return _merge(base, models, weights=weights, lambda_=lambda_, normalize=normalize, name="task_arithmetic")
 
 
-def ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, lambda_=1.0,
-         normalize: bool = True, majority_sign: str = "sum", rescale=False) -> PyTree:
-    """TIES-Merging (Yadav et al., arXiv 2306.01708), mergekit's ``ties``.
+@merge_method("ties", base="required", plan=task_vector_plan(sparsify.MAGNITUDE, elects_sign=True),
+              references=("2306.01708",),
+              params=(WEIGHTS, DENSITY, LAMBDA, _normalize(True), MAJORITY_SIGN, RESCALE, INT8_MASK))
+def ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, lambda_=1.0, normalize: bool = True,
+         majority_sign: MajoritySign = "sum", rescale: Rescale = False) -> PyTree:
+    """TIES-Merging, mergekit's ``ties``: trim, elect sign, disjoint merge.
 
     Trim each task vector to its ``int(density * n)`` largest-magnitude entries, elect a
     sign per entry, and average the entries that agree with it (disjoint mean).
-    {args}
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
       density: fraction of each task vector to keep, in (0, 1]; shared, or
         :func:`jaxmerge.per_model`.
+      lambda_: per-leaf scale of the merged task vector.
       normalize: divide by the summed weights of the agreeing models (the disjoint mean).
-      majority_sign: ``'sum'`` (the paper's) or ``'count'``.
+      majority_sign: ``'sum'`` (the paper's: the sign of the summed weighted task vectors)
+        or ``'count'`` (the sign of the sum of their signs).
       rescale: ``False``; ``True``/``'l1'``, ``'l2'``, ``'linf'`` (match the trimmed vector's
         norm to the original's); or ``'density'`` (divide by ``density``).
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, a structure or shape mismatch, or a hyperparameter out of
+        range (naming it, the model and the leaf path).
+
+    References:
+      Yadav et al., "TIES-Merging: Resolving interference when merging models",
+      arXiv 2306.01708.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(3)}
+      >>> tunes = [{"w": jnp.asarray([1.0, -2.0, 0.1])}, {"w": jnp.asarray([3.0, 1.0, 0.0])}]
+      >>> jaxmerge.ties(base, tunes, density=2 / 3)["w"].tolist()
+      [2.0, -2.0, 0.0]
     """
-    return _merge(base, models, weights=weights, density=density, lambda_=lambda_, normalize=normalize,
-                  consensus=majority_sign, rescale=rescale, method="magnitude", name="ties")
 
 
-def dare_linear(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, key=None,
-                lambda_=1.0, normalize: bool = False, rescale=True) -> PyTree:
-    """DARE (Yu et al., arXiv 2311.03099) with a linear combination, mergekit's ``dare_linear``.
+@merge_method("dare_linear", base="required", plan=task_vector_plan(sparsify.RANDOM, elects_sign=False),
+              references=("2311.03099",), params=(WEIGHTS, DENSITY, KEY, LAMBDA, _normalize(False), RESCALE, INT8_MASK))
+def dare_linear(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, key, lambda_=1.0,
+                normalize: bool = False, rescale: Rescale = True) -> PyTree:
+    """DARE with a linear combination, mergekit's ``dare_linear``: drop, rescale, add.
 
     Drop each task-vector entry with probability ``1 - density`` and rescale the rest,
-    then sum with the weights.
-    {args}
+    then sum with the weights and add to the base.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
       density: keep probability in (0, 1]; shared, or :func:`jaxmerge.per_model`.
       key: a ``jax.random`` key (required); each leaf and model draws from it folded with
         the leaf's path and the model's index.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the sum of the weights.
       rescale: ``True``/``'l1'`` (mergekit: match the L1 norm of the original), ``'l2'``,
         ``'linf'``, ``'density'`` (the paper: divide by ``density``) or ``False``.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base or key, a structure or shape mismatch, or a hyperparameter out
+        of range.
+
+    References:
+      Yu et al., "Language models are Super Mario: absorbing abilities from homologous
+      models as a free lunch", arXiv 2311.03099.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(1000)}
+      >>> tunes = [{"w": jnp.ones(1000)}]
+      >>> merged = jaxmerge.dare_linear(base, tunes, density=0.5, key=jax.random.key(0), rescale="density")
+      >>> sorted(set(merged["w"].tolist()))
+      [0.0, 2.0]
     """
-    return _merge(base, models, weights=weights, density=density, key=key, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, method="random", name="dare_linear")
 
 
-def dare_ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, key=None,
-              lambda_=1.0, normalize: bool = False, rescale=True, majority_sign: str = "sum") -> PyTree:
+@merge_method("dare_ties", base="required", plan=task_vector_plan(sparsify.RANDOM, elects_sign=True),
+              references=("2311.03099",),
+              params=(WEIGHTS, DENSITY, KEY, LAMBDA, _normalize(False), RESCALE, MAJORITY_SIGN, INT8_MASK))
+def dare_ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, key, lambda_=1.0,
+              normalize: bool = False, rescale: Rescale = True, majority_sign: MajoritySign = "sum") -> PyTree:
     """DARE drop and rescale followed by TIES sign election, mergekit's ``dare_ties``.
-    {args}
-      density, key, rescale: as in :func:`dare_linear`.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
+      density: keep probability in (0, 1]; shared, or :func:`jaxmerge.per_model`.
+      key: a ``jax.random`` key (required), as in :func:`dare_linear`.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the summed weights of the agreeing models.
+      rescale: as in :func:`dare_linear`.
       majority_sign: as in :func:`ties`.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base or key, a structure or shape mismatch, or a hyperparameter out
+        of range.
+
+    References:
+      Yu et al., arXiv 2311.03099; Yadav et al., arXiv 2306.01708.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(4)}
+      >>> tunes = [{"w": jnp.asarray([1.0, -1.0, 1.0, -1.0])}, {"w": jnp.asarray([1.0, 1.0, 1.0, 1.0])}]
+      >>> merged = jaxmerge.dare_ties(base, tunes, key=jax.random.key(0))
+      >>> merged["w"].tolist()
+      [2.0, 1.0, 2.0, 1.0]
     """
-    return _merge(base, models, weights=weights, density=density, key=key, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, consensus=majority_sign, method="random",
-                  name="dare_ties")
 
 
-def breadcrumbs(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, gamma=0.01,
-                lambda_=1.0, normalize: bool = False, rescale=False) -> PyTree:
-    """Model Breadcrumbs (Davari & Belilovsky, arXiv 2312.06795), mergekit's ``breadcrumbs``.
+@merge_method("breadcrumbs", base="required", plan=task_vector_plan(sparsify.BREADCRUMBS, elects_sign=False),
+              references=("2312.06795",),
+              params=(WEIGHTS, DENSITY, GAMMA, LAMBDA, _normalize(False), RESCALE, INT8_MASK))
+def breadcrumbs(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, gamma=0.01, lambda_=1.0,
+                normalize: bool = False, rescale: Rescale = False) -> PyTree:
+    """Model Breadcrumbs, mergekit's ``breadcrumbs``: drop outliers and small entries, add.
 
     Drop the ``gamma`` fraction of largest-magnitude entries (outliers) and then the
     smallest, so that ``density`` of each task vector remains; sum with the weights.
-    {args}
-      density, gamma: fractions kept and dropped from the top; ``gamma + density <= 1``.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
+      density: fraction kept, in (0, 1]; shared, or :func:`jaxmerge.per_model`.
+      gamma: fraction dropped from the top, in [0, 1); ``gamma + density <= 1``.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the sum of the weights.
       rescale: as in :func:`ties`.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, a structure or shape mismatch, or a hyperparameter out of
+        range (``gamma + density > 1`` included).
+
+    References:
+      Davari & Belilovsky, "Model Breadcrumbs: scaling multi-task model merging with sparse
+      masks", arXiv 2312.06795.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(4)}
+      >>> tunes = [{"w": jnp.asarray([0.1, -3.0, 2.0, 0.5])}]
+      >>> jaxmerge.breadcrumbs(base, tunes, density=0.5, gamma=0.25)["w"].tolist()
+      [0.0, 0.0, 2.0, 0.5]
     """
-    return _merge(base, models, weights=weights, density=density, gamma=gamma, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, method="breadcrumbs", name="breadcrumbs")
 
 
-def breadcrumbs_ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, gamma=0.01,
-                     lambda_=1.0, normalize: bool = False, rescale=False, majority_sign: str = "sum") -> PyTree:
+@merge_method("breadcrumbs_ties", base="required", plan=task_vector_plan(sparsify.BREADCRUMBS, elects_sign=True),
+              references=("2312.06795",),
+              params=(WEIGHTS, DENSITY, GAMMA, LAMBDA, _normalize(False), RESCALE, MAJORITY_SIGN, INT8_MASK))
+def breadcrumbs_ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, gamma=0.01, lambda_=1.0,
+                     normalize: bool = False, rescale: Rescale = False,
+                     majority_sign: MajoritySign = "sum") -> PyTree:
     """Model Breadcrumbs followed by TIES sign election, mergekit's ``breadcrumbs_ties``.
-    {args}
-      density, gamma, rescale: as in :func:`breadcrumbs`. majority_sign: as in :func:`ties`.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
+      density: fraction kept, in (0, 1]; shared, or :func:`jaxmerge.per_model`.
+      gamma: fraction dropped from the top, in [0, 1); ``gamma + density <= 1``.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the summed weights of the agreeing models.
+      rescale: as in :func:`ties`.
+      majority_sign: as in :func:`ties`.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base, a structure or shape mismatch, or a hyperparameter out of
+        range.
+
+    References:
+      Davari & Belilovsky, arXiv 2312.06795; Yadav et al., arXiv 2306.01708.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros(4)}
+      >>> tunes = [{"w": jnp.asarray([0.1, -3.0, 2.0, 0.5])}, {"w": jnp.asarray([0.1, 1.0, -1.0, 0.5])}]
+      >>> jaxmerge.breadcrumbs_ties(base, tunes, density=0.5, gamma=0.25)["w"].tolist()
+      [0.0, 1.0, 2.0, 1.0]
     """
-    return _merge(base, models, weights=weights, density=density, gamma=gamma, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, consensus=majority_sign, method="breadcrumbs",
-                  name="breadcrumbs_ties")
 
 
-def della(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, epsilon=0.15, key=None,
-          lambda_=1.0, normalize: bool = True, rescale=True, majority_sign: str = "sum") -> PyTree:
-    """DELLA-Merging (Deep et al., arXiv 2406.11617) with sign election, mergekit's ``della``.
+@merge_method("della", base="required", plan=task_vector_plan(sparsify.RANKED, elects_sign=True),
+              references=("2406.11617",),
+              params=(WEIGHTS, DENSITY, EPSILON, KEY, LAMBDA, _normalize(True), RESCALE, MAJORITY_SIGN, INT8_MASK))
+def della(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, epsilon=0.15, key, lambda_=1.0,
+          normalize: bool = True, rescale: Rescale = True, majority_sign: MajoritySign = "sum") -> PyTree:
+    """DELLA-Merging with sign election, mergekit's ``della``: MagPrune, elect, disjoint merge.
 
     MagPrune: within each row, entries are kept with probabilities rising linearly with
     their magnitude rank from ``density - epsilon`` to ``density + epsilon``; then
     rescale, elect signs and combine as TIES does.
-    {args}
-      density, epsilon: mean keep probability and its spread (``density +/- epsilon``
-        inside (0, 1) unless ``density == 1``).
-      key: as in :func:`dare_linear`.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
+      density: mean keep probability, in (0, 1]; shared, or :func:`jaxmerge.per_model`.
+      epsilon: the spread, in [0, 1): ``density +/- epsilon`` must lie inside (0, 1) unless
+        ``density == 1``.
+      key: a ``jax.random`` key (required), as in :func:`dare_linear`.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the summed weights of the agreeing models.
       rescale: ``True``/``'l1'`` (mergekit), ``'density'`` (the paper: divide each kept
         entry by its keep probability), ``'l2'``, ``'linf'`` or ``False``.
       majority_sign: as in :func:`ties`.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base or key, a structure or shape mismatch, or a hyperparameter out
+        of range.
+
+    References:
+      Deep et al., "DELLA-Merging: reducing interference in model merging through
+      magnitude-based sampling", arXiv 2406.11617.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros((2, 3))}
+      >>> tunes = [{"w": jnp.ones((2, 3))}]
+      >>> jaxmerge.della(base, tunes, key=jax.random.key(0))["w"].shape
+      (2, 3)
     """
-    return _merge(base, models, weights=weights, density=density, epsilon=epsilon, key=key, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, consensus=majority_sign, method="della", name="della")
 
 
-def della_linear(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, epsilon=0.15, key=None,
-                 lambda_=1.0, normalize: bool = False, rescale=True) -> PyTree:
+@merge_method("della_linear", base="required", plan=task_vector_plan(sparsify.RANKED, elects_sign=False),
+              references=("2406.11617",),
+              params=(WEIGHTS, DENSITY, EPSILON, KEY, LAMBDA, _normalize(False), RESCALE, INT8_MASK))
+def della_linear(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, epsilon=0.15, key,
+                 lambda_=1.0, normalize: bool = False, rescale: Rescale = True) -> PyTree:
     """DELLA's MagPrune drop with a linear combination, mergekit's ``della_linear``.
-    {args}
-      density, epsilon, key, rescale: as in :func:`della`.
+
+    Args:
+      base: the model the fine-tunes started from; the output has its structure and dtypes.
+      models: the fine-tuned models.
+      weights: one per-leaf weight per model (``None``: 1.0 each).
+      density: mean keep probability, in (0, 1]; shared, or :func:`jaxmerge.per_model`.
+      epsilon: the spread, as in :func:`della`.
+      key: a ``jax.random`` key (required), as in :func:`dare_linear`.
+      lambda_: per-leaf scale of the merged task vector.
+      normalize: divide by the sum of the weights.
+      rescale: as in :func:`della`.
+
+    Returns:
+      A pytree shaped like ``base``.
+
+    Raises:
+      JaxmergeError: no base or key, a structure or shape mismatch, or a hyperparameter out
+        of range.
+
+    References:
+      Deep et al., arXiv 2406.11617.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> base = {"w": jnp.zeros((2, 3))}
+      >>> tunes = [{"w": jnp.ones((2, 3))}]
+      >>> jaxmerge.della_linear(base, tunes, density=1.0, key=jax.random.key(0))["w"].tolist()
+      [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     """
-    return _merge(base, models, weights=weights, density=density, epsilon=epsilon, key=key, lambda_=lambda_,
-                  normalize=normalize, rescale=rescale, method="della", name="della_linear")
-
-
-for _fn in (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear):
-    _fn.__doc__ = _fn.__doc__.replace("{args}", _COMMON_ARGS)

@@ -5,11 +5,13 @@ import pytest
 
 import jaxmerge
 from jaxmerge import checkpoints
-from jaxmerge.checkpoints import CheckpointError, stream_merge
-from jaxmerge.merging.linear import average_plan
-from jaxmerge.merging.slerp import slerp_plan
-from jaxmerge.merging.task_vectors import task_vector_plan
+from jaxmerge.checkpoints import CheckpointError, StreamOptions
+from jaxmerge.checkpoints import stream_merge as _stream_merge
 from tests.checkpoints.hf import llama_tensors, write_model
+
+
+def stream_merge(plan, models, output, *, base=None, **options):
+    return _stream_merge(plan, models, output, base=base, options=StreamOptions(**options))
 
 
 @pytest.fixture
@@ -31,8 +33,7 @@ def _assert_same(out_dir, expected, dtype=None):
 def test_streamed_ties_equals_the_in_memory_function(family, tmp_path):
     base, tunes, base_path, paths = family
     weights = [1.0, 0.5, 0.8]
-    plan = lambda spec: task_vector_plan(spec, weights, method="magnitude", consensus="sum", density=0.4,  # noqa: E731
-                                         normalize=True, name="ties")
+    plan = jaxmerge.plan("ties", weights=weights, density=0.4)
     out = stream_merge(plan, paths, tmp_path / "merged", base=base_path, progress=False)
     _assert_same(out, jaxmerge.ties(base, tunes, weights, density=0.4))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
@@ -42,15 +43,14 @@ def test_streamed_ties_equals_the_in_memory_function(family, tmp_path):
 def test_streamed_random_merge_equals_in_memory_with_the_same_key(family, tmp_path):
     base, tunes, base_path, paths = family
     key = jax.random.key(3)
-    plan = lambda spec: task_vector_plan(spec, None, method="random", consensus="sum", density=0.5, key=key,  # noqa
-                                         rescale="l1", name="dare_ties")
+    plan = jaxmerge.plan(jaxmerge.dare_ties, density=0.5, key=key, rescale="l1")
     out = stream_merge(plan, paths, tmp_path / "merged", base=base_path, progress=False)
     _assert_same(out, jaxmerge.dare_ties(base, tunes, density=0.5, key=key))
 
 
 def test_dtypes_sharded_output_and_slerp(family, tmp_path):
     base, tunes, base_path, paths = family
-    out = stream_merge(lambda spec: slerp_plan(spec, [0.0, 1.0]), [base_path, paths[0]], tmp_path / "slerp",
+    out = stream_merge(jaxmerge.plan("slerp", t=[0.0, 1.0]), [base_path, paths[0]], tmp_path / "slerp",
                        dtype="bfloat16", out_dtype="float16", max_shard_size=4000, progress=False)
     as_bf16 = [{k: v.astype(jnp.bfloat16) for k, v in m.items()} for m in (base, tunes[0])]
     expected = {k: v.astype(jnp.float16) for k, v in jaxmerge.slerp(*as_bf16, [0.0, 1.0]).items()}
@@ -61,18 +61,18 @@ def test_dtypes_sharded_output_and_slerp(family, tmp_path):
 def test_orbax_in_and_out(tmp_path):
     trees = [{"params": {"w": jnp.full((4, 3), float(i)), "b": jnp.arange(3.0) * i}} for i in range(3)]
     paths = [checkpoints.save(tmp_path / f"m{i}", t) for i, t in enumerate(trees)]
-    out = stream_merge(lambda spec: average_plan(spec, [1.0, 2.0, 3.0]), paths, tmp_path / "avg", progress=False)
+    out = stream_merge(jaxmerge.plan("linear", weights=[1.0, 2.0, 3.0]), paths, tmp_path / "avg", progress=False)
     loaded = checkpoints.load(out)
     expected = jaxmerge.average(trees, [1.0, 2.0, 3.0])
     jax.tree.map(np.testing.assert_array_equal, loaded, expected)
-    out = stream_merge(lambda spec: average_plan(spec), paths, tmp_path / "as_st", output_format="safetensors",
+    out = stream_merge(jaxmerge.plan("linear"), paths, tmp_path / "as_st", output_format="safetensors",
                        progress=False)
     np.testing.assert_array_equal(checkpoints.load(out)["params/w"], np.full((4, 3), 1.0, np.float32))
 
 
 def test_errors_leave_no_output(family, tmp_path):
     base, tunes, base_path, paths = family
-    plan = lambda spec: average_plan(spec)  # noqa: E731
+    plan = jaxmerge.plan("linear")
     odd = dict(tunes[0])
     odd["model.norm.weight"] = jnp.zeros(7)
     bad = write_model(tmp_path / "odd", odd)
@@ -91,7 +91,7 @@ def test_errors_leave_no_output(family, tmp_path):
         stream_merge(plan, paths, tmp_path / "full", progress=False)
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
     with pytest.raises(ValueError, match=r"weights has 1 entries but there are 3 models"):
-        stream_merge(lambda spec: average_plan(spec, [1.0]), paths, tmp_path / "x", progress=False)
+        stream_merge(jaxmerge.plan("linear", weights=[1.0]), paths, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if "jaxmerge-tmp" in p.name]  # no staging directories
 
@@ -99,17 +99,19 @@ def test_errors_leave_no_output(family, tmp_path):
 def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path):
     base, tunes, base_path, paths = family
     calls = []
+    plan = jaxmerge.plan("linear")
 
-    def failing_plan(spec):
-        leaf_fn = average_plan(spec)
+    class FailingPlan:
+        def leaf_fn(self, spec, statistics, names):
+            leaf_fn = plan.leaf_fn(spec, statistics, names)
 
-        def fn(i, b, leaves):
-            calls.append(i)
-            if len(calls) == 5:
-                raise KeyboardInterrupt
-            return leaf_fn(i, b, leaves)
-        return fn
+            def fn(i, b, leaves):
+                calls.append(i)
+                if len(calls) == 5:
+                    raise KeyboardInterrupt
+                return leaf_fn(i, b, leaves)
+            return fn
 
     with pytest.raises(KeyboardInterrupt):
-        stream_merge(failing_plan, paths, tmp_path / "out", progress=False)
+        stream_merge(FailingPlan(), paths, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tune0", "tune1", "tune2"]

@@ -101,18 +101,18 @@ def test_inspect(tmp_path, models, capsys):
 
 @pytest.mark.parametrize("content,message", [
     (dict(merge_method="tiez", models=["tune0"]), "unknown merge_method 'tiez'"),
-    (dict(merge_method="linear", models=[{"model": "nowhere"}]), "models[0]: model path 'nowhere' does not exist"),
+    (dict(merge_method="linear", models=[{"model": "nowhere"}]), "models[0]: path 'nowhere' does not exist"),
     (dict(merge_method="linear", modles=[]), "unknown config key 'modles'"),
     (dict(merge_method="ties", models=["tune0"]), "merge_method 'ties' needs a base_model"),
     (dict(merge_method="linear", models=[{"model": "tune0", "parameters": {"wieght": 1}}]),
      "models[0].parameters has the parameter 'wieght'"),
-    (dict(merge_method="linear", models=["tune0", "tune1"]), "missing required parameter 'weight'"),
+    (dict(merge_method="linear", models=["tune0", "tune1"]), "weight of models[0] (tune0) is required but not given"),
     (dict(merge_method="ties", base_model="base", models=[{"model": "tune0", "parameters": {"weight": 1, "density": 2}}]),
-     "density of models[0] (tune0) at 'lm_head.weight' must be in (0, 1], got 2"),
+     "density of models[0] (tune0) must be in (0, 1], got 2"),
     (dict(merge_method="ties", base_model="base", parameters={"normalize": "false"},
-          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "parameter 'normalize' must be a boolean"),
+          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "normalize must be a boolean, got 'false'"),
     (dict(merge_method="karcher", models=["tune0", "tune1"], parameters={"max_iter": 2.5}),
-     "parameter 'max_iter' must be an integer"),
+     "max_iter must be an integer, got 2.5"),
     (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}), "has no leaf 'lm_head.weight'"),
     (dict(merge_method="linear", models=["tune0", "odd"], parameters={"weight": 1}),
      "'model.norm.weight': shape (7,) != (16,)"),
@@ -182,8 +182,19 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "jaxmerge.cli.main", "merge", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0
-    for text in ("--force", "--random-seed", "--max-shard-size", "merge_method: ties", "dare_ties"):
+    for text in ("--force", "--random-seed", "--max-shard-size", "merge_method: ties", "jaxmerge methods"):
         assert text in result.stdout
+
+
+def test_methods_lists_the_registry(capsys):
+    assert _run("methods") == 0
+    out = capsys.readouterr().out
+    for name, record in jaxmerge.methods().items():
+        assert f"{name}  (jaxmerge.{record.function.__name__}; base model: {record.base})" in out
+    assert "weight=required (per model)" in out and "density=1.0 in (0, 1] (per model)" in out
+    assert _run("methods", "della") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("della  (jaxmerge.della;") and "epsilon=0.15 in [0, 1) (per model)" in out
 
 
 def test_merge_on_a_mesh(tmp_path, models):

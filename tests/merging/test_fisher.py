@@ -74,14 +74,14 @@ def test_errors_name_the_argument_and_path():
     models = [random_tree(i) for i in range(2)]
     fishers = _fishers(2)
     bad = dict(fishers[1], params=dict(fishers[1]["params"], Dense_0={"kernel": fishers[1]["params"]["Dense_0"]["kernel"]}))
-    with pytest.raises(ValueError, match=r"fishers\[1\] has no leaf 'params/Dense_0/bias'"):
+    with pytest.raises(ValueError, match=r"fishers\[1\] has no Fisher for 'params/Dense_0/bias'"):
         jaxmerge.fisher_merge(models, [fishers[0], bad])
     negative = jax.tree.map(lambda f: -f if f.dtype == jnp.float32 else f, fishers[0])
     with pytest.raises(ValueError, match=r"fishers\[0\] has negative values at 'extra/0'"):
         jaxmerge.fisher_merge(models, [negative, fishers[1]])
-    with pytest.raises(ValueError, match=r"fishers must be a list with one tree per model \(2\), got 1"):
+    with pytest.raises(ValueError, match=r"fishers must be a list with one statistics tree per model \(2\), got 1"):
         jaxmerge.fisher_merge(models, fishers[:1])
-    with pytest.raises(ValueError, match=r"weights\[1\] must be in \[0, inf\], got -1.0"):
+    with pytest.raises(ValueError, match=r"weights of models\[1\] must be in \[0, inf\), got -1.0"):
         jaxmerge.fisher_merge(models, fishers, [1.0, -1.0])
     with pytest.raises(ValueError, match="normalize_fishers must be one of"):
         jaxmerge.fisher_merge(models, fishers, normalize_fishers="max")

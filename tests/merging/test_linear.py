@@ -72,7 +72,7 @@ def test_average_errors():
     with pytest.raises(ValueError, match=r"weights sum to 0 at '.*', so they cannot be normalized"):
         jaxmerge.average(models, [1.0, -1.0, 0.0])
     jaxmerge.average(models, [1.0, -1.0, 0.0], normalize=False)  # fine without normalisation
-    with pytest.raises(ValueError, match=r"^weights\[1\] must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"^weights of models\[1\] must be a finite number, got nan"):
         jaxmerge.average(models, [1.0, float("nan"), 1.0])
 
 

@@ -53,7 +53,7 @@ def test_opposite_task_vectors_return_the_base_not_nan():
 
 def test_model_stock_needs_a_base_and_two_models():
     base, models = _models(2)
-    with pytest.raises(ValueError, match="model_stock needs a base model and at least 2"):
+    with pytest.raises(ValueError, match="model_stock merges at least 2 models, got 1"):
         jaxmerge.model_stock(base, models[:1])
     with pytest.raises(ValueError, match="model_stock needs a base model"):
         jaxmerge.model_stock(None, models)

@@ -78,8 +78,12 @@ def test_linear_override_and_errors():
     np.testing.assert_allclose(averaged["w"], jaxmerge.average(models)["w"], rtol=1e-6)
     with pytest.raises(ValueError, match=r"grams\[0\] has no statistics for the linear layer 'b'"):
         jaxmerge.regmean(models, grams, linear=lambda path, leaf: True)
-    with pytest.raises(ValueError, match=r"grams\[1\] has no statistics for the linear layer 'w'"):
+    with pytest.raises(ValueError, match=r"grams\[1\] has no Gram matrices"):
         jaxmerge.regmean(models, [grams[0], {}])
+    with pytest.raises(ValueError, match=r"grams\[0\] has no statistics for the linear layer 'b'"):
+        jaxmerge.regmean(models, [grams[0], {"b": {"gram": jnp.eye(1)}}])
+    with pytest.raises(ValueError, match=r"grams\[0\] has statistics for 'v', which is not a leaf of the models"):
+        jaxmerge.regmean(models, [{"v": {"gram": jnp.eye(2)}}, grams[1]])
     with pytest.raises(ValueError, match=r"the Gram at 'w' has 5 input features, which do not match"):
         jaxmerge.regmean(models, [{"w": {"gram": jnp.eye(5)}}] * 2)
     with pytest.raises(ValueError, match=r"grams\[1\] at 'w' has shape \(6, 5\)"):
@@ -151,5 +155,5 @@ def test_regmean_plus_plus_and_ridge_errors():
     with pytest.raises(ValueError, match=r"data\[0\] yielded no batches"):
         jaxmerge.regmean_plus_plus(two_layer_apply, models, [[], [(data[1],)]])
     grams = [jaxmerge.input_grams(two_layer_apply, [(x,)], params=p) for p, x in zip(models, data)]
-    with pytest.raises(ValueError, match=r"ridge must be in \[0, inf\]"):
+    with pytest.raises(ValueError, match=r"ridge must be in \[0, inf\), got -1.0"):
         jaxmerge.regmean(models, grams, ridge=-1.0)
