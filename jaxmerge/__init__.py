@@ -1,5 +1,6 @@
 """jaxmerge: model merging and weight averaging for JAX, as pure functions over pytrees."""
 
+from jaxmerge import checkpoints
 from jaxmerge._hyper import layer_positions, per_model
 from jaxmerge.alignment import (
     PermutationSpec,
@@ -26,7 +27,6 @@ from jaxmerge.averaging.lawa import lawa
 from jaxmerge.averaging.power_ema import post_hoc_ema, power_ema, power_ema_snapshot
 from jaxmerge.averaging.swa import swa, update_batch_stats
 from jaxmerge.averaging.wsm import checkpoint_merge_weights
-from jaxmerge import checkpoints
 from jaxmerge.errors import CheckpointError, ConfigError, JaxmergeError
 from jaxmerge.merging import MergePlan, methods, plan, sparsify
 from jaxmerge.merging.fisher import fisher_merge

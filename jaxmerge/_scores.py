@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from jaxmerge.errors import JaxmergeError
+
 
 def as_score(value, where: str) -> float:
     """``value`` as a float, after checking it is one finite number.
@@ -14,8 +16,8 @@ def as_score(value, where: str) -> float:
       ValueError: an array with more than one element, or NaN/infinity (naming ``where``).
     """
     if np.shape(value) not in ((), (1,)):
-        raise ValueError(f"evaluate must return a scalar, got an array of shape {np.shape(value)}")
+        raise JaxmergeError(f"evaluate must return a scalar, got an array of shape {np.shape(value)}")
     value = float(np.asarray(value).reshape(()))
     if not math.isfinite(value):
-        raise ValueError(f"evaluate returned {value} for {where}")
+        raise JaxmergeError(f"evaluate returned {value} for {where}")
     return value

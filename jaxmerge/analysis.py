@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxmerge._scores import as_score
 from jaxmerge._tree import PyTree, flatten_models
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import lerp
 
 
@@ -26,7 +27,7 @@ def interpolation_curve(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 
       ValueError: ``num < 2``, or ``evaluate`` returning a non-scalar or non-finite value.
     """
     if not isinstance(num, int) or num < 2:
-        raise ValueError(f"num must be an int >= 2, got {num!r}")
+        raise JaxmergeError(f"num must be an int >= 2, got {num!r}")
     ts = np.linspace(0.0, 1.0, num)
     values = []
     for t in ts:

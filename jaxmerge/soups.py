@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxmerge._scores import as_score
 from jaxmerge._tree import PyTree
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import average
 
 
@@ -32,7 +33,7 @@ class _Scorer:
 
     def __init__(self, models: Sequence[PyTree], evaluate: Callable):
         if not isinstance(models, (list, tuple)) or not models:
-            raise ValueError("models must be a non-empty list of candidate parameters")
+            raise JaxmergeError("models must be a non-empty list of candidate parameters")
         if not callable(evaluate):
             raise TypeError("evaluate must be a function params -> float")
         self.models, self.evaluate, self.cache = list(models), evaluate, {}
@@ -130,7 +131,7 @@ def category_expert_soup(models: Sequence[PyTree], category_scores, evaluate: Ca
     scorer = _Scorer(models, evaluate)
     scores = np.asarray(category_scores, np.float64)
     if scores.ndim != 2 or scores.shape[0] != len(models):
-        raise ValueError(f"category_scores must have shape (num_models={len(models)}, num_categories), "
+        raise JaxmergeError(f"category_scores must have shape (num_models={len(models)}, num_categories), "
                          f"got {scores.shape}")
     clusters = _category_clusters(scores, threshold)
     experts = sorted({int(np.argmax(scores[:, cluster].mean(axis=1))) for cluster in clusters})

@@ -10,6 +10,7 @@ from scipy.optimize import linear_sum_assignment
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
 from jaxmerge.alignment.spec import BoundSpec, PermutationSpec
+from jaxmerge.errors import JaxmergeError
 
 
 def _permuted(leaf: np.ndarray, axes: tuple, perm: dict, skip_axis: int | None = None) -> np.ndarray:
@@ -22,9 +23,9 @@ def _permuted(leaf: np.ndarray, axes: tuple, perm: dict, skip_axis: int | None =
 def _check_perm(bound: BoundSpec, perm: dict) -> None:
     for name, size in bound.sizes.items():
         if name not in perm:
-            raise ValueError(f"perm has no permutation {name!r}")
+            raise JaxmergeError(f"perm has no permutation {name!r}")
         if sorted(np.asarray(perm[name]).tolist()) != list(range(size)):
-            raise ValueError(f"perm[{name!r}] is not a permutation of {size} units")
+            raise JaxmergeError(f"perm[{name!r}] is not a permutation of {size} units")
 
 
 def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTree:

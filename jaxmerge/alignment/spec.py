@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
+from jaxmerge.errors import JaxmergeError
 
 
 def _as_key(path) -> tuple[str, ...]:
@@ -38,7 +39,7 @@ class PermutationSpec:
     def __or__(self, other: PermutationSpec) -> PermutationSpec:
         overlap = set(self.axes) & set(other.axes)
         if overlap:
-            raise ValueError(f"both specs name the leaf {path_str(min(overlap))!r}")
+            raise JaxmergeError(f"both specs name the leaf {path_str(min(overlap))!r}")
         return PermutationSpec({**self.axes, **other.axes})
 
     @property
@@ -58,11 +59,11 @@ class PermutationSpec:
         for spec_key, axes in self.axes.items():
             found = [i for i, k in enumerate(keys) if k == spec_key or k == spec_key + ("value",)]
             if not found:
-                raise ValueError(f"the permutation spec names the leaf {path_str(spec_key)!r}, "
+                raise JaxmergeError(f"the permutation spec names the leaf {path_str(spec_key)!r}, "
                                  "which params do not have")
             shape = leaf_spec(leaves[found[0]]).shape
             if len(axes) != len(shape):
-                raise ValueError(f"the permutation spec gives {len(axes)} axes for {path_str(spec_key)!r} "
+                raise JaxmergeError(f"the permutation spec gives {len(axes)} axes for {path_str(spec_key)!r} "
                                  f"of shape {shape}")
             index[spec_key] = found[0]
         sizes: dict[str, tuple[int, str, int]] = {}
@@ -73,7 +74,7 @@ class PermutationSpec:
                     continue
                 if name in sizes and sizes[name][0] != shape[axis]:
                     size, other, other_axis = sizes[name]
-                    raise ValueError(f"permutation {name!r} joins axes of different sizes: {path_str(spec_key)!r} "
+                    raise JaxmergeError(f"permutation {name!r} joins axes of different sizes: {path_str(spec_key)!r} "
                                      f"axis {axis} has {shape[axis]}, {other!r} axis {other_axis} has {size}")
                 sizes.setdefault(name, (shape[axis], path_str(spec_key), axis))
         return BoundSpec(self, {k: index[k] for k in self.axes}, {n: s[0] for n, s in sizes.items()})
@@ -121,7 +122,7 @@ def _chain(params: PyTree, layers: Sequence[str], first_input: str | None, names
         out = names[i] if i < len(names) else None
         kernel = _find(keys, layer, "kernel")
         if kernel is None:
-            raise ValueError(f"no kernel under {layer!r}")
+            raise JaxmergeError(f"no kernel under {layer!r}")
         axes[kernel] = kernel_axes(into, out)
         bias = _find(keys, layer, "bias")
         if bias is not None:
@@ -141,7 +142,7 @@ def mlp_permutation_spec(params: PyTree, layers: Sequence[str] | None = None, *,
     """
     layers = list(layers) if layers is not None else _dense_layers(params)
     if len(layers) < 2:
-        raise ValueError(f"an MLP needs at least 2 dense layers to permute, found {layers}")
+        raise JaxmergeError(f"an MLP needs at least 2 dense layers to permute, found {layers}")
     names = [f"{prefix}_{i}" for i in range(len(layers) - 1)]
     return PermutationSpec(_chain(params, layers, None, names, lambda into, out: (into, out)))
 
@@ -171,7 +172,7 @@ def cnn_permutation_spec(params: PyTree, convs: Sequence[str], dense: Sequence[s
         matched = [k for k in flatten_with_keys(params)[0] if norm in k and (k[-1] in ("scale", "bias", "mean", "var")
                    or (k[-1] == "value" and k[-2] in ("scale", "bias", "mean", "var")))]
         if not matched:
-            raise ValueError(f"no scale, bias, mean or var leaf under a {norm!r} module")
+            raise JaxmergeError(f"no scale, bias, mean or var leaf under a {norm!r} module")
         axes.update({k[:-1] if k[-1] == "value" else k: (name,) for k in matched})
     return PermutationSpec(axes)
 
@@ -201,7 +202,7 @@ def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, 
 
 
 def _missing(layer: str):
-    raise ValueError(f"no kernel under {layer!r}")
+    raise JaxmergeError(f"no kernel under {layer!r}")
 
 
 def random_permutation(spec: PermutationSpec, params: PyTree, seed: int = 0) -> dict[str, np.ndarray]:

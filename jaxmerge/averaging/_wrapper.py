@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from jaxmerge._tree import PyTree, is_float
+from jaxmerge.errors import JaxmergeError
 
 # state type -> function returning the averaged parameters held in such a state
 _AVERAGES: dict[type, Callable[[Any], PyTree]] = {}
@@ -58,7 +59,7 @@ def check(value, name: str, valid: Callable[[float], bool], message: str) -> Non
     if isinstance(value, jax.core.Tracer):
         return
     if not valid(float(value)):
-        raise ValueError(f"{name} {message}, got {value!r}")
+        raise JaxmergeError(f"{name} {message}, got {value!r}")
 
 
 def wrap(name: str, inner: optax.GradientTransformation, init_average: Callable, update_average: Callable
@@ -77,7 +78,7 @@ def wrap(name: str, inner: optax.GradientTransformation, init_average: Callable,
 
     def update(updates, state, params=None, **extra_args):
         if params is None:
-            raise ValueError(f"{name} averages the parameters, so it needs them: call "
+            raise JaxmergeError(f"{name} averages the parameters, so it needs them: call "
                              "tx.update(grads, opt_state, params)")
         updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra_args)
@@ -118,9 +119,9 @@ def averaged_params(opt_state, *, index: int = 0) -> PyTree:
     """
     states = averaging_states(opt_state)
     if not states:
-        raise ValueError("opt_state holds no averaged parameters: wrap the optimizer with jaxmerge.ema, swa, "
+        raise JaxmergeError("opt_state holds no averaged parameters: wrap the optimizer with jaxmerge.ema, swa, "
                          "lawa, bema or power_ema")
     if index >= len(states):
-        raise ValueError(f"opt_state holds {len(states)} averages, so index={index} is out of range")
+        raise JaxmergeError(f"opt_state holds {len(states)} averages, so index={index} is out of range")
     state = plain(states[index])
     return _AVERAGES[type(state)](state)

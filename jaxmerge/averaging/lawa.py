@@ -10,6 +10,7 @@ import optax
 
 from jaxmerge._tree import PyTree, is_float
 from jaxmerge.averaging._wrapper import check, counter, registers_average, shadow, wrap
+from jaxmerge.errors import JaxmergeError
 
 
 def _window_mean(state: LawaState) -> PyTree:
@@ -58,7 +59,7 @@ def lawa(inner: optax.GradientTransformation, *, k: int, every=1, dtype=None) ->
       Kaddour, arXiv 2209.14981 (latest weight averaging).
     """
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+        raise JaxmergeError(f"k must be an int >= 1, got {k!r}")
     check(every, "every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):

@@ -28,6 +28,7 @@ from jaxmerge.averaging._wrapper import (
     shadow,
     wrap,
 )
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import average
 
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the widest profile
@@ -37,7 +38,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent ``gamma`` of the power-function EMA of relative width ``sigma_rel``
     (the largest real root of ``g^3 + 7 g^2 + (16 - s) g + (12 - s)``, ``s = sigma_rel^-2``)."""
     if not 0 < sigma_rel < MAX_SIGMA_REL:
-        raise ValueError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
+        raise JaxmergeError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
     s = sigma_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
@@ -92,7 +93,7 @@ def power_ema(inner: optax.GradientTransformation, *, sigma_rels: Sequence[float
     """
     gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
     if not gammas:
-        raise ValueError("sigma_rels is empty")
+        raise JaxmergeError("sigma_rels is empty")
     check(snapshot_every, "snapshot_every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):
@@ -113,7 +114,7 @@ def power_ema_snapshot(opt_state) -> PowerEmaSnapshot:
     its step and exponents, ready to save (a NamedTuple of arrays and numbers)."""
     states = [s for s in averaging_states(opt_state) if isinstance(s, PowerEmaState)]
     if not states:
-        raise ValueError("opt_state holds no power_ema state")
+        raise JaxmergeError("opt_state holds no power_ema state")
     state = plain(states[0])
     return PowerEmaSnapshot(int(state.count), tuple(float(g) for g in state.gammas), tuple(state.emas))
 
@@ -157,13 +158,13 @@ def post_hoc_ema(snapshots: Sequence[PowerEmaSnapshot], sigma_rel: float, *, ste
         (naming the snapshot and the leaf path).
     """
     if not snapshots:
-        raise ValueError("snapshots is empty")
+        raise JaxmergeError("snapshots is empty")
     step = max(s.step for s in snapshots) if step is None else step
     gamma = sigma_rel_to_gamma(sigma_rel)
     used = [(f"snapshots[{j}].emas[{k}]", s.step, g, e) for j, s in enumerate(snapshots) if 0 < s.step <= step
             for k, (g, e) in enumerate(zip(s.gammas, s.emas))]
     if not used:
-        raise ValueError(f"no snapshot was taken at a step in (0, {step}]")
+        raise JaxmergeError(f"no snapshot was taken at a step in (0, {step}]")
     names, steps, gammas, emas = zip(*used)
     weights = post_hoc_ema_weights(steps, gammas, step, gamma)
     return average.method.merge(list(emas), names=names, weights=[float(w) for w in weights], normalize=False)

@@ -19,6 +19,7 @@ from jaxmerge.averaging._wrapper import (
     shadow,
     wrap,
 )
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.statistics._data import inputs_of
 
 
@@ -79,7 +80,7 @@ def _reset_nnx_batch_norms(model: nnx.Module) -> list:
 def _update_nnx(model: nnx.Module, data: Iterable) -> nnx.Module:
     norms = _reset_nnx_batch_norms(model)
     if not norms:
-        raise ValueError("the model has no nnx.BatchNorm layer")
+        raise JaxmergeError("the model has no nnx.BatchNorm layer")
     momenta = [norm.momentum for norm in norms]
     model.train()
     seen = 0
@@ -94,13 +95,13 @@ def _update_nnx(model: nnx.Module, data: Iterable) -> nnx.Module:
             norm.momentum = momentum
         model.eval()
     if not seen:
-        raise ValueError("data yielded no batches")
+        raise JaxmergeError("data yielded no batches")
     return model
 
 
 def _update_linen(apply_fn: Callable, variables: dict, data: Iterable) -> dict:
     if "batch_stats" not in variables:
-        raise ValueError("variables have no 'batch_stats' collection")
+        raise JaxmergeError("variables have no 'batch_stats' collection")
 
     def run(stats_value, batch):
         reset = dict(variables, batch_stats=jax.tree.map(lambda s: jnp.full_like(s, stats_value),
@@ -117,7 +118,7 @@ def _update_linen(apply_fn: Callable, variables: dict, data: Iterable) -> dict:
         total = statistic if total is None else jax.tree.map(jnp.add, total, statistic)
         seen += 1
     if not seen:
-        raise ValueError("data yielded no batches")
+        raise JaxmergeError("data yielded no batches")
     return dict(variables, batch_stats=jax.tree.map(lambda t: t / seen, total))
 
 
@@ -141,5 +142,5 @@ def update_batch_stats(model, data: Iterable, *, variables: dict | None = None):
     if isinstance(model, nnx.Module):
         return _update_nnx(model, data)
     if variables is None:
-        raise ValueError("variables are required with a Linen apply_fn")
+        raise JaxmergeError("variables are required with a Linen apply_fn")
     return _update_linen(model, variables, data)

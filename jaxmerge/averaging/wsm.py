@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxmerge.errors import JaxmergeError
+
 SCHEDULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": lambda x: 1 - x,
     "cosine": lambda x: (1 + np.cos(np.pi * x)) / 2,
@@ -39,14 +41,14 @@ def checkpoint_merge_weights(schedule: str | Callable, num_checkpoints: int) -> 
       Pre-training", arXiv 2507.17634.
     """
     if not isinstance(num_checkpoints, int) or num_checkpoints < 1:
-        raise ValueError(f"num_checkpoints must be an int >= 1, got {num_checkpoints!r}")
+        raise JaxmergeError(f"num_checkpoints must be an int >= 1, got {num_checkpoints!r}")
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {tuple(SCHEDULES)} or a function, got {schedule!r}")
+            raise JaxmergeError(f"schedule must be one of {tuple(SCHEDULES)} or a function, got {schedule!r}")
         schedule = SCHEDULES[schedule]
     k = num_checkpoints - 1
     decay = np.asarray([float(schedule(i / (k + 1))) for i in range(1, k + 1)])
     if np.any(decay < 0) or np.any(decay > 1) or np.any(np.diff(decay) > 0):
-        raise ValueError(f"the schedule must be non-increasing with values in [0, 1], got {decay.tolist()}")
+        raise JaxmergeError(f"the schedule must be non-increasing with values in [0, 1], got {decay.tolist()}")
     bounded = np.concatenate([[1.0], decay, [0.0]])
     return (bounded[:-1] - bounded[1:]).tolist()

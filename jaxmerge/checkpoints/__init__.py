@@ -8,7 +8,6 @@ from pathlib import Path
 import jax
 
 from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
-from jaxmerge.errors import CheckpointError
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import (
     SafetensorsReader,
@@ -25,6 +24,7 @@ from jaxmerge.checkpoints.stream import (
     staged,
     stream_merge,
 )
+from jaxmerge.errors import CheckpointError, JaxmergeError
 
 
 def load(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None, dtype=None) -> PyTree:
@@ -47,7 +47,7 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
     are written under a temporary name and renamed into place when complete.
     """
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise JaxmergeError(f"format must be one of {FORMATS}, got {format!r}")
     output = Path(path).absolute()
     _check_destination(output, [], force)
     with staged(output) as staging:

@@ -27,7 +27,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxmerge.errors import CheckpointError
+from jaxmerge.errors import CheckpointError, JaxmergeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -49,12 +49,12 @@ def parse_size(size: int | str) -> int:
     else:
         match = _SIZE.match(str(size))
         if not match:
-            raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+            raise JaxmergeError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
         unit = match[2].upper().rstrip("B")
         base = 1024 if unit.endswith("I") else 1000
         value = int(float(match[1]) * base ** ("KMGT".index(unit[0]) + 1 if unit else 0))
     if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise JaxmergeError(f"max_shard_size must be positive, got {size!r}")
     return value
 
 
@@ -263,7 +263,7 @@ class SafetensorsWriter:
         shard, offset, nbytes = self.plan[name]
         data = np.ascontiguousarray(jax.device_get(array))
         if data.nbytes != nbytes:
-            raise ValueError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
+            raise JaxmergeError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
         handle = self._handles[shard]
         handle.seek(offset)
         handle.write(memoryview(data.reshape(-1).view(np.uint8)))

@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from jaxmerge._driver import run
 from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
-from jaxmerge.errors import CheckpointError, JaxmergeError
-from jaxmerge.merging.method import MergePlan
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
+from jaxmerge.errors import CheckpointError, JaxmergeError
+from jaxmerge.merging.method import MergePlan
 
 FORMATS = ("safetensors", "orbax")
 PREFETCH_BYTES = 64 * 2 ** 20  # read the next tensor during the current merge when it is at most this big

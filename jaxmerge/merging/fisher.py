@@ -93,7 +93,7 @@ def _fisher_plan(spec: TreeSpec, hp: dict, fishers: Sequence):
 
 
 @merge_method("fisher", base="none", plan=_fisher_plan, statistics="fishers", references=("2111.09832",), params=(
-    dataclasses.replace(WEIGHTS, check=Range(0)),
+    dataclasses.replace(WEIGHTS, check=Range(0), config_required=False),
     Param("epsilon", "option", "the floor on the Fisher values", kind=float, check=Range(0, lo_open=True)),
     Param("normalize_fishers", "option", "scale each Fisher to unit total mass (True/'sum') or L2 norm ('l2')",
           choices=(False, True, "sum", "l2")),

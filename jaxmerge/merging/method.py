@@ -238,12 +238,6 @@ def merge_method(name: str, *, base: BasePolicy, params: Sequence[Param], plan: 
         config_only = [p.name for p in params if p.name not in declared and (p.config is None or p.default is REQUIRED)]
         if unknown or config_only:
             raise TypeError(f"{name}: the signature and the record disagree on {sorted(unknown) or config_only}")
-        filled = tuple(dataclasses.replace(p, default=_signature_default(signature, p)) for p in params)
-        method = Method(name, function, filled, base, plan, tuple(references), min_models, max_models, statistics)
-        if name in REGISTRY:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        REGISTRY[name] = method
-
         @functools.wraps(function)
         def merge(*args, **kwargs):
             arguments = signature.bind(*args, **kwargs).arguments
@@ -252,6 +246,12 @@ def merge_method(name: str, *, base: BasePolicy, params: Sequence[Param], plan: 
                 return method.merge([arguments.pop("a"), arguments.pop("b")], **arguments)
             base_tree = arguments.pop("base", None)
             return method.merge(arguments.pop("models"), base=base_tree, statistics=stats, **arguments)
+
+        filled = tuple(dataclasses.replace(p, default=_signature_default(signature, p)) for p in params)
+        method = Method(name, merge, filled, base, plan, tuple(references), min_models, max_models, statistics)
+        if name in REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        REGISTRY[name] = method
         merge.method = method
         return merge
     return register

@@ -25,8 +25,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxmerge import _hyper
-from jaxmerge._sharding import like, reshard
 from jaxmerge._hyper import Range
+from jaxmerge._sharding import like, reshard
 from jaxmerge._tree import PyTree, TreeSpec, flatten_models, leaf_spec
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import average_kernel

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
-from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.merging import sparsify
+from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.merging.task_vectors import INT8_MASK, elect_sign
 
 

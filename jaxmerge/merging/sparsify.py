@@ -99,7 +99,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     when several entries share the threshold magnitude.
     """
     if x.size >= 2 ** 32:
-        raise ValueError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
+        raise JaxmergeError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
     k = jnp.asarray(k, jnp.int32)
     keys = _unsigned_bits(jnp.abs(x))
     threshold = _radix_select(keys, jnp.clip(k, 1, x.size))

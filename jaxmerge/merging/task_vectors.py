@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
-from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging import sparsify
 from jaxmerge.merging.method import LAMBDA, WEIGHTS, Param, merge_method
 from jaxmerge.merging.sparsify import Sparsifier

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxmerge.errors import JaxmergeError
+
 Batch = Any
 
 
@@ -41,20 +43,20 @@ def model_function(model, params) -> tuple[Callable, Any]:
     """
     if isinstance(model, nnx.Module):
         if params is not None:
-            raise ValueError("params must be None when model is an nnx.Module (its nnx.Param state is used)")
+            raise JaxmergeError("params must be None when model is an nnx.Module (its nnx.Param state is used)")
         graphdef, state, rest = nnx.split(model, nnx.Param, ...)
         return (lambda p, batch: nnx.merge(graphdef, p, rest)(inputs_of(batch))), state
     if not callable(model):
         raise TypeError(f"model must be an apply_fn(params, batch) or an nnx.Module, got {type(model).__name__}")
     if params is None:
-        raise ValueError("params are required with an apply_fn")
+        raise JaxmergeError("params are required with an apply_fn")
     return model, params
 
 
 def num_examples_in(batch: Batch) -> int:
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError("every leaf of a batch needs the same leading (example) axis, "
+        raise JaxmergeError("every leaf of a batch needs the same leading (example) axis, "
                          f"got sizes {sorted(map(str, sizes))}")
     return sizes.pop()
 
@@ -66,7 +68,7 @@ def limited(data: Iterable[Batch], num_examples: int | None) -> Iterator[tuple[B
       ValueError: ``data`` yields no examples, or ``num_examples < 1``.
     """
     if num_examples is not None and num_examples < 1:
-        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+        raise JaxmergeError(f"num_examples must be >= 1, got {num_examples}")
     seen = 0
     for batch in data:
         size = num_examples_in(batch)
@@ -79,7 +81,7 @@ def limited(data: Iterable[Batch], num_examples: int | None) -> Iterator[tuple[B
         if num_examples is not None and seen >= num_examples:
             break
     if seen == 0:
-        raise ValueError("data yielded no examples")
+        raise JaxmergeError("data yielded no examples")
 
 
 def sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:

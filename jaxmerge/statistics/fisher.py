@@ -29,6 +29,7 @@ from jax import lax
 
 from jaxmerge._sharding import like
 from jaxmerge._tree import PyTree
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.statistics._data import labels_of, limited, model_function, sharded_like
 from jaxmerge.statistics._per_example import weighted_squared_gradients
 
@@ -66,7 +67,7 @@ def _labelled_pairs(apply_fn: Callable, estimator: str, params: PyTree, examples
     if estimator == "sampled":
         return examples, jax.vmap(jax.random.categorical)(keys, lax.stop_gradient(log_probs)), mask
     if log_probs.shape[1:-1] != (1,):
-        raise ValueError("estimator='exact' needs one label per example (logits of shape (batch, classes)), "
+        raise JaxmergeError("estimator='exact' needs one label per example (logits of shape (batch, classes)), "
                          f"got logits of shape {log_probs.shape[1:]} per example")
     size, classes = log_probs.shape[0], log_probs.shape[-1]
     repeated = jax.tree.map(lambda x: jnp.repeat(x, classes, axis=0), examples)
@@ -143,11 +144,11 @@ def diagonal_fisher(model, data: Iterable, *, params: PyTree | None = None, esti
         that yields no examples.
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        raise JaxmergeError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "sampled" and key is None:
-        raise ValueError("estimator='sampled' draws labels: pass key=jax.random.key(seed)")
+        raise JaxmergeError("estimator='sampled' draws labels: pass key=jax.random.key(seed)")
     if not isinstance(microbatch, int) or microbatch < 1:
-        raise ValueError(f"microbatch must be a positive int, got {microbatch!r}")
+        raise JaxmergeError(f"microbatch must be a positive int, got {microbatch!r}")
     apply_fn, params = model_function(model, params)
     key = jax.random.key(0) if key is None else key
     total, count = None, 0

@@ -23,6 +23,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from jaxmerge._tree import PyTree, flatten_with_keys
+from jaxmerge.errors import JaxmergeError
 from jaxmerge.statistics._data import limited, model_function, replicated_like
 from jaxmerge.statistics._jaxpr import CALL_PRIMITIVES, Env, bind
 
@@ -173,6 +174,6 @@ def input_grams(model, data: Iterable, *, params: PyTree | None = None, num_exam
     apply_fn, params = model_function(model, params)
     grams = accumulate_grams(apply_fn, params, data, num_examples=num_examples)
     if not grams:
-        raise ValueError("found no linear layer: no dot_general multiplies an activation by a parameter "
+        raise JaxmergeError("found no linear layer: no dot_general multiplies an activation by a parameter "
                          "whose leading axes it contracts")
     return as_tree(flatten_with_keys(params)[0], grams)
