@@ -411,7 +411,7 @@ def breadcrumbs_ties(base: PyTree, models: Sequence[PyTree], weights=None, *, de
       >>> base = {"w": jnp.zeros(4)}
       >>> tunes = [{"w": jnp.asarray([0.1, -3.0, 2.0, 0.5])}, {"w": jnp.asarray([0.1, 1.0, -1.0, 0.5])}]
       >>> jaxmerge.breadcrumbs_ties(base, tunes, density=0.5, gamma=0.25)["w"].tolist()
-      [0.0, 1.0, 2.0, 1.0]
+      [0.0, 0.0, 2.0, 1.0]
     """
 
 
