@@ -20,13 +20,36 @@ import yaml
 from jaxmerge._hyper import Levels
 from jaxmerge.errors import ConfigError
 from jaxmerge.merging import methods
-from jaxmerge.merging.method import MergePlan, Method
+from jaxmerge.merging.method import MergePlan, Method, Param
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 IGNORED = {"tokenizer_source", "tokenizer", "chat_template", "name"}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 STATISTICS = "statistics"  # the per-model parameter naming a model's statistics checkpoint
+_TRUE, _FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
+
+
+def _coerce(param: Param, value):
+    """A config value as mergekit's validation (pydantic's lax mode) reads it: numeric strings
+    (YAML reads ``1e-6`` as a string) are numbers, and ``'true'``/``'no'``/``1``-style values of
+    boolean options are booleans. Lists and ``{filter, value}`` entries are read inside."""
+    if isinstance(value, list):
+        return [_coerce(param, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _coerce(param, v) if k == "value" else v for k, v in value.items()}
+    if param.kind is bool and (isinstance(value, int) or isinstance(value, str)) and not isinstance(value, bool):
+        text = str(value).strip().lower()
+        return True if text in _TRUE else False if text in _FALSE else value
+    if isinstance(value, str) and param.choices is None:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if param.kind is int and number.is_integer() else number
+    if param.kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 @dataclasses.dataclass
@@ -49,7 +72,7 @@ class MergeConfig:
         """The merge plan, random methods drawing from ``jax.random.key(seed)``."""
         settings = {}
         for p in self.method.params:
-            given = [s[p.key] for s in [self.global_settings] if p.key in s]
+            given = [_coerce(p, s[p.key]) for s in [self.global_settings] if p.key in s]
             if p.key is None:
                 settings[p.name] = jax.random.key(seed) if p.name == "key" else None
             elif p.scope == "option":
@@ -57,7 +80,7 @@ class MergeConfig:
             elif p.scope == "leaf":
                 settings[p.name] = Levels(shared=tuple(given))
             else:
-                own = tuple(((s[p.key],) if p.key in s else ()) for s in self.model_settings)
+                own = tuple(((_coerce(p, s[p.key]),) if p.key in s else ()) for s in self.model_settings)
                 settings[p.name] = Levels(shared=tuple(given), per_model=own)
         return MergePlan(self.method, settings, config=True)
 

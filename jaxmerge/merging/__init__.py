@@ -20,6 +20,12 @@ from jaxmerge.merging.method import REGISTRY, MergePlan, Method, Param, method, 
 def methods() -> dict[str, Method]:
     """Every merge method's record, by mergekit name, in alphabetical order.
 
+    The records hold each method's hyperparameters (defaults, ranges, per-model or
+    global), base policy and references; ``jaxmerge methods`` prints them.
+
+    Returns:
+      ``{name: Method}``.
+
     Examples:
       >>> import jaxmerge
       >>> "ties" in jaxmerge.methods() and jaxmerge.methods()["linear"].function is jaxmerge.average

@@ -273,6 +273,17 @@ class MergePlan:
     (``config=True``: errors name config keys, and parameters that configs must set have
     no default); the streamed driver (:func:`jaxmerge.checkpoints.stream_merge`) applies it
     to checkpoints.
+
+    Attributes:
+      method: the method's record.
+      settings: its hyperparameters' settings, unresolved (see :class:`~jaxmerge._hyper.Levels`).
+      config: whether the settings came from a merge config.
+
+    Examples:
+      >>> import jaxmerge
+      >>> p = jaxmerge.plan("linear", weights=[3.0, 1.0])
+      >>> isinstance(p, jaxmerge.MergePlan), p.method.function is jaxmerge.average
+      (True, True)
     """
 
     method: Method

@@ -73,7 +73,24 @@ def _radix_select(keys: jax.Array, k: jax.Array, valid: jax.Array | None = None)
 
 @jax.jit
 def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
-    """The k-th largest ``|x|`` (1 <= k <= x.size), exactly, without a sort."""
+    """The k-th largest magnitude of ``x``, exactly, without a sort.
+
+    A radix select on the bit patterns of ``|x|``: a few histogram passes over the array
+    (three for float32), each one scatter-add.
+
+    Args:
+      x: a float array.
+      k: the rank, 1-based; clipped to ``[1, x.size]``; may be traced.
+
+    Returns:
+      A scalar of ``x``'s dtype: the k-th largest ``|x|`` (equal magnitudes counted separately).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> float(sparsify.kth_largest_magnitude(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 2))
+      2.0
+    """
     magnitude = jnp.abs(x)
     bits = _radix_select(_unsigned_bits(magnitude), jnp.clip(k, 1, x.size))
     return lax.bitcast_convert_type(bits, magnitude.dtype)
@@ -93,10 +110,30 @@ def _flat_index(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def top_k_mask(x: jax.Array, k) -> jax.Array:
-    """Mask of exactly ``clip(k, 0, x.size)`` entries of largest ``|x|``, ties to lower index.
+    """Mask of exactly ``clip(k, 0, x.size)`` entries of largest ``|x|``, ties to the lower index.
 
-    ``k`` may be traced. Costs a few histogram passes over ``x``, plus an index selection
-    when several entries share the threshold magnitude.
+    Among entries whose magnitude equals the threshold, those with the lowest flat index are
+    kept, as a stable descending sort would keep them. Costs a few histogram passes over
+    ``x`` (:func:`kth_largest_magnitude`), plus an index selection when several entries
+    share the threshold magnitude; no sort.
+
+    Args:
+      x: a float array of fewer than ``2**32`` entries.
+      k: how many entries to keep; may be traced.
+
+    Returns:
+      A boolean array shaped like ``x``.
+
+    Raises:
+      JaxmergeError: ``x`` has ``2**32`` entries or more.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> sparsify.top_k_mask(jnp.asarray([1.0, -3.0, 3.0, 0.5]), 2).tolist()
+      [False, True, True, False]
+      >>> sparsify.top_k_mask(jnp.asarray([2.0, -2.0, 2.0]), 2).tolist()  # ties: the lower indices
+      [True, True, False]
     """
     if x.size >= 2 ** 32:
         raise JaxmergeError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
@@ -117,8 +154,23 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
 
 
 def num_kept(density, size: int):
-    """``int(density * size)`` as mergekit computes it: in float64 for concrete densities
-    (scalars or NumPy vectors), in float32 for traced ones."""
+    """How many of ``size`` entries a density keeps: ``int(density * size)``, as mergekit counts.
+
+    Concrete densities (Python or NumPy numbers and vectors) are multiplied in float64, as
+    mergekit does; traced ones in float32 (rounding may then differ by one entry).
+
+    Args:
+      density: a fraction, or a vector of them.
+      size: the number of entries.
+
+    Returns:
+      An int, an int32 NumPy vector, or a traced int32 array.
+
+    Examples:
+      >>> from jaxmerge import sparsify
+      >>> sparsify.num_kept(0.7, 10), sparsify.num_kept(0.333, 10)
+      (7, 3)
+    """
     if isinstance(density, (int, float)):
         return int(density * size)
     if isinstance(density, np.ndarray):
@@ -247,7 +299,20 @@ MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), R
 
 
 def magnitude_mask(x: jax.Array, density) -> jax.Array:
-    """Keep the ``int(density * x.size)`` entries of largest magnitude (TIES trim).
+    """Mask of the ``int(density * x.size)`` entries of largest magnitude (TIES' trim).
+
+    The same strategy (:class:`Magnitude`) as :func:`jaxmerge.ties` uses; ties in
+    magnitude go to the lower index (:func:`top_k_mask`).
+
+    Args:
+      x: a float array (a task vector).
+      density: the fraction to keep, in (0, 1].
+
+    Returns:
+      A boolean array shaped like ``x``.
+
+    References:
+      Yadav et al., "TIES-Merging", arXiv 2306.01708.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -259,8 +324,24 @@ def magnitude_mask(x: jax.Array, density) -> jax.Array:
 
 
 def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
-    """Model Breadcrumbs' mask (:class:`Breadcrumbs`): the ``gamma`` fraction of largest
-    magnitudes and the smallest are dropped, ``density`` of the entries kept.
+    """Model Breadcrumbs' mask: drop the largest magnitudes as outliers and the smallest.
+
+    Keeps the entries ranked ``[int(gamma n), int(gamma n) + int(density n))`` by descending
+    magnitude, the same strategy (:class:`Breadcrumbs`) as :func:`jaxmerge.breadcrumbs` uses.
+
+    Args:
+      x: a float array (a task vector).
+      density: the fraction kept, in (0, 1].
+      gamma: the fraction dropped from the top, in [0, 1); ``gamma + density <= 1``.
+
+    Returns:
+      A boolean array shaped like ``x``.
+
+    Raises:
+      JaxmergeError: ``gamma + density > 1``.
+
+    References:
+      Davari & Belilovsky, "Model Breadcrumbs", arXiv 2312.06795.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -272,21 +353,74 @@ def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
 
 
 def band_mask(x: jax.Array, top, count) -> jax.Array:
-    """Mask of the ``count`` entries ranked just below the ``top`` largest magnitudes."""
+    """Mask of the ``count`` entries ranked just below the ``top`` largest magnitudes.
+
+    Args:
+      x: a float array.
+      top: how many of the largest magnitudes to skip; may be traced.
+      count: how many entries to keep after them; may be traced.
+
+    Returns:
+      A boolean array shaped like ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> sparsify.band_mask(jnp.asarray([4.0, 3.0, 2.0, 1.0]), 1, 2).tolist()
+      [False, True, True, False]
+    """
     return top_k_mask(x, top + count) & ~top_k_mask(x, top)
 
 
 def random_mask(key: jax.Array, x: jax.Array, density) -> jax.Array:
-    """DARE's drop (:class:`Random`): keep each entry independently with probability ``density``."""
+    """DARE's drop: keep each entry independently with probability ``density``.
+
+    The same strategy (:class:`Random`) as :func:`jaxmerge.dare_linear` uses.
+
+    Args:
+      key: a ``jax.random`` key.
+      x: a float array (a task vector); only its shape is used.
+      density: the keep probability, in (0, 1].
+
+    Returns:
+      A boolean array shaped like ``x``.
+
+    References:
+      Yu et al., "Language models are Super Mario", arXiv 2311.03099.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> mask = sparsify.random_mask(jax.random.key(0), jnp.ones(10_000), 0.3)
+      >>> 0.28 < float(mask.mean()) < 0.32
+      True
+    """
     return RANDOM.mask(x, RANDOM.leaf_params(x.size, density=density), key)[0]
 
 
 def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
-    """DELLA's MagPrune keep probabilities (arXiv 2406.11617), as mergekit computes them.
+    """DELLA's MagPrune keep probabilities, as mergekit computes them.
 
-    Within each row (axis 1; a 1-d leaf is one row) entries are ranked by magnitude, and
+    Within each row (axis 1; a 1-d array is one row) entries are ranked by magnitude, and
     the keep probability rises linearly with rank from ``density - epsilon`` (smallest)
     to ``density + epsilon`` (largest). Ties in magnitude rank by index.
+
+    Args:
+      x: a float array (a task vector).
+      density: the mean keep probability.
+      epsilon: the spread around it.
+
+    Returns:
+      A float32 array shaped like ``x``.
+
+    References:
+      Deep et al., "DELLA-Merging", arXiv 2406.11617.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> [round(p, 3) for p in sparsify.della_probabilities(jnp.asarray([0.1, -2.0, 1.0]), 0.5, 0.2).tolist()]
+      [0.3, 0.7, 0.5]
     """
     rows = x.reshape(1, -1) if x.ndim < 2 else x
     n = rows.shape[1]
@@ -302,8 +436,33 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
 
 
 def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:
-    """DELLA's random drop with magnitude-ranked probabilities (:class:`Ranked`):
-    ``(mask, probabilities)``."""
+    """DELLA's random drop, each entry kept with its magnitude-ranked probability.
+
+    The same strategy (:class:`Ranked`) as :func:`jaxmerge.della` uses.
+
+    Args:
+      key: a ``jax.random`` key.
+      x: a float array (a task vector).
+      density: the mean keep probability.
+      epsilon: the spread: ``density +/- epsilon`` must lie inside (0, 1) unless
+        ``density == 1``.
+
+    Returns:
+      ``(mask, probabilities)``, both shaped like ``x`` (see :func:`della_probabilities`).
+
+    Raises:
+      JaxmergeError: ``density +/- epsilon`` outside (0, 1).
+
+    References:
+      Deep et al., "DELLA-Merging", arXiv 2406.11617.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> mask, probabilities = sparsify.della_mask(jax.random.key(0), jnp.ones((2, 3)), 0.5, 0.1)
+      >>> mask.shape, mask.dtype.name
+      ((2, 3), 'bool')
+    """
     return RANKED.mask(x, RANKED.leaf_params(x.size, density=density, epsilon=epsilon), key)
 
 
@@ -330,6 +489,19 @@ def rescale(x: jax.Array, mask: jax.Array, norm: str | None, keep_probability=No
         below ``epsilon``); or ``'density'`` (divide by ``keep_probability``, as the DARE
         and DELLA papers do).
       keep_probability: the probability each entry was kept with (scalar or like ``x``).
+      epsilon: norms below this are not rescaled.
+
+    Returns:
+      ``x`` with the dropped entries zeroed and the kept ones rescaled.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> x, mask = jnp.asarray([1.0, -3.0, 2.0]), jnp.asarray([False, True, True])
+      >>> [round(v, 4) for v in sparsify.rescale(x, mask, "l1").tolist()]  # L1 norm 6 restored from 5
+      [0.0, -3.6, 2.4]
+      >>> sparsify.rescale(x, mask, "density", 0.5).tolist()
+      [0.0, -6.0, 4.0]
     """
     kept = jnp.where(mask, x, jnp.zeros((), x.dtype))
     if norm is None:

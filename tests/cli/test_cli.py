@@ -91,6 +91,25 @@ def test_slerp_dare_and_orbax_output(tmp_path, models):
     _check_output(tmp_path / "dare", jaxmerge.dare_ties(base, tunes, density=0.5, key=jax.random.key(7)))
 
 
+def test_values_read_as_mergekit_validates_them(tmp_path, models):
+    """YAML reads 5e-1 as a string and mergekit's validation makes it a number; 'yes' and 1 are
+    booleans for a boolean parameter."""
+    base, tunes = models
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"""merge_method: ties
+base_model: {tmp_path / "base"}
+parameters: {{normalize: 'yes', lambda: '0.9', int8_mask: 1}}
+models:
+  - model: {tmp_path / "tune0"}
+    parameters: {{weight: 1, density: 5e-1}}
+  - model: {tmp_path / "tune1"}
+    parameters: {{weight: [1e-1, 1], density: [{{filter: mlp, value: 3e-1}}, {{value: 0.7}}]}}
+""")
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    density = jaxmerge.per_model(0.5, [{"filter": "mlp", "value": 0.3}, {"value": 0.7}])
+    _check_output(tmp_path / "out", jaxmerge.ties(base, tunes, [1.0, [0.1, 1.0]], density=density, lambda_=0.9))
+
+
 def test_inspect(tmp_path, models, capsys):
     assert _run("inspect", tmp_path / "tune0") == 0
     out = capsys.readouterr().out
@@ -109,8 +128,10 @@ def test_inspect(tmp_path, models, capsys):
     (dict(merge_method="linear", models=["tune0", "tune1"]), "weight of models[0] (tune0) is required but not given"),
     (dict(merge_method="ties", base_model="base", models=[{"model": "tune0", "parameters": {"weight": 1, "density": 2}}]),
      "density of models[0] (tune0) must be in (0, 1], got 2"),
-    (dict(merge_method="ties", base_model="base", parameters={"normalize": "false"},
-          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "normalize must be a boolean, got 'false'"),
+    (dict(merge_method="ties", base_model="base", parameters={"normalize": "maybe"},
+          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "normalize must be a boolean, got 'maybe'"),
+    (dict(merge_method="ties", base_model="base", parameters={"lambda": "much"},
+          models=[{"model": "tune0", "parameters": {"weight": 1}}]), "lambda must be a real number, got 'much'"),
     (dict(merge_method="karcher", models=["tune0", "tune1"], parameters={"max_iter": 2.5}),
      "max_iter must be an integer, got 2.5"),
     (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}), "has no leaf 'lm_head.weight'"),
