@@ -29,10 +29,41 @@ def _check_perm(bound: BoundSpec, perm: dict) -> None:
 
 
 def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTree:
-    """``params`` with every spec'd axis reordered: ``take(leaf, perm[name], axis)``.
+    """Reorder the hidden units of ``params`` by the permutations ``perm``.
 
-    Leaves the spec does not name are unchanged; so is the function the network computes,
-    when the spec describes it correctly.
+    Every axis the spec names is reordered by its permutation's index array:
+    ``leaf = take(leaf, perm[name], axis)``, i.e. ``new[..., j, ...] = old[..., perm[name][j], ...]``,
+    one named axis after another. Leaves the spec does not name are unchanged; so is the
+    function the network computes, when the spec describes it correctly. Entries of
+    ``perm`` that the spec does not name are ignored.
+
+    Args:
+      spec: which axes of which leaves each permutation acts on.
+      perm: ``{name: index array}`` with a permutation of ``0 .. n-1`` for every name of
+        ``spec`` (as :func:`weight_matching` or :func:`random_permutation` return).
+      params: the parameter tree to permute.
+
+    Returns:
+      A pytree with ``params``' structure; the spec'd leaves are permuted (as JAX
+      arrays), the others are ``params``' own.
+
+    Raises:
+      JaxmergeError: ``spec`` does not match ``params`` (a missing leaf, a wrong number of
+        axes, or a permutation joining axes of different sizes), ``perm`` lacks one of the
+        spec's names, or an entry is not a permutation of its axis' size.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> spec = jaxmerge.PermutationSpec({"l0/kernel": (None, "h"), "l0/bias": ("h",), "l1/kernel": ("h", None)})
+      >>> params = {"l0": {"kernel": jnp.asarray([[1.0, 2.0, 3.0]]), "bias": jnp.asarray([10.0, 20.0, 30.0])},
+      ...           "l1": {"kernel": jnp.asarray([[4.0], [5.0], [6.0]])}}
+      >>> out = jaxmerge.apply_permutation(spec, {"h": [2, 0, 1]}, params)
+      >>> out["l0"]["kernel"].tolist(), out["l0"]["bias"].tolist(), out["l1"]["kernel"].tolist()
+      ([[3.0, 1.0, 2.0]], [30.0, 10.0, 20.0], [[6.0], [4.0], [5.0]])
     """
     bound = spec.bind(params)
     _check_perm(bound, perm)
@@ -49,14 +80,46 @@ def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTr
 
 def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, max_iter: int = 100,
                     seed: int = 0) -> dict[str, np.ndarray]:
-    """Permutations of ``model``'s units that best match ``reference``'s weights.
+    """Permutations of ``model``'s units that best match ``reference``'s weights (Git Re-Basin).
 
-    Maximises ``sum <W_reference, P(W_model)>`` over every spec'd leaf by coordinate descent:
-    in random order, each permutation is re-solved as a linear assignment problem with the
-    others held fixed, until a full sweep improves nothing (or ``max_iter`` sweeps).
+    Maximises ``sum_leaves <W_reference, P(W_model)>`` (the Frobenius inner product, summed
+    over every leaf the spec names; ``P`` applies the permutations as
+    :func:`apply_permutation` does) by coordinate descent, starting from the identity: in
+    an order drawn at random each sweep, each permutation ``p`` of size ``n`` is re-solved
+    with the others held fixed, as the linear assignment problem
+    ``max_pi sum_i C[i, pi(i)]``, where ``C[i, j]`` sums, over every axis ``p`` acts on, the
+    inner product of unit ``i`` of the reference with unit ``j`` of the model (all its other
+    axes already permuted). The sweeps stop when one improves nothing, or after
+    ``max_iter``. Computed in float64 with NumPy and SciPy, on the host.
+
+    Args:
+      spec: which axes of which leaves each permutation acts on.
+      reference: the parameter tree to match (it is not changed).
+      model: the parameter tree to permute, with ``reference``'s structure and shapes.
+      max_iter: the most sweeps over all permutations.
+      seed: seed of the random order of the permutations within a sweep.
 
     Returns:
       ``{name: index array}`` to pass to :func:`apply_permutation` (on ``model``).
+
+    Raises:
+      JaxmergeError: ``model`` and ``reference`` differ in leaves, shapes or dtype kinds,
+        or ``spec`` does not match them (a missing leaf, a wrong number of axes, or a
+        permutation joining axes of different sizes).
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> spec = jaxmerge.PermutationSpec({"l0/kernel": (None, "h"), "l0/bias": ("h",), "l1/kernel": ("h", None)})
+      >>> reference = {"l0": {"kernel": jnp.asarray([[1.0, 2.0, 3.0]]), "bias": jnp.asarray([10.0, 20.0, 30.0])},
+      ...              "l1": {"kernel": jnp.asarray([[4.0], [5.0], [6.0]])}}
+      >>> # model's unit j is reference's unit [2, 0, 1][j]; matching finds the inverse
+      >>> model = jaxmerge.apply_permutation(spec, {"h": [2, 0, 1]}, reference)
+      >>> jaxmerge.weight_matching(spec, reference, model)["h"].tolist()
+      [1, 2, 0]
     """
     flatten_models([reference, model], names=["reference", "model"])
     bound = spec.bind(reference)
@@ -86,5 +149,41 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
 
 
 def align(spec: PermutationSpec, reference: PyTree, model: PyTree, **kwargs) -> PyTree:
-    """``model`` with its units permuted to match ``reference`` (:func:`weight_matching`)."""
+    """``model`` with its hidden units permuted to line up with ``reference``'s (Git Re-Basin).
+
+    ``apply_permutation(spec, weight_matching(spec, reference, model, **kwargs), model)``:
+    the permutations that maximise ``sum_leaves <W_reference, P(W_model)>``, applied to
+    ``model``. The result computes the same function as ``model`` (when the spec describes
+    the network), but lies closer to ``reference``, so that interpolating or averaging the
+    two works better than without alignment.
+
+    Args:
+      spec: which axes of which leaves each permutation acts on.
+      reference: the parameter tree to match (it is not changed).
+      model: the parameter tree to permute, with ``reference``'s structure and shapes.
+      **kwargs: ``max_iter`` and ``seed``, passed to :func:`weight_matching`.
+
+    Returns:
+      ``model`` permuted: a pytree with its structure.
+
+    Raises:
+      JaxmergeError: ``model`` and ``reference`` differ in leaves, shapes or dtype kinds,
+        or ``spec`` does not match them.
+      TypeError: a keyword argument other than ``max_iter`` and ``seed``.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> spec = jaxmerge.PermutationSpec({"l0/kernel": (None, "h"), "l1/kernel": ("h", None)})
+      >>> reference = {"l0": {"kernel": jnp.asarray([[1.0, 2.0, 3.0]])},
+      ...              "l1": {"kernel": jnp.asarray([[4.0], [5.0], [6.0]])}}
+      >>> model = {"l0": {"kernel": jnp.asarray([[3.0, 1.0, 2.0]])},  # the same units, shuffled
+      ...          "l1": {"kernel": jnp.asarray([[6.0], [4.0], [5.0]])}}
+      >>> aligned = jaxmerge.align(spec, reference, model)
+      >>> aligned["l0"]["kernel"].tolist(), aligned["l1"]["kernel"].tolist()
+      ([[1.0, 2.0, 3.0]], [[4.0], [5.0], [6.0]])
+    """
     return apply_permutation(spec, weight_matching(spec, reference, model, **kwargs), model)

@@ -24,11 +24,46 @@ def _as_key(path) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class PermutationSpec:
-    """``axes[leaf path] = (permutation name or None, one per axis)``.
+    """Which axes of which leaves are reordered by which permutation of hidden units.
+
+    A spec maps each leaf path it touches to one entry per axis of that leaf: the name of
+    the permutation acting on that axis, or ``None`` for an axis left in place. Every axis
+    carrying the name ``p`` is reordered by the same index array ``perm[p]``, so a layer's
+    output axis (with its bias and norm statistics) and the next layer's input axis, named
+    alike, move together and the network computes the same function. The permutation
+    ``p`` acting on axis ``k`` of a leaf ``W`` gives ``W'[..., j, ...] = W[..., perm[p][j], ...]``.
 
     Paths are ``'/'``-joined (``'params/Dense_0/kernel'``) or tuples of names; a path may
-    stop short of a trailing ``value`` (the leaves of an ``nnx.State``). Combine specs with
-    ``|``.
+    stop short of a trailing ``value`` (the leaves of an ``nnx.State``). Combine the specs
+    of separate parts of a network with ``|``. Leaves the spec does not name are never
+    permuted.
+
+    Args:
+      axes: a mapping from leaf path (a ``'/'``-joined string or a tuple of names) to a
+        sequence with one permutation name or ``None`` per axis of that leaf. Stored as
+        :attr:`axes`, with tuple paths and tuple values.
+
+    Returns:
+      A frozen spec; check it against a parameter tree with :meth:`bind`.
+
+    Raises:
+      JaxmergeError: combining with ``|`` two specs that both name a leaf.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> spec = jaxmerge.PermutationSpec({"l0/kernel": (None, "h"), "l0/bias": ("h",)})
+      >>> spec = spec | jaxmerge.PermutationSpec({("l1", "kernel"): ("h", None)})
+      >>> spec.names
+      ['h']
+      >>> spec.axes[("l1", "kernel")]
+      ('h', None)
+      >>> params = {"l0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}, "l1": {"kernel": jnp.ones((3, 1))}}
+      >>> spec.bind(params).sizes
+      {'h': 3}
     """
 
     axes: Mapping[tuple[str, ...], tuple[str | None, ...]]
@@ -37,6 +72,17 @@ class PermutationSpec:
         object.__setattr__(self, "axes", {_as_key(k): tuple(v) for k, v in axes.items()})
 
     def __or__(self, other: PermutationSpec) -> PermutationSpec:
+        """The union of two specs that name disjoint leaves (``spec_a | spec_b``).
+
+        Args:
+          other: a spec naming none of this spec's leaves.
+
+        Returns:
+          A spec with the entries of both.
+
+        Raises:
+          JaxmergeError: both specs name the same leaf.
+        """
         overlap = set(self.axes) & set(other.axes)
         if overlap:
             raise JaxmergeError(f"both specs name the leaf {path_str(min(overlap))!r}")
@@ -50,8 +96,15 @@ class PermutationSpec:
     def bind(self, params: PyTree) -> BoundSpec:
         """Match the spec to ``params``' leaves, checking leaves, axes and sizes.
 
+        Args:
+          params: the parameter tree the spec describes.
+
+        Returns:
+          A ``BoundSpec``: the index (in ``params``' flattened leaves) of every spec path,
+          and the size of every permutation (``.sizes``, ``{name: number of units}``).
+
         Raises:
-          ValueError: a leaf the params do not have, a wrong number of axes, or axes of
+          JaxmergeError: a leaf the params do not have, a wrong number of axes, or axes of
             different sizes sharing a permutation (naming the leaves and sizes).
         """
         keys, leaves, _ = flatten_with_keys(params)
@@ -132,13 +185,43 @@ def _chain(params: PyTree, layers: Sequence[str], first_input: str | None, names
 
 def mlp_permutation_spec(params: PyTree, layers: Sequence[str] | None = None, *, prefix: str = "hidden"
                          ) -> PermutationSpec:
-    """The spec of an MLP: hidden layer ``i``'s units permuted by ``'{prefix}_{i}'``.
+    """The permutation spec of an MLP (a chain of dense layers).
+
+    For dense layers ``0 .. L-1``, the output units of layer ``i < L-1`` (the hidden units)
+    are permuted by ``'{prefix}_{i}'``: it acts on axis 1 of layer ``i``'s kernel, on its
+    bias, and on axis 0 of layer ``i+1``'s kernel. The network's inputs (axis 0 of the
+    first kernel) and outputs (axis 1 of the last kernel and its bias) stay in place, so
+    ``x -> act(x W_0 + b_0) W_1 + ...`` is unchanged by any such permutation. Only the
+    layers' kernels and biases are named; the spec is checked against the tree's shapes
+    when it is used (:meth:`PermutationSpec.bind`).
 
     Args:
       params: the MLP's parameters (Linen ``{'params': ...}``, an ``nnx.State``, a dict).
       layers: the dense layers' paths in order (each holding ``kernel`` of shape
         ``(in, out)`` and optionally ``bias``); by default every 2-d ``kernel`` in natural
         order of their paths (``Dense_2`` before ``Dense_10``).
+      prefix: the start of the permutations' names.
+
+    Returns:
+      A :class:`PermutationSpec` with the ``L - 1`` permutations
+      ``'{prefix}_0' .. '{prefix}_{L-2}'``.
+
+    Raises:
+      JaxmergeError: fewer than 2 dense layers, or a layer path with no ``kernel`` leaf.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+      ...           "Dense_1": {"kernel": jnp.ones((3, 1)), "bias": jnp.zeros(1)}}
+      >>> spec = jaxmerge.mlp_permutation_spec(params)
+      >>> spec.names
+      ['hidden_0']
+      >>> spec.axes[("Dense_0", "kernel")], spec.axes[("Dense_1", "kernel")], spec.axes[("Dense_1", "bias")]
+      ((None, 'hidden_0'), ('hidden_0', None), (None,))
     """
     layers = list(layers) if layers is not None else _dense_layers(params)
     if len(layers) < 2:
@@ -149,16 +232,55 @@ def mlp_permutation_spec(params: PyTree, layers: Sequence[str] | None = None, *,
 
 def cnn_permutation_spec(params: PyTree, convs: Sequence[str], dense: Sequence[str] = (),
                          norms: Sequence[str | None] | None = None, *, prefix: str = "channels") -> PermutationSpec:
-    """The spec of a CNN: conv layers (kernels ``(h, w, in, out)``), then global pooling and
-    dense layers; conv ``i``'s channels are permuted by ``'{prefix}_{i}'``.
+    """The permutation spec of a CNN: conv layers, then global pooling and dense layers.
+
+    Conv ``i``'s output channels are permuted by ``'{prefix}_{i}'``: it acts on axis 3 of
+    conv ``i``'s kernel (``(h, w, in, out)``), on its bias, on the norm layer after it, and
+    on axis 2 of the next conv's kernel, or on axis 0 of the first dense kernel after the
+    last conv (global pooling keeps the channel axis). Dense layer ``j``'s hidden outputs
+    are permuted by ``'{prefix}_dense_{j}'`` as in :func:`mlp_permutation_spec`. The
+    network's input channels and final outputs stay in place: the last dense layer's
+    outputs, or without dense layers the last conv's (which then gets no permutation, and
+    its norm layer is not named).
 
     Args:
       params: the parameters, with any BatchNorm statistics (e.g. Linen's whole variables).
       convs: the conv layers' paths in order.
       dense: the dense layers after global pooling, in order (the last one's outputs are
         not permuted).
-      norms: for each conv, the name of the norm layer after it (or None); its ``scale``,
-        ``bias``, ``mean`` and ``var`` leaves, in any collection, are permuted with it.
+      norms: for each conv, the name of the norm layer after it (or None): one path entry
+        such as ``'BatchNorm_0'``, not a ``'/'``-joined path. Every ``scale``, ``bias``,
+        ``mean`` and ``var`` leaf under an entry of that name, in any collection, is
+        permuted with the conv's channels.
+      prefix: the start of the permutations' names.
+
+    Returns:
+      A :class:`PermutationSpec` with the permutations ``'{prefix}_{i}'`` (one per conv, or
+      one per conv but the last without dense layers) and ``'{prefix}_dense_{j}'`` (one per
+      dense layer but the last).
+
+    Raises:
+      JaxmergeError: a conv or dense path with no ``kernel`` leaf, or a norm name with no
+        ``scale``, ``bias``, ``mean`` or ``var`` leaf under it.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> variables = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 4))},
+      ...                         "BatchNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+      ...                         "Dense_0": {"kernel": jnp.ones((4, 2))}},
+      ...              "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}}
+      >>> spec = jaxmerge.cnn_permutation_spec(variables, convs=["params/Conv_0"], dense=["params/Dense_0"],
+      ...                                      norms=["BatchNorm_0"])
+      >>> spec.names
+      ['channels_0']
+      >>> spec.axes[("params", "Conv_0", "kernel")], spec.axes[("params", "Dense_0", "kernel")]
+      ((None, None, None, 'channels_0'), ('channels_0', None))
+      >>> spec.axes[("batch_stats", "BatchNorm_0", "var")]
+      ('channels_0',)
     """
     # without dense layers, the last conv's outputs are the network's and stay in place
     names = [f"{prefix}_{i}" for i in range(len(convs) if dense else len(convs) - 1)]
@@ -179,14 +301,50 @@ def cnn_permutation_spec(params: PyTree, convs: Sequence[str], dense: Sequence[s
 
 def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, value: str, out: str,
                                        fc1: str, fc2: str, prefix: str = "block") -> PermutationSpec:
-    """The spec of one transformer block: attention heads and MLP hidden units.
+    """The permutation spec of one transformer block: attention heads and MLP hidden units.
 
     The heads permutation ``'{prefix}_heads'`` acts on the heads axis of the query, key and
     value kernels (``(d, heads, head_dim)``, Flax's ``DenseGeneral``/``LinearGeneral``
     layout) and biases (``(heads, head_dim)``), and of the output projection kernel
-    (``(heads, head_dim, d)``); ``'{prefix}_mlp'`` acts on the MLP's hidden units
-    (``fc1`` outputs and ``fc2`` inputs). The residual stream is not permuted. Combine the
-    specs of several blocks (distinct ``prefix`` each) with ``|``.
+    (``(heads, head_dim, d)``): attention is a sum over heads, so reordering whole heads
+    leaves it unchanged. ``'{prefix}_mlp'`` acts on the MLP's hidden units (axis 1 of the
+    ``fc1`` kernel and its bias, axis 0 of the ``fc2`` kernel). The residual stream (the
+    model dimension ``d``) is not permuted, nor is the order of units within a head.
+    Combine the specs of several blocks (distinct ``prefix`` each) with ``|``.
+
+    Args:
+      params: the parameters holding the block (a dict, Linen variables or an
+        ``nnx.State``).
+      query: path of the query projection.
+      key: path of the key projection.
+      value: path of the value projection.
+      out: path of the attention output projection.
+      fc1: path of the MLP's first dense layer (kernel ``(d, hidden)``).
+      fc2: path of the MLP's second dense layer (kernel ``(hidden, d)``).
+      prefix: the start of the permutations' names.
+
+    Returns:
+      A :class:`PermutationSpec` with the permutations ``'{prefix}_heads'`` and
+      ``'{prefix}_mlp'``.
+
+    Raises:
+      JaxmergeError: one of the six paths has no ``kernel`` leaf.
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> params = {name: {"kernel": jnp.ones((4, 2, 2))} for name in ("q", "k", "v")}
+      >>> params |= {"o": {"kernel": jnp.ones((2, 2, 4))}, "fc1": {"kernel": jnp.ones((4, 8))},
+      ...            "fc2": {"kernel": jnp.ones((8, 4))}}
+      >>> spec = jaxmerge.transformer_block_permutation_spec(params, query="q", key="k", value="v", out="o",
+      ...                                                    fc1="fc1", fc2="fc2")
+      >>> spec.axes[("q", "kernel")], spec.axes[("o", "kernel")]
+      ((None, 'block_heads', None), ('block_heads', None, None))
+      >>> spec.bind(params).sizes
+      {'block_heads': 2, 'block_mlp': 8}
     """
     keys = flatten_with_keys(params)[0]
     heads, mlp = f"{prefix}_heads", f"{prefix}_mlp"
@@ -206,6 +364,38 @@ def _missing(layer: str):
 
 
 def random_permutation(spec: PermutationSpec, params: PyTree, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random permutation for every name of ``spec`` (for tests and demonstrations)."""
+    """A random permutation for every name of ``spec`` (for tests and demonstrations).
+
+    Binds ``spec`` to ``params`` to learn each permutation's size ``n``, then draws a
+    uniformly random ordering of ``0 .. n-1`` for each name, from NumPy's
+    ``default_rng(seed)``: the same ``seed`` gives the same permutations. Applying the
+    result with :func:`apply_permutation` gives a functionally identical network with
+    shuffled hidden units, which :func:`weight_matching` should undo.
+
+    Args:
+      spec: the permutation spec.
+      params: a parameter tree the spec describes (only its shapes are read).
+      seed: the seed of the random generator.
+
+    Returns:
+      ``{name: index array}``, one integer array of the permutation's size per name.
+
+    Raises:
+      JaxmergeError: ``spec`` does not match ``params`` (see :meth:`PermutationSpec.bind`).
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> spec = jaxmerge.PermutationSpec({"l0/kernel": (None, "h"), "l1/kernel": ("h", None)})
+      >>> params = {"l0": {"kernel": jnp.ones((2, 5))}, "l1": {"kernel": jnp.ones((5, 1))}}
+      >>> perm = jaxmerge.random_permutation(spec, params, seed=1)
+      >>> sorted(perm["h"].tolist())
+      [0, 1, 2, 3, 4]
+      >>> bool((perm["h"] == jaxmerge.random_permutation(spec, params, seed=1)["h"]).all())
+      True
+    """
     rng = np.random.default_rng(seed)
     return {name: rng.permutation(size) for name, size in spec.bind(params).sizes.items()}

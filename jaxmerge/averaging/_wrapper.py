@@ -106,16 +106,45 @@ def averaging_states(opt_state) -> list:
 def averaged_params(opt_state, *, index: int = 0) -> PyTree:
     """The averaged parameters kept by a jaxmerge averaging wrapper anywhere in ``opt_state``.
 
-    Works through ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-    ``optax.contrib`` wrappers and Flax's ``nnx.Optimizer`` (pass ``optimizer.opt_state``;
-    the result then has the structure of the ``nnx.State`` of the parameters).
+    Finds the states of :func:`jaxmerge.ema`, :func:`jaxmerge.swa`, :func:`jaxmerge.lawa`,
+    :func:`jaxmerge.bema` and :func:`jaxmerge.power_ema` inside ``opt_state``, outer wrappers
+    before the ones they wrap, otherwise in tree order, and reads the average of the
+    ``index``-th one: the EMA (divided by ``1 - prod(decays)`` for ``ema(..., debias=True)``),
+    the SWA running mean, the mean of the LAWA window, the bias-corrected BEMA output, or the
+    power-function EMA of the first ``sigma_rel``. It works through ``optax.chain``,
+    ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.contrib`` wrappers and Flax's
+    ``nnx.Optimizer`` (pass ``optimizer.opt_state``; the result then has the structure of
+    the ``nnx.State`` of the parameters).
 
     Args:
-      opt_state: an optimizer state.
-      index: which average, when the state holds several (in tree order).
+      opt_state: an optimizer state that holds at least one averaging state.
+      index: which average, when the state holds several (0: the outermost wrapper).
+
+    Returns:
+      A pytree shaped like the parameters, with float leaves in the wrapper's ``dtype``.
 
     Raises:
-      ValueError: the state holds no averaging state, or fewer than ``index + 1``.
+      JaxmergeError: the state holds no averaging state, or fewer than ``index + 1``.
+
+    References:
+      The averages it reads: SWA, Izmailov et al., arXiv 1803.05407; LAWA, Kaddour,
+      arXiv 2209.14981; BEMA, Block & Zhang, arXiv 2508.00180; power-function EMA,
+      Karras et al., arXiv 2312.02696.
+
+    Examples:
+      An EMA (decay 0.5) around SWA around SGD; one step moves ``w`` from 0 to 2, so the
+      SWA mean is 2 and the EMA ``0.5 * 0 + 0.5 * 2 = 1``:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0])}
+      >>> tx = jaxmerge.ema(jaxmerge.swa(optax.sgd(1.0)), decay=0.5)
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> _, state = update({"w": jnp.asarray([-2.0])}, state, params)
+      >>> jaxmerge.averaged_params(state)["w"].tolist()
+      [1.0]
+      >>> jaxmerge.averaged_params(state, index=1)["w"].tolist()
+      [2.0]
     """
     states = averaging_states(opt_state)
     if not states:

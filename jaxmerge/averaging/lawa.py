@@ -43,20 +43,50 @@ class LawaState(NamedTuple):
 def lawa(inner: optax.GradientTransformation, *, k: int, every=1, dtype=None) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` and keep the latest ``k`` parameter snapshots; average them (LAWA).
 
-    A snapshot of ``params + updates`` is taken after every ``every``-th update (updates
-    ``every - 1``, ``2 every - 1``, ... counting from 0) into a ring buffer of ``k`` slots;
-    :func:`jaxmerge.averaged_params` is the mean of the snapshots in it (the initial
-    parameters before the first snapshot). Memory: ``k`` copies of the parameters.
+    A snapshot of ``theta = params + updates`` is taken after every ``every``-th update
+    (updates ``every - 1``, ``2 every - 1``, ... counting from 0) into a ring buffer of
+    ``k`` slots; :func:`jaxmerge.averaged_params` is the equal-weight mean of the
+    ``min(k, n)`` snapshots in it after ``n`` snapshots, ``(theta_{n-k+1} + ... +
+    theta_n) / k`` once the window is full, and the initial parameters before the first
+    snapshot. The updates of ``inner`` are returned unchanged. Memory: ``k`` copies of the
+    parameters.
 
     Args:
       inner: the optimizer to run.
-      k: window size (>= 1); static, so pass it in ``static_args`` to
+      k: window size (an int >= 1); static, so pass it in ``static_args`` to
         ``optax.inject_hyperparams``.
       every: snapshot interval in updates (>= 1), e.g. the number of steps per epoch.
-      dtype: dtype of the snapshots of float parameters.
+      dtype: dtype of the snapshots of float parameters (None: each parameter's own
+        dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+
+    Raises:
+      TypeError: ``inner`` is not an ``optax.GradientTransformation``.
+      JaxmergeError: ``k`` is not an int >= 1, or ``every < 1`` (a traced ``every`` is not
+        checked); from ``update``, when it is called without ``params``.
 
     References:
-      Kaddour, arXiv 2209.14981 (latest weight averaging).
+      Kaddour, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training with Latest
+      Weight Averaging", arXiv 2209.14981.
+
+    Examples:
+      SGD with learning rate 0.5 and a constant gradient moves ``w`` from ``[0, 4]`` to
+      ``[-1, 6]``, ``[-2, 8]`` and ``[-3, 10]``; with ``k=2`` the average is the mean of
+      the last two, ``[-2.5, 9]``:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0, 4.0])}
+      >>> grads = {"w": jnp.asarray([2.0, -4.0])}
+      >>> tx = jaxmerge.lawa(optax.sgd(0.5), k=2)
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(3):
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> jaxmerge.averaged_params(state)["w"].tolist()
+      [-2.5, 9.0]
     """
     if not isinstance(k, int) or k < 1:
         raise JaxmergeError(f"k must be an int >= 1, got {k!r}")

@@ -72,24 +72,54 @@ def power_ema(inner: optax.GradientTransformation, *, sigma_rels: Sequence[float
               snapshot_every: int = 4096, dtype=None) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` and keep power-function EMAs of the parameters (EDM2).
 
-    At step ``t = update index + 1``, each EMA with exponent ``gamma`` is updated as
-    ``ema = beta ema + (1 - beta) theta_t`` with ``beta = (1 - 1 / t) ** (gamma + 1)``,
-    which weights the past in proportion to ``tau ** gamma``.
+    Each relative width ``sigma_rel`` gives an exponent ``gamma``, the root of
+    ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 (gamma + 3)))``. At step
+    ``t = update index + 1``, with ``theta_t = params + updates``, each EMA is updated as
+    ``ema = beta ema + (1 - beta) theta_t`` with ``beta = (1 - 1 / t) ** (gamma + 1)``
+    (so step 1 copies ``theta_1``), which weights the past in proportion to ``tau ** gamma``.
 
-    Every ``snapshot_every`` steps the state's ``snapshot_due`` is True: save
+    After every ``snapshot_every``-th step the state's ``snapshot_due`` is True: save
     ``jaxmerge.power_ema_snapshot(opt_state)`` then (with Orbax, for instance), and
     reconstruct an EMA of any width afterwards with :func:`post_hoc_ema`.
-    :func:`jaxmerge.averaged_params` returns the EMA of the first ``sigma_rel``.
+    :func:`jaxmerge.averaged_params` returns the EMA of the first ``sigma_rel``; the updates
+    of ``inner`` are returned unchanged. Memory: one copy of the parameters per EMA.
 
     Args:
       inner: the optimizer to run.
-      sigma_rels: relative widths of the EMAs to keep, each in (0, 0.2887); EDM2 keeps
-        0.05 and 0.10.
-      snapshot_every: steps between snapshots (EDM2: every 8 Mi images).
-      dtype: dtype of the EMA copies of float parameters.
+      sigma_rels: relative widths of the EMAs to keep, each in (0, 0.2887) (the upper end
+        is ``sqrt(1 / 12)``, ``gamma = 0``); EDM2 keeps 0.05 and 0.10.
+      snapshot_every: steps between snapshots (>= 1; EDM2: every 8 Mi images).
+      dtype: dtype of the EMA copies of float parameters (None: each parameter's own
+        dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+
+    Raises:
+      TypeError: ``inner`` is not an ``optax.GradientTransformation``.
+      JaxmergeError: ``sigma_rels`` is empty or holds a width outside (0, 0.2887),
+        ``snapshot_every < 1``; from ``update``, when it is called without ``params``.
 
     References:
-      Karras et al., arXiv 2312.02696, Sec. 3 and App. C.
+      Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+      arXiv 2312.02696, Sec. 3 and App. C.
+
+    Examples:
+      ``sigma_rel = sqrt(1 / 18)`` is ``gamma = 1``. SGD moves ``w`` from ``[0, 4]`` to
+      ``[-1, 6]`` and ``[-2, 8]``; step 1 copies, step 2 has ``beta = (1 / 2) ** 2``, so the
+      EMA is ``0.25 * [-1, 6] + 0.75 * [-2, 8] = [-1.75, 7.5]``:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0, 4.0])}
+      >>> grads = {"w": jnp.asarray([2.0, -4.0])}
+      >>> tx = jaxmerge.power_ema(optax.sgd(0.5), sigma_rels=[(1 / 18) ** 0.5])
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(2):
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> [round(x, 4) for x in jaxmerge.averaged_params(state)["w"].tolist()]
+      [-1.75, 7.5]
     """
     gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
     if not gammas:
@@ -110,8 +140,52 @@ def power_ema(inner: optax.GradientTransformation, *, sigma_rels: Sequence[float
 
 
 def power_ema_snapshot(opt_state) -> PowerEmaSnapshot:
-    """A snapshot of the power-function EMAs of the :func:`power_ema` in ``opt_state``, with
-    its step and exponents, ready to save (a NamedTuple of arrays and numbers)."""
+    """A snapshot of the power-function EMAs of the :func:`power_ema` in ``opt_state``.
+
+    Reads the first (outermost) :func:`power_ema` state found in ``opt_state`` (through
+    ``optax.chain`` and the other wrappers, as :func:`jaxmerge.averaged_params` does) and
+    returns its step count, exponents and EMAs, ready to save, typically when the state's
+    ``snapshot_due`` is True. Call it outside ``jax.jit``: the step and exponents become
+    Python numbers. The EMAs are the state's own arrays, not copies: save them before a
+    training step that donates the optimizer state.
+
+    Args:
+      opt_state: an optimizer state that holds a :func:`power_ema` state.
+
+    Returns:
+      A ``PowerEmaSnapshot`` NamedTuple: ``step`` (updates done, an int), ``gammas`` (a
+      tuple of floats, one per EMA) and ``emas`` (a tuple of parameter pytrees), to pass
+      to :func:`post_hoc_ema`.
+
+    Raises:
+      JaxmergeError: ``opt_state`` holds no :func:`power_ema` state.
+
+    References:
+      Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+      arXiv 2312.02696, Sec. 3.
+
+    Examples:
+      Two EMAs, ``gamma = 1`` (``sigma_rel = sqrt(1 / 18)``) and ``gamma = 2``
+      (``sqrt(3 / 80)``). SGD moves ``w`` from ``[0, 4]`` to ``[-1, 6]`` and ``[-2, 8]``; at
+      step 2 the ``gamma = 2`` EMA is ``(1 / 2) ** 3 * [-1, 6] + (7 / 8) * [-2, 8]``:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0, 4.0])}
+      >>> grads = {"w": jnp.asarray([2.0, -4.0])}
+      >>> tx = jaxmerge.power_ema(optax.sgd(0.5), sigma_rels=[(1 / 18) ** 0.5, (3 / 80) ** 0.5], snapshot_every=2)
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(2):
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(state.snapshot_due)
+      True
+      >>> snapshot = jaxmerge.power_ema_snapshot(state)
+      >>> snapshot.step, [round(g, 4) for g in snapshot.gammas]
+      (2, [1.0, 2.0])
+      >>> [round(x, 4) for x in snapshot.emas[1]["w"].tolist()]
+      [-1.875, 7.75]
+    """
     states = [s for s in averaging_states(opt_state) if isinstance(s, PowerEmaState)]
     if not states:
         raise JaxmergeError("opt_state holds no power_ema state")
@@ -144,18 +218,51 @@ def post_hoc_ema_weights(snapshot_steps: Sequence[float], snapshot_gammas: Seque
 def post_hoc_ema(snapshots: Sequence[PowerEmaSnapshot], sigma_rel: float, *, step: int | None = None) -> PyTree:
     """Reconstruct the power-function EMA of width ``sigma_rel`` at ``step`` from snapshots.
 
+    Each EMA in the snapshots has a weight profile over training time,
+    proportional to ``tau ** gamma`` on ``[0, snapshot step]``; the target is the profile of
+    ``gamma = gamma(sigma_rel)`` on ``[0, step]``. The weights ``x`` solve the least-squares
+    system ``A x = b`` with ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>`` (in float64),
+    normalised to sum to 1 as EDM2's reference code does, and the result is
+    ``sum_i x_i ema_i``. A target that is one of the snapshots' own profiles is recovered
+    exactly (up to rounding).
+
     Args:
-      snapshots: :func:`power_ema_snapshot` results saved during training (every EMA of
-        every snapshot with ``0 < snapshot step <= step`` takes part).
+      snapshots: :func:`power_ema_snapshot` results saved during training, or restored
+        objects with the same ``step``, ``gammas`` and ``emas`` (every EMA of every snapshot
+        with ``0 < snapshot step <= step`` takes part).
       sigma_rel: the wanted relative width, in (0, 0.2887).
       step: where the reconstructed EMA ends (default: the last snapshot's step).
 
     Returns:
-      The parameters, ``sum_i x_i ema_i`` (computed by :func:`jaxmerge.average`).
+      The parameters, ``sum_i x_i ema_i`` (computed by :func:`jaxmerge.average`), shaped
+      like the first EMA taking part, with its dtypes.
 
     Raises:
-      ValueError: no usable snapshot, or snapshots whose parameter structure differs
-        (naming the snapshot and the leaf path).
+      JaxmergeError: ``snapshots`` is empty, ``sigma_rel`` is outside (0, 0.2887), no
+        snapshot has a step in ``(0, step]``, or snapshots whose parameter structure or
+        shapes differ (naming ``snapshots[j].emas[k]`` and the leaf path).
+
+    References:
+      Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+      arXiv 2312.02696, Sec. 3 and App. C.
+
+    Examples:
+      A snapshot at step 2 of two EMAs, ``gamma = 1`` (``[-1.75, 7.5]``) and ``gamma = 2``
+      (``[-1.875, 7.75]``), of the SGD iterates ``[-1, 6]`` and ``[-2, 8]``; asking for the
+      width of the ``gamma = 2`` one gives the weights ``[0, 1]``, so that EMA back:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0, 4.0])}
+      >>> grads = {"w": jnp.asarray([2.0, -4.0])}
+      >>> tx = jaxmerge.power_ema(optax.sgd(0.5), sigma_rels=[(1 / 18) ** 0.5, (3 / 80) ** 0.5], snapshot_every=2)
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(2):
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> snapshots = [jaxmerge.power_ema_snapshot(state)]
+      >>> [round(x, 4) for x in jaxmerge.post_hoc_ema(snapshots, (3 / 80) ** 0.5)["w"].tolist()]
+      [-1.875, 7.75]
     """
     if not snapshots:
         raise JaxmergeError("snapshots is empty")

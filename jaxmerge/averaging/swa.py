@@ -36,23 +36,51 @@ def swa(inner: optax.GradientTransformation, *, start_step=0, every=1, dtype=Non
         ) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` and keep the equal-weight running mean of the parameters (SWA).
 
-    From update ``start_step`` (0-based) on, every ``every`` updates, the new parameters
-    ``theta = params + updates`` join the mean: ``mean += (theta - mean) / n`` for the
-    ``n``-th one (so the first one replaces the initial copy). This is PyTorch's
-    ``AveragedModel`` default averaging, called every ``every`` steps.
+    From update ``start_step`` (0-based) on, every ``every`` updates (``start_step``,
+    ``start_step + every``, ...), the new parameters ``theta = params + updates`` join the
+    mean: ``mean += (theta - mean) / n`` for the ``n``-th one, so the first one replaces the
+    initial copy of the parameters and the mean is ``(theta_1 + ... + theta_n) / n``. This
+    is PyTorch's ``AveragedModel`` default averaging, called every ``every`` steps. The
+    updates of ``inner`` are returned unchanged; read the mean with
+    :func:`jaxmerge.averaged_params`, and recompute BatchNorm statistics for it with
+    :func:`update_batch_stats` before evaluating. Memory: one copy of the parameters.
 
     Args:
       inner: the optimizer to run (SWA usually pairs it with a high constant or cyclical
         learning rate).
-      start_step: first update index that is averaged.
-      every: average every this many updates (>= 1).
-      dtype: dtype of the running mean of float parameters (e.g. ``jnp.float32``).
+      start_step: first update index that is averaged (>= 0).
+      every: average every this many updates (>= 1), e.g. the number of steps per epoch
+        or per learning-rate cycle.
+      dtype: dtype of the running mean of float parameters (e.g. ``jnp.float32``; None:
+        each parameter's own dtype).
 
-    Recompute BatchNorm statistics for the averaged parameters with
-    :func:`update_batch_stats` before evaluating.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+
+    Raises:
+      TypeError: ``inner`` is not an ``optax.GradientTransformation``.
+      JaxmergeError: ``start_step < 0`` or ``every < 1`` (traced values are not checked);
+        from ``update``, when it is called without ``params``.
 
     References:
-      Izmailov et al., arXiv 1803.05407.
+      Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+      arXiv 1803.05407.
+
+    Examples:
+      SGD with learning rate 0.5 and a constant gradient moves ``w`` from ``[0, 4]`` to
+      ``[-1, 6]`` and then ``[-2, 8]``; their mean is ``[-1.5, 7]``:
+
+      >>> import jax, jax.numpy as jnp, optax, jaxmerge
+      >>> params = {"w": jnp.asarray([0.0, 4.0])}
+      >>> grads = {"w": jnp.asarray([2.0, -4.0])}
+      >>> tx = jaxmerge.swa(optax.sgd(0.5))
+      >>> state = tx.init(params)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(2):
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> jaxmerge.averaged_params(state)["w"].tolist()
+      [-1.5, 7.0]
     """
     check(start_step, "start_step", lambda v: v >= 0, "must be >= 0")
     check(every, "every", lambda v: v >= 1, "must be >= 1")
@@ -125,19 +153,49 @@ def _update_linen(apply_fn: Callable, variables: dict, data: Iterable) -> dict:
 def update_batch_stats(model, data: Iterable, *, variables: dict | None = None):
     """Recompute BatchNorm running statistics for (averaged) parameters over ``data``.
 
-    The running mean and variance of every BatchNorm become the average over the batches
-    of ``data`` of each batch's statistics (PyTorch's ``swa_utils.update_bn``), whatever
-    the layers' momentum.
+    The running mean and variance of every BatchNorm become the average, over the batches
+    of ``data``, of each batch's mean and variance (as PyTorch's ``swa_utils.update_bn``
+    does), whatever the layers' momentum: the statistics collected for the parameters
+    being trained do not fit their average. For an NNX module, the layers' momentum is
+    restored afterwards. For Linen, the layers' momentum is inferred from the first batch
+    by running ``apply_fn`` from statistics of all zeros and of all ones.
 
     Args:
       model: a Flax NNX module (updated in place, left in eval mode, and returned), or a
         Linen ``apply_fn(variables, batch) -> (outputs, updates)`` that runs in training
         mode with ``mutable=['batch_stats']``, e.g.
         ``lambda v, b: module.apply(v, b[0], train=True, mutable=['batch_stats'])``.
-      data: batches ``(inputs, ...)`` or ``{'inputs': ...}`` (NNX) / as ``apply_fn`` takes
-        them (Linen).
-      variables: the Linen variables (with the averaged ``params``); a new dict with the
-        recomputed ``batch_stats`` is returned.
+      data: an iterable of batches: ``(inputs, ...)`` or ``{'inputs': ...}`` for NNX (the
+        module is called on the inputs), as ``apply_fn`` takes them for Linen.
+      variables: the Linen variables (with the averaged ``params`` and a ``batch_stats``
+        collection); required with an ``apply_fn``, unused with an NNX module.
+
+    Returns:
+      The NNX module, or, for Linen, a new dict of ``variables`` with the recomputed
+      ``batch_stats``.
+
+    Raises:
+      JaxmergeError: ``data`` yields no batches (an NNX module's statistics are then left
+        reset to mean 0 and variance 1); an NNX module without any ``nnx.BatchNorm``; an
+        ``apply_fn`` without ``variables``, or ``variables`` without a ``batch_stats``
+        collection.
+      TypeError: (NNX) a batch that is neither a tuple or list nor a dict with ``'inputs'``.
+
+    References:
+      Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+      arXiv 1803.05407 (its batch normalization step).
+
+    Examples:
+      The batches ``[0, 2]`` and ``[4, 8]`` have means 1 and 6 and (biased) variances 1
+      and 4, so the statistics become mean 3.5 and variance 2.5:
+
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> from flax import nnx
+      >>> model = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+      >>> data = [(jnp.asarray([[0.0], [2.0]]),), (jnp.asarray([[4.0], [8.0]]),)]
+      >>> model = jaxmerge.update_batch_stats(model, data)
+      >>> model.mean.get_value().tolist(), model.var.get_value().tolist()
+      ([3.5], [2.5])
     """
     if isinstance(model, nnx.Module):
         return _update_nnx(model, data)

@@ -28,11 +28,45 @@ from jaxmerge.errors import CheckpointError, JaxmergeError
 
 
 def load(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None, dtype=None) -> PyTree:
-    """Load a whole checkpoint: an Orbax checkpoint as its pytree, a safetensors checkpoint
-    as ``{tensor name: array}``; every array placed with ``sharding`` if given, a Sharding
-    or a rule ``rule(name, shape) -> Sharding`` such as :func:`largest_axes_sharding` (each
-    process then reads only its shards of an Orbax checkpoint); float arrays cast to
-    ``dtype`` if given."""
+    """Load a whole checkpoint, Orbax or safetensors, into memory.
+
+    The checkpoint is opened with :func:`open_checkpoint` and read one tensor at a time: an
+    Orbax checkpoint comes back as the pytree it was saved as, a safetensors checkpoint
+    (a file, or a directory of shards) as a flat ``{tensor name: array}`` dict in sorted
+    name order. Each array is placed with ``sharding`` if given, and float arrays are cast
+    to ``dtype`` if given.
+
+    Args:
+      path: an Orbax checkpoint directory, or a safetensors file or directory.
+      sharding: where to place every array: a ``jax.sharding.Sharding``, or a rule
+        ``rule(name, shape) -> Sharding`` such as :func:`largest_axes_sharding` (each
+        process then reads only its shards of an Orbax checkpoint). Default: the first
+        local device.
+      dtype: cast the float arrays to this dtype (e.g. ``jnp.bfloat16``); other arrays
+        keep theirs.
+
+    Returns:
+      The checkpoint's pytree (Orbax) or ``{tensor name: array}`` (safetensors), of
+      ``jax.Array`` values; a 64-bit integer safetensors tensor stays a NumPy array unless JAX
+      runs with x64.
+
+    Raises:
+      CheckpointError: ``path`` does not exist or is not a readable checkpoint (naming the
+        file and what is wrong), or holds a 64-bit tensor that JAX cannot hold without x64
+        (``JAX_ENABLE_X64=1``): any Orbax one, or a float safetensors one when no
+        ``dtype`` is given.
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> tree = {"layer": {"kernel": jnp.ones((2, 2)), "bias": jnp.arange(2.0)}}
+      >>> jaxmerge.checkpoints.load(jaxmerge.checkpoints.save(tmp / "orbax", tree))["layer"]["bias"].tolist()
+      [0.0, 1.0]
+      >>> flat = jaxmerge.checkpoints.load(jaxmerge.checkpoints.save(tmp / "st", tree, format="safetensors"),
+      ...                                  dtype=jnp.bfloat16)
+      >>> sorted(flat), str(flat["layer/bias"].dtype)
+      (['layer/bias', 'layer/kernel'], 'bfloat16')
+    """
     reader = open_checkpoint(path)
     values = {name: _load(reader, name, dtype, sharding) for name in reader.names}
     return reader.tree_of(values)
@@ -42,9 +76,37 @@ def save(path: str | os.PathLike, tree: PyTree, *, format: str = "orbax", max_sh
          force: bool = False) -> Path:
     """Save ``tree`` as an Orbax checkpoint or as (sharded) safetensors, atomically.
 
-    Safetensors tensors are named by their tree path joined with ``/`` (a flat dict keeps
-    its keys). An existing non-empty ``path`` is replaced only with ``force``; the files
-    are written under a temporary name and renamed into place when complete.
+    The files are written into a temporary directory next to ``path`` and renamed into
+    place only when complete, so a failure leaves no partial checkpoint; an existing
+    non-empty ``path`` is replaced only with ``force``. Safetensors tensors are named by
+    their tree path joined with ``/`` (a flat dict keeps its keys) and split into shards
+    of at most ``max_shard_size`` bytes (see :class:`SafetensorsWriter`).
+
+    Args:
+      path: the checkpoint directory to create (missing parents are created too).
+      tree: a pytree of arrays (for safetensors, of dtypes that safetensors holds).
+      format: ``'orbax'`` or ``'safetensors'``.
+      max_shard_size: for safetensors, the largest shard in bytes, an int or a string like
+        ``'5GB'`` or ``'2GiB'`` (see :func:`parse_size`); ignored for Orbax.
+      force: replace an existing non-empty ``path``.
+
+    Returns:
+      The absolute path of the checkpoint.
+
+    Raises:
+      JaxmergeError: an unknown ``format``, or a bad ``max_shard_size`` (safetensors).
+      CheckpointError: ``path`` exists and is not empty, without ``force``; or a leaf's
+        dtype that safetensors cannot hold.
+
+    Examples:
+      >>> import os, tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> tree = {"layer": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}  # 16 + 8 bytes
+      >>> out = jaxmerge.checkpoints.save(tmp / "model", tree, format="safetensors", max_shard_size=16)
+      >>> sorted(os.listdir(out))
+      ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+      >>> jaxmerge.checkpoints.save(tmp / "model", tree, force=True) == out  # now replaced by Orbax
+      True
     """
     if format not in FORMATS:
         raise JaxmergeError(f"format must be one of {FORMATS}, got {format!r}")

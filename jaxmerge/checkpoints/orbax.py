@@ -25,7 +25,39 @@ def _name(path) -> str:
 
 
 class OrbaxReader:
-    """An Orbax pytree checkpoint, opened from its metadata."""
+    """An Orbax pytree checkpoint, opened from its metadata and read one leaf at a time.
+
+    Opening it reads only the checkpoint's metadata: the tree structure and each leaf's
+    shape and dtype. :meth:`read` then loads one leaf alone (asking Orbax for it with
+    ``ocp.PLACEHOLDER`` in every other position), optionally straight into a
+    ``jax.sharding.Sharding`` so that each process reads only its shards. Leaves are named
+    by their tree path joined with ``/``, e.g. ``'params/Dense_0/kernel'``.
+
+    Args:
+      path: an Orbax checkpoint directory (with ``_CHECKPOINT_METADATA``).
+
+    Attributes:
+      format: ``'orbax'``.
+      path: the checkpoint's absolute path.
+      metadata: the checkpoint's tree of leaf metadata (shapes and dtypes).
+      treedef: the checkpoint's tree structure.
+      leaves: ``{name: (leaf index, leaf metadata)}``, in the tree's leaf order.
+
+    Raises:
+      CheckpointError: ``path`` has no ``_CHECKPOINT_METADATA``, its metadata is unreadable
+        or holds no pytree, or a leaf is not an array.
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> from jaxmerge.checkpoints import OrbaxReader
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> tree = {"layer": {"kernel": jnp.ones((2, 3)), "bias": jnp.arange(3.0)}}
+      >>> reader = OrbaxReader(jaxmerge.checkpoints.save(tmp / "model", tree))
+      >>> reader.names, reader.shape_dtype("layer/kernel")
+      (['layer/bias', 'layer/kernel'], ((2, 3), dtype('float32')))
+      >>> reader.read("layer/bias").tolist()
+      [0.0, 1.0, 2.0]
+    """
 
     format = "orbax"
 
@@ -47,14 +79,20 @@ class OrbaxReader:
 
     @property
     def names(self) -> list[str]:
+        """The leaves' names, in the tree's leaf order."""
         return list(self.leaves)
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of leaf ``name``, from the metadata (nothing loaded)."""
         leaf = self.leaves[name][1]
         return tuple(leaf.shape), np.dtype(leaf.dtype)
 
     def read(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
-        """One leaf, loaded alone (into ``sharding``, default: the first local device)."""
+        """One leaf, loaded alone (into ``sharding``, default: the first local device).
+
+        Raises:
+          CheckpointError: the leaf is 64-bit and JAX runs without x64.
+        """
         index, _ = self.leaves[name]
         shape, dtype = self.shape_dtype(name)
         if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
@@ -67,6 +105,7 @@ class OrbaxReader:
         return self.treedef.flatten_up_to(loaded)[index]
 
     def extra_files(self) -> list[Path]:
+        """Non-weight files to copy along with the weights: none for Orbax."""
         return []
 
     def tree_of(self, values: dict):
@@ -75,14 +114,48 @@ class OrbaxReader:
 
 
 class OrbaxWriter:
-    """Writes leaves into an Orbax checkpoint in batches of ``batch_bytes`` with
-    ``ocp.partial.save``, and commits it with ``ocp.partial.finalize``."""
+    """Writes leaves into an Orbax checkpoint in batches, and commits it on :meth:`close`.
+
+    Leaves are given one at a time, by name and in any order, and held until they add up to
+    ``batch_bytes``; each batch is then written with ``ocp.partial.save`` as the part of the
+    tree it fills, and :meth:`close` writes the last batch and commits the checkpoint with
+    ``ocp.partial.finalize``. The output tree must be nested dicts.
+
+    Args:
+      path: the checkpoint directory to create.
+      treedef: the structure of the output tree (nested dicts).
+      names: every leaf's name (tree path joined with ``/``), in ``treedef``'s leaf order.
+      batch_bytes: write the held leaves once they reach this many bytes.
+
+    Attributes:
+      path: the checkpoint directory.
+      treedef: the output tree's structure.
+      names: the leaves' names.
+      batch_bytes: the batch size in bytes.
+
+    Examples:
+      >>> import tempfile, pathlib, jax, jax.numpy as jnp, jaxmerge
+      >>> from jaxmerge.checkpoints import OrbaxWriter
+      >>> path = pathlib.Path(tempfile.mkdtemp()) / "model"
+      >>> treedef = jax.tree.structure({"layer": {"bias": 0, "kernel": 0}})
+      >>> writer = OrbaxWriter(path, treedef, ["layer/bias", "layer/kernel"])
+      >>> writer.write("layer/kernel", jnp.ones((2, 2)))
+      >>> writer.write("layer/bias", jnp.arange(2.0))
+      >>> writer.close()
+      >>> jaxmerge.checkpoints.load(path)["layer"]["bias"].tolist()
+      [0.0, 1.0]
+    """
 
     def __init__(self, path: str | os.PathLike, treedef, names: list[str], batch_bytes: int = 256 * 2 ** 20):
         self.path, self.treedef, self.names = Path(path), treedef, names
         self.batch_bytes, self.pending, self.pending_bytes = batch_bytes, {}, 0
 
     def write(self, name: str, array) -> None:
+        """Hold leaf ``name``, and write the held leaves once they reach ``batch_bytes``.
+
+        Raises:
+          CheckpointError: a batch is written and the output tree holds lists or tuples.
+        """
         self.pending[name] = array
         self.pending_bytes += array.nbytes
         if self.pending_bytes >= self.batch_bytes:
@@ -97,9 +170,15 @@ class OrbaxWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def abort(self) -> None:
+        """Drop the held leaves without writing them (the caller removes the directory)."""
         self.pending = {}
 
     def close(self) -> None:
+        """Write the held leaves and finalise the checkpoint.
+
+        Raises:
+          CheckpointError: the output tree holds lists or tuples.
+        """
         self._flush()
         ocp.partial.finalize(self.path)
 

@@ -39,11 +39,32 @@ DTYPES = {
     "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like ``'5GB'``, ``'500MB'``, ``'2GiB'`` (decimal or binary)."""
+    """Bytes from an int or a string like ``'5GB'``, ``'500MB'``, ``'2GiB'`` (decimal or binary).
+
+    Parses a shard size limit such as :func:`save`'s and :class:`SafetensorsWriter`'s
+    ``max_shard_size``. A string is a number (possibly fractional) and an optional unit,
+    case-insensitive: ``B``; ``K``/``KB``, ``M``/``MB``, ``G``/``GB``, ``T``/``TB`` are
+    powers of 1000; ``KiB``, ``MiB``, ``GiB``, ``TiB`` are powers of 1024. A fractional
+    byte count is rounded down.
+
+    Args:
+      size: a number of bytes, or a string like ``'5GB'``.
+
+    Returns:
+      The number of bytes, a positive int.
+
+    Raises:
+      JaxmergeError: a string of another form, or a size under one byte.
+
+    Examples:
+      >>> from jaxmerge.checkpoints import parse_size
+      >>> parse_size("5GB"), parse_size("2GiB"), parse_size("1.5kb"), parse_size(512)
+      (5000000000, 2147483648, 1500, 512)
+    """
     if isinstance(size, int):
         value = size
     else:
@@ -140,8 +161,40 @@ def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
 
 
 class SafetensorsReader:
-    """A Hugging Face safetensors checkpoint (a file, or a directory with one file or an
-    index and shards), opened lazily: only headers are read until a tensor is asked for."""
+    """A Hugging Face safetensors checkpoint, opened lazily: only headers are read until a tensor is asked for.
+
+    The checkpoint is a ``.safetensors`` file, or a directory with a
+    ``model.safetensors.index.json`` and the shards it lists, or else with every
+    ``*.safetensors`` file in it. Opening it reads and checks every file's header (and the
+    index); :meth:`read` then reads one tensor's bytes at a time, so resident memory stays
+    at about one tensor. Tensors are known by their names, in sorted order.
+
+    Args:
+      path: a safetensors file, or a directory of them.
+
+    Attributes:
+      format: ``'safetensors'``.
+      path: the checkpoint's path (a ``Path``).
+      tensors: ``{name: TensorInfo}``: each tensor's file, dtype, shape and byte offset.
+
+    Raises:
+      CheckpointError: ``path`` holds no ``.safetensors`` file (or does not exist); an index
+        that is not valid JSON with a ``weight_map``, lists a missing file, or places a
+        tensor in a file that does not hold it; a truncated or corrupt file (a bad header,
+        an unknown dtype, a byte range outside the data or of the wrong size); or a tensor
+        in two files.
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> from jaxmerge.checkpoints import SafetensorsReader
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> tree = {"kernel": jnp.ones((2, 3)), "bias": jnp.arange(3.0)}
+      >>> reader = SafetensorsReader(jaxmerge.checkpoints.save(tmp / "model", tree, format="safetensors"))
+      >>> reader.names, reader.shape_dtype("kernel")
+      (['bias', 'kernel'], ((2, 3), dtype('float32')))
+      >>> reader.read("bias").tolist()
+      [0.0, 1.0, 2.0]
+    """
 
     format = "safetensors"
 
@@ -162,6 +215,7 @@ class SafetensorsReader:
 
     @property
     def names(self) -> list[str]:
+        """The tensors' names, sorted."""
         return sorted(self.tensors)
 
     @property
@@ -170,9 +224,11 @@ class SafetensorsReader:
         return jax.tree.structure({name: 0 for name in self.tensors})
 
     def tree_of(self, values: dict) -> dict:
+        """``{name: value}`` with the names in sorted order, from ``values`` holding every name."""
         return {name: values[name] for name in self.names}
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of tensor ``name``, as stored (from the header, nothing read)."""
         info = self.tensors[name]
         return info.shape, info.dtype
 
@@ -184,6 +240,9 @@ class SafetensorsReader:
         count its pages in this process's resident memory while they are copied, doubling
         the transient footprint of a large tensor; on CPU the returned array wraps the
         buffer itself, so each tensor is in memory once.
+
+        Raises:
+          CheckpointError: the file ends before the tensor's last byte.
         """
         info = self.tensors[name]
         raw = _aligned_bytes(info.nbytes)
@@ -208,7 +267,47 @@ class SafetensorsReader:
 
 
 class SafetensorsWriter:
-    """Writes planned tensors into shards, each header first, then data as it comes."""
+    """Writes planned tensors into safetensors shards, each header first, then data as it comes.
+
+    Every tensor's name, shape and dtype is given up front. In that order, tensors are put
+    into shards of at most ``max_shard_size`` bytes (a new shard starts when the next
+    tensor would overflow the current one; a tensor larger than the limit gets a shard of
+    its own). Creating the writer creates every shard file with its header, at its full
+    size; :meth:`write` then puts each tensor's bytes in its place, in any order, and
+    :meth:`close` flushes the files and, for several shards, writes
+    ``model.safetensors.index.json``. One shard is named ``model.safetensors``, several
+    ``model-0000i-of-0000n.safetensors``.
+
+    Args:
+      directory: an existing directory to write the shards into.
+      tensors: ``(name, shape, dtype)`` of every tensor to write, in the order to store them.
+      max_shard_size: the largest shard in bytes, an int or a string like ``'5GB'`` (see
+        :func:`parse_size`).
+
+    Attributes:
+      directory: the output directory.
+      file_names: the shards' file names.
+      total_size: the bytes of tensor data in all shards (headers excluded).
+      plan: ``{name: (shard index, byte offset in its file, bytes)}``.
+
+    Raises:
+      JaxmergeError: a bad ``max_shard_size``.
+      CheckpointError: a dtype that safetensors cannot hold.
+
+    Examples:
+      >>> import tempfile, numpy as np
+      >>> from jaxmerge.checkpoints import SafetensorsReader, SafetensorsWriter
+      >>> directory = tempfile.mkdtemp()
+      >>> writer = SafetensorsWriter(directory, [("a", (3,), np.float32), ("b", (2,), np.float32)],
+      ...                            max_shard_size=16)  # 12 + 8 bytes: two shards
+      >>> writer.file_names
+      ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+      >>> writer.write("b", np.asarray([3.0, 4.0], np.float32))
+      >>> writer.write("a", np.zeros(3, np.float32))
+      >>> writer.close()
+      >>> SafetensorsReader(directory).read("b").tolist()
+      [3.0, 4.0]
+    """
 
     def __init__(self, directory: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                  max_shard_size: int | str = "5GB"):
@@ -259,7 +358,11 @@ class SafetensorsWriter:
             self._handles.append(handle)
 
     def write(self, name: str, array) -> None:
-        """Write one planned tensor (a NumPy array, or a JAX array brought to the host)."""
+        """Write one planned tensor (a NumPy array, or a JAX array brought to the host).
+
+        Raises:
+          JaxmergeError: ``array`` has another number of bytes than planned for ``name``.
+        """
         shard, offset, nbytes = self.plan[name]
         data = np.ascontiguousarray(jax.device_get(array))
         if data.nbytes != nbytes:
@@ -274,6 +377,7 @@ class SafetensorsWriter:
             handle.close()
 
     def close(self) -> None:
+        """Flush and close the shards, and write the index when there are several."""
         for handle in self._handles:
             handle.flush()
             os.fsync(handle.fileno())

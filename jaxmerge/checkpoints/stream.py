@@ -42,7 +42,34 @@ PREFETCH_BYTES = 64 * 2 ** 20  # read the next tensor during the current merge w
 
 
 def open_checkpoint(path: str | os.PathLike):
-    """A lazy reader for an Orbax checkpoint directory or a safetensors file or directory."""
+    """A lazy reader for an Orbax checkpoint directory or a safetensors file or directory.
+
+    A directory with ``_CHECKPOINT_METADATA`` is opened as Orbax (:class:`OrbaxReader`),
+    anything else as safetensors (:class:`SafetensorsReader`). Only metadata and headers are
+    read; the reader then gives each tensor's names, shape and dtype, and reads one tensor
+    at a time.
+
+    Args:
+      path: an Orbax checkpoint directory, or a safetensors file or directory.
+
+    Returns:
+      An :class:`OrbaxReader` or a :class:`SafetensorsReader`, with ``format``, ``names``,
+      ``shape_dtype(name)``, ``read(name, sharding)`` and ``tree_of(values)``.
+
+    Raises:
+      CheckpointError: ``path`` does not exist, or is not a readable checkpoint of either
+        format (naming the file and what is wrong).
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp, jaxmerge
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> tree = {"layer": {"kernel": jnp.ones((2, 2))}}
+      >>> for fmt in ("orbax", "safetensors"):
+      ...     reader = jaxmerge.checkpoints.open_checkpoint(jaxmerge.checkpoints.save(tmp / fmt, tree, format=fmt))
+      ...     print(reader.format, reader.names, reader.read("layer/kernel").sum().item())
+      orbax ['layer/kernel'] 4.0
+      safetensors ['layer/kernel'] 4.0
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -111,9 +138,31 @@ def _barrier(name: str) -> None:
 
 
 def largest_axes_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple], jax.sharding.NamedSharding]:
-    """A per-tensor sharding rule for ``mesh``: each mesh axis, in order, shards the largest
-    tensor axis not yet sharded that it divides; tensors it divides nowhere stay replicated
-    along it. ``rule(name, shape) -> NamedSharding``."""
+    """A per-tensor sharding rule for ``mesh``, sharding each tensor along its largest axes.
+
+    For a tensor of shape ``shape``, each mesh axis, in the mesh's order, shards the largest
+    tensor axis not yet sharded whose size it divides; a mesh axis that divides none of
+    them leaves the tensor replicated along it. Pass the rule as ``sharding`` to
+    :func:`load` or to :class:`StreamOptions` to place every tensor of a checkpoint
+    without naming them.
+
+    Args:
+      mesh: the device mesh to shard over.
+
+    Returns:
+      ``rule(name, shape) -> jax.sharding.NamedSharding`` over ``mesh`` (``name`` is not
+      used: the rule depends on the shape only).
+
+    Examples:
+      >>> import jax
+      >>> from jaxmerge.checkpoints import largest_axes_sharding
+      >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"))  # sizes only, no devices
+      >>> rule = largest_axes_sharding(mesh)
+      >>> tuple(rule("w", (8, 12)).spec)  # data (2) takes the 12 axis, model (4) the 8 axis
+      ('model', 'data')
+      >>> tuple(rule("w", (6, 6)).spec), tuple(rule("b", (3,)).spec)  # model divides neither 6
+      (('data', None), (None,))
+    """
     def rule(name: str, shape: tuple) -> jax.sharding.NamedSharding:
         spec: list = [None] * len(shape)
         for axis_name, size in mesh.shape.items():
@@ -187,6 +236,11 @@ class StreamOptions:
         With several processes (``jax.distributed``), every process calls
         :func:`stream_merge` and the output must be Orbax.
       log: called with one line per merged tensor.
+
+    Examples:
+      >>> from jaxmerge.checkpoints import StreamOptions
+      >>> StreamOptions(dtype="bfloat16", force=True).max_shard_size
+      '5GB'
     """
 
     dtype: Any = None

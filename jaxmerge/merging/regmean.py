@@ -190,7 +190,7 @@ def regmean(models: Sequence[PyTree], grams: Sequence[PyTree], *, alpha=0.9, lay
 
 def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable], *, alpha=0.9, ridge: float = 1e-5,
                       num_examples: int | None = None) -> PyTree:
-    """RegMean++ (arXiv 2508.03121): RegMean with statistics from the merged model so far.
+    """RegMean++: RegMean with each layer's statistics taken from the model merged so far.
 
     Linear layers are merged one at a time in forward order. For layer ``l``, each
     model's Gram is taken from the inputs that layer receives when model ``i``'s data
@@ -210,6 +210,25 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
       data: one re-iterable (e.g. a list of batches) per model, its own data.
       alpha, ridge: as in :func:`regmean` (Flax ``(in, out)`` layout).
       num_examples: examples of each model's data to use.
+
+    Returns:
+      The merged params, shaped like ``models[0]``.
+
+    Raises:
+      JaxmergeError: ``data`` without one re-iterable per model, an empty first one, no
+        linear layer in the model, a structure mismatch, or a bad ``alpha`` or ``ridge``.
+
+    References:
+      Nguyen et al., "RegMean++: enhancing effectiveness and generalization of regression
+      mean for model merging", arXiv 2508.03121; Jin et al., arXiv 2212.09849.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> apply_fn = lambda params, batch: batch[0] @ params["w"]
+      >>> a, b = {"w": jnp.asarray([[1.0], [0.0]])}, {"w": jnp.asarray([[0.0], [1.0]])}
+      >>> data = [[(jnp.asarray([[1.0, 0.0]]),)], [(jnp.asarray([[0.0, 1.0]]),)]]  # each model its own input
+      >>> jaxmerge.regmean_plus_plus(apply_fn, [a, b], data, alpha=1.0)["w"].tolist()
+      [[1.0], [1.0]]
     """
     spec, _, model_leaves = flatten_models(models)
     if not isinstance(data, (list, tuple)) or len(data) != spec.num_models:

@@ -119,29 +119,57 @@ def diagonal_fisher(model, data: Iterable, *, params: PyTree | None = None, esti
                     microbatch: int = 32) -> PyTree:
     """Diagonal Fisher information of a classifier, averaged over the examples of ``data``.
 
+    Computes ``F_j = mean_x E_y[(d/d theta_j log p(y | x; theta))^2]`` for every parameter
+    ``theta_j``, the per-parameter importance weights of Fisher-weighted averaging
+    (:func:`jaxmerge.fisher_merge`). Per-example gradients are taken with ``jax.vmap`` of
+    ``jax.grad`` under ``jax.jit``, ``microbatch`` examples at a time, then squared and
+    summed in float32; the label ``y`` is the true label (``'empirical'``), every class
+    weighted by its model probability (``'exact'``), or one label drawn from the model
+    (``'sampled'``).
+
     Args:
-      model: ``apply_fn(params, batch) -> logits`` (with ``params``), or a Flax NNX module
-        (its ``nnx.Param`` state is differentiated, everything else held fixed; it is called
-        on the batch's inputs, so put it in evaluation mode first). Logits have shape
+      model: ``apply_fn(params, batch) -> logits`` (with ``params``), called on one example
+        at a time (the batch with its example axis of size 1), or a Flax NNX module (its
+        ``nnx.Param`` state is differentiated, everything else held fixed; it is called on
+        the batch's inputs, so put it in evaluation mode first). Logits have shape
         ``(batch, classes)``, ``(batch, positions, classes)`` for per-token labels, or
-        ``(batch, 1)`` for a binary classifier.
+        ``(batch, 1)`` for a binary classifier (``p(1) = sigmoid(logit)``).
       data: an iterable of batches, each a tuple ``(inputs, labels)`` or a dict with
         ``'inputs'`` and ``'labels'``; every leaf has the examples on axis 0. Batches may be
-        ``jax.Array``s sharded over a mesh along that axis (data parallelism).
-      params: the parameters, with an ``apply_fn``.
-      estimator: ``'empirical'``, ``'exact'`` or ``'sampled'`` (see the module docstring).
+        ``jax.Array`` values sharded over a mesh along that axis (data parallelism).
+      params: the parameters, required with an ``apply_fn`` and ``None`` with a module.
+      estimator: ``'empirical'`` (the true labels), ``'exact'`` (every class, weighted by
+        ``p(y | x)``; one label per example only) or ``'sampled'`` (one label drawn from
+        ``p(y | x)`` per example); see the module docstring.
       key: a ``jax.random`` key, required by ``'sampled'``; batch ``b`` and example ``i``
         of it draw from ``fold_in(fold_in(key, b), i)``.
-      num_examples: stop after this many examples.
-      microbatch: examples whose gradients are held at once.
+      num_examples: stop after this many examples (``None``: all of ``data``).
+      microbatch: how many examples' gradients are held at once (bounds memory).
 
     Returns:
-      A float32 pytree shaped like the params (an ``nnx.State`` for a module); save it with
-      Orbax like any params.
+      A float32 pytree shaped like the params (an ``nnx.State`` for a module), the mean over
+      the examples of the squared gradients; save it with :func:`jaxmerge.checkpoints.save`
+      like any params.
 
     Raises:
-      ValueError: unknown estimator, missing key or params, ``microbatch < 1``, or data
-        that yields no examples.
+      JaxmergeError: an unknown ``estimator``; ``'sampled'`` without ``key``; ``microbatch``
+        not a positive int; ``params`` missing with an ``apply_fn`` or given with a module;
+        ``num_examples < 1``; batch leaves of different leading sizes; data that yields no
+        examples; or ``'exact'`` with logits other than one row of classes per example.
+      TypeError: ``model`` is neither callable nor an NNX module, or a batch is neither a
+        tuple ``(inputs, labels)`` nor a dict with ``'inputs'`` and ``'labels'``.
+
+    References:
+      Matena & Raffel, "Merging models with Fisher-weighted averaging", arXiv 2111.09832.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> apply_fn = lambda params, batch: batch[0] @ params["w"]  # a linear classifier
+      >>> x, y = jnp.asarray([[1.0, 0.0], [0.0, 2.0]]), jnp.asarray([0, 1])
+      >>> # zero weights give p = (1/2, 1/2), so each gradient entry is x_i * (+-1/2)
+      >>> fisher = jaxmerge.diagonal_fisher(apply_fn, [(x, y)], params={"w": jnp.zeros((2, 2))})
+      >>> fisher["w"].tolist()  # the mean of x_i ** 2 / 4 over the two examples
+      [[0.125, 0.125], [0.5, 0.5]]
     """
     if estimator not in ESTIMATORS:
         raise JaxmergeError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")

@@ -153,23 +153,49 @@ def as_tree(keys: list[tuple[str, ...]], grams: dict) -> dict:
 def input_grams(model, data: Iterable, *, params: PyTree | None = None, num_examples: int | None = None) -> dict:
     """Gram matrices ``X^T X`` of the inputs of every linear layer, summed over ``data``.
 
+    The statistics of RegMean merging (:func:`jaxmerge.regmean`). The forward pass is traced
+    once per batch shape and evaluated with a hook on every ``dot_general`` that multiplies
+    an activation by a parameter whose leading axes it contracts (a *kernel*: Flax's
+    ``(in..., out...)`` layout); the activation is flattened to ``X`` of shape ``(rows, d)``
+    and ``X^T X`` is accumulated in float32, together with the number of rows. Parameters
+    used otherwise (biases, norms, embeddings) get no entry; layers inside ``jax.lax.scan``
+    are not looked into.
+
     Args:
       model: ``apply_fn(params, batch)`` (with ``params``: Linen's ``lambda v, b:
-        module.apply(v, b[0])``, or any function) or a Flax NNX module (its ``nnx.Param``
-        state is the params; it is called on the batch's inputs).
-      data: an iterable of batches (see :func:`jaxmerge.diagonal_fisher`); batches may be
-        sharded over a mesh along the example axis, and the sum over rows is then a
-        cross-device reduction inside the jitted step.
-      params: the parameters, with an ``apply_fn``.
-      num_examples: stop after this many examples.
+        module.apply(v, b[0])``, or any function), called on whole batches, or a Flax NNX
+        module (its ``nnx.Param`` state is the params; it is called on the batch's inputs).
+      data: an iterable of batches (see :func:`jaxmerge.diagonal_fisher`; labels are not
+        needed); every leaf has the examples on axis 0. Batches may be sharded over a mesh
+        along the example axis, and the sum over rows is then a cross-device reduction
+        inside the jitted step.
+      params: the parameters, required with an ``apply_fn`` and ``None`` with a module.
+      num_examples: stop after this many examples (``None``: all of ``data``).
 
     Returns:
       Nested dicts keyed like the params, with ``{'gram': (d, d) float32, 'count': rows}``
       where a kernel is (``d`` its number of input features; ``rows`` the number of input
-      vectors, e.g. examples x tokens). Save it with Orbax like params.
+      vectors, e.g. examples x tokens, a float32 scalar). Save it with
+      :func:`jaxmerge.checkpoints.save` like params.
 
     Raises:
-      ValueError: no linear layer found, or data that yields no examples.
+      JaxmergeError: no linear layer found; ``params`` missing with an ``apply_fn`` or given
+        with a module; ``num_examples < 1``; batch leaves of different leading sizes; or data
+        that yields no examples.
+      TypeError: ``model`` is neither callable nor an NNX module, or (with a module) a batch
+        is neither a tuple nor a dict with ``'inputs'``.
+
+    References:
+      Jin et al., "Dataless knowledge fusion by merging weights of language models",
+      arXiv 2212.09849.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> apply_fn = lambda params, batch: batch[0] @ params["w"]  # one linear layer
+      >>> x = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])  # two input rows
+      >>> grams = jaxmerge.input_grams(apply_fn, [(x,)], params={"w": jnp.ones((2, 3))})
+      >>> grams["w"]["gram"].tolist(), grams["w"]["count"].item()  # X^T X and the rows
+      ([[1.0, 0.0], [0.0, 4.0]], 2.0)
     """
     apply_fn, params = model_function(model, params)
     grams = accumulate_grams(apply_fn, params, data, num_examples=num_examples)

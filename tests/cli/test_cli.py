@@ -1,5 +1,4 @@
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from tests.checkpoints.hf import llama_tensors, write_model
 
 
 @pytest.fixture
-def models(tmp_path):
+def models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs name models by relative paths
     base = llama_tensors(0)
     tunes = [llama_tensors(20 + i, scale=0.05, around=base) for i in range(2)]
     write_model(tmp_path / "base", base)
@@ -49,7 +49,6 @@ def test_linear_config(tmp_path, models, capsys):
     config = _config(tmp_path, merge_method="linear", dtype="float32",
                      models=[{"model": "tune0", "parameters": {"weight": 0.3}},
                              {"model": "tune1", "parameters": {"weight": 0.7}}])
-    os.chdir(tmp_path)
     assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
     _check_output(tmp_path / "out", jaxmerge.average(tunes, [0.3, 0.7]))
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -141,7 +140,6 @@ def test_inspect(tmp_path, models, capsys):
      "truncated or corrupt safetensors file"),
 ])
 def test_bad_configs_and_files_give_one_line_and_exit_2(tmp_path, models, capsys, content, message):
-    os.chdir(tmp_path)
     short = dict(models[1][0])
     del short["lm_head.weight"]
     write_model(tmp_path / "short", short)
@@ -262,6 +260,5 @@ def test_outputs_that_alias_inputs_are_refused_and_links_replaced(tmp_path, mode
 
 def test_a_failed_merge_removes_the_parents_it_made(tmp_path, models):
     config = _config(tmp_path, merge_method="linear", models=["tune0", "tune1"])  # no weight: fails in the plan
-    os.chdir(tmp_path)
     assert _run("merge", config, tmp_path / "new" / "deeper" / "out", "--no-progress") == 2
     assert not (tmp_path / "new").exists()

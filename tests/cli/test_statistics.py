@@ -1,8 +1,6 @@
 """Fisher and RegMean merges from the command line: each model's statistics checkpoint named by
 its ``statistics`` parameter, the output equal to the in-memory function's."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,7 +29,8 @@ def _grams(tensors, seed):
 
 
 @pytest.fixture
-def family(tmp_path):
+def family(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs name models by relative paths
     base = llama_tensors(0)
     tunes = [llama_tensors(30 + i, scale=0.05, around=base) for i in range(2)]
     for i, t in enumerate(tunes):
@@ -42,7 +41,6 @@ def family(tmp_path):
 def _merge(tmp_path, **config) -> int:
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    os.chdir(tmp_path)
     return main(["merge", str(path), str(tmp_path / "out"), "--no-progress"])
 
 
