@@ -49,26 +49,33 @@ def _digit_shifts(width: int) -> list[tuple[int, int]]:
 
 
 def _radix_select(keys: jax.Array, k: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """The k-th largest of the unsigned ``keys`` (counting only ``valid`` ones), for k >= 1."""
+    """The k-th largest of the unsigned ``keys`` (counting only ``valid`` ones), for k >= 1.
+
+    One loop step per radix digit, most significant first: a histogram of that digit over
+    the keys whose higher digits equal those chosen so far, then the digit whose bin holds
+    the k-th largest. A loop rather than unrolled passes keeps the compiled program small.
+    """
     width = keys.dtype.itemsize * 8
-    prefix = jnp.zeros((), keys.dtype)
-    k = jnp.asarray(k, jnp.int32)
-    for shift, bits in _digit_shifts(width):
-        digit = ((keys >> shift) & ((1 << bits) - 1)).astype(jnp.int32)
-        high = shift + bits
-        if high < width:
-            match = (keys >> high) == (prefix >> high)
-            match = match if valid is None else match & valid
-        else:
-            match = jnp.ones_like(keys, dtype=bool) if valid is None else valid
-        hist = local_then_sum(lambda dg, m, n=1 << bits: jnp.zeros(n, jnp.int32).at[dg].add(m.astype(jnp.int32)),
-                              digit, match)
+    digits = _digit_shifts(width)
+    table = {name: jnp.asarray(values, keys.dtype) for name, values in (
+        ("shift", [shift for shift, _ in digits]),
+        ("mask", [(1 << bits) - 1 for _, bits in digits]),
+        ("higher", [(1 << width) - (1 << (shift + bits)) for shift, bits in digits]))}  # bits above the digit
+    bins = 1 << _DIGIT_BITS
+
+    def step(j, carry):
+        prefix, k = carry
+        digit = ((keys >> table["shift"][j]) & table["mask"][j]).astype(jnp.int32)
+        match = (keys & table["higher"][j]) == (prefix & table["higher"][j])
+        match = match if valid is None else match & valid
+        hist = local_then_sum(lambda dg, m: jnp.zeros(bins, jnp.int32).at[dg].add(m.astype(jnp.int32)), digit, match)
         at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = count of digits >= d
         d = jnp.sum(at_least >= k) - 1
-        above = jnp.where(d + 1 < (1 << bits), at_least[jnp.minimum(d + 1, (1 << bits) - 1)], 0)
-        k = k - above
-        prefix = prefix | (d.astype(keys.dtype) << shift)
-    return prefix
+        above = jnp.where(d + 1 < bins, at_least[jnp.minimum(d + 1, bins - 1)], 0)
+        return prefix | (d.astype(keys.dtype) << table["shift"][j]), k - above
+
+    start = (jnp.zeros((), keys.dtype), jnp.asarray(k, jnp.int32))
+    return lax.fori_loop(0, len(digits), step, start)[0]
 
 
 @jax.jit

@@ -1,4 +1,5 @@
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -170,31 +171,28 @@ def _digest(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
+PAUSED_MERGE = Path(__file__).with_name("paused_merge.py")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, sig):
-    base = llama_tensors(0, layers=8, d=192, ffn=384, vocab=512)
-    for i in range(3):
-        write_model(tmp_path / f"m{i}", llama_tensors(i + 1, layers=8, d=192, ffn=384, vocab=512, around=base,
-                                                      scale=0.1))
-    before = {i: _digest(tmp_path / f"m{i}") for i in range(3)}
-    config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "m0"), parameters={"density": 0.5},
-                     models=[{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0}} for i in (1, 2)])
-    process = subprocess.Popen([sys.executable, "-m", "jaxmerge.cli.main", "merge", str(config), str(tmp_path / "out"),
-                                "--no-progress", "-v"], stderr=subprocess.PIPE, text=True)
-    merged = 0
+def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, models, sig):
+    before = {name: _digest(tmp_path / name) for name in ("base", "tune0", "tune1")}
+    config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "base"), parameters={"density": 0.5},
+                     models=[{"model": str(tmp_path / f"tune{i}"), "parameters": {"weight": 1.0}} for i in (0, 1)])
+    env = dict(os.environ, PYTHONPATH=str(PAUSED_MERGE.parents[2]))
+    process = subprocess.Popen([sys.executable, str(PAUSED_MERGE), "5", "merge", str(config), str(tmp_path / "out"),
+                                "--no-progress"], stderr=subprocess.PIPE, text=True, env=env)
     with process.stderr:
-        for line in process.stderr:
-            merged += line.startswith("merged ")
-            if merged == 5:
-                process.send_signal(sig)
-                break
+        lines = iter(process.stderr.readline, "")
+        assert any(line.strip() == "paused" for line in lines)  # 5 tensors written, the merge held there
+        process.send_signal(sig)
         process.wait(timeout=60)
-    assert merged == 5 and process.returncode != 0
+    assert process.returncode == (130 if sig == signal.SIGINT else -sig)
     assert not (tmp_path / "out").exists()
-    assert {i: _digest(tmp_path / f"m{i}") for i in range(3)} == before
+    assert {name: _digest(tmp_path / name) for name in ("base", "tune0", "tune1")} == before
     if sig == signal.SIGINT:
-        assert process.returncode == 130 and not list(tmp_path.glob("*jaxmerge-tmp*"))
+        assert not list(tmp_path.glob("*jaxmerge-tmp*"))
 
 
 def test_console_script_help():
