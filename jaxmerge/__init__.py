@@ -1,116 +1,65 @@
-"""jaxmerge: model merging and weight averaging for JAX, as pure functions over pytrees."""
+"""jaxmerge: model merging and weight averaging for JAX, as pure functions over pytrees.
 
-from jaxmerge import checkpoints
-from jaxmerge._hyper import layer_positions, per_model
-from jaxmerge.alignment import (
-    PermutationSpec,
-    align,
-    apply_permutation,
-    cnn_permutation_spec,
-    mlp_permutation_spec,
-    random_permutation,
-    transformer_block_permutation_spec,
-    weight_matching,
-)
-from jaxmerge.analysis import (
-    barrier,
-    interpolation_curve,
-    plot_interpolation,
-    plot_similarity,
-    sign_conflict_rate,
-    task_vector_similarity,
-)
-from jaxmerge.averaging._wrapper import averaged_params
-from jaxmerge.averaging.bema import bema
-from jaxmerge.averaging.ema import ema, ema_warmup, scale_ema_decay
-from jaxmerge.averaging.lawa import lawa
-from jaxmerge.averaging.power_ema import post_hoc_ema, power_ema, power_ema_snapshot
-from jaxmerge.averaging.swa import swa, update_batch_stats
-from jaxmerge.averaging.wsm import checkpoint_merge_weights
-from jaxmerge.errors import CheckpointError, ConfigError, JaxmergeError
-from jaxmerge.merging import MergePlan, methods, plan, sparsify
-from jaxmerge.merging.fisher import fisher_merge
-from jaxmerge.merging.karcher import karcher
-from jaxmerge.merging.linear import average, lerp
-from jaxmerge.merging.magmax import magmax
-from jaxmerge.merging.model_stock import model_stock
-from jaxmerge.merging.regmean import regmean, regmean_plus_plus
-from jaxmerge.merging.sce import sce
-from jaxmerge.merging.slerp import slerp
-from jaxmerge.merging.task_vectors import (
-    breadcrumbs,
-    breadcrumbs_ties,
-    dare_linear,
-    dare_ties,
-    della,
-    della_linear,
-    task_arithmetic,
-    ties,
-)
-from jaxmerge.soups import category_expert_soup, greedy_soup, uniform_soup
-from jaxmerge.statistics.fisher import diagonal_fisher
-from jaxmerge.statistics.gram import input_grams
+Every public name is importable from here (``jaxmerge.ties``, ``jaxmerge.ema``,
+``jaxmerge.checkpoints``); each is loaded on first use, so that ``import jaxmerge`` and the
+``jaxmerge`` command start fast and load only what they need (no Orbax for an in-memory
+merge, no SciPy without permutation alignment).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "JaxmergeError",
-    "MergePlan",
-    "PermutationSpec",
-    "align",
-    "apply_permutation",
-    "average",
-    "averaged_params",
-    "barrier",
-    "bema",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "category_expert_soup",
-    "checkpoint_merge_weights",
-    "checkpoints",
-    "cnn_permutation_spec",
-    "dare_linear",
-    "dare_ties",
-    "della",
-    "della_linear",
-    "diagonal_fisher",
-    "ema",
-    "ema_warmup",
-    "fisher_merge",
-    "greedy_soup",
-    "input_grams",
-    "interpolation_curve",
-    "karcher",
-    "lawa",
-    "layer_positions",
-    "lerp",
-    "magmax",
-    "methods",
-    "mlp_permutation_spec",
-    "model_stock",
-    "per_model",
-    "plan",
-    "plot_interpolation",
-    "plot_similarity",
-    "post_hoc_ema",
-    "power_ema",
-    "power_ema_snapshot",
-    "random_permutation",
-    "regmean",
-    "regmean_plus_plus",
-    "scale_ema_decay",
-    "sce",
-    "sign_conflict_rate",
-    "slerp",
-    "sparsify",
-    "swa",
-    "task_arithmetic",
-    "task_vector_similarity",
-    "ties",
-    "transformer_block_permutation_spec",
-    "uniform_soup",
-    "update_batch_stats",
-    "weight_matching",
-]
+_SUBMODULES = {"checkpoints": "jaxmerge.checkpoints", "sparsify": "jaxmerge.merging.sparsify"}
+_MODULES = {  # the module that defines each public name
+    "jaxmerge._hyper": ["layer_positions", "per_model"],
+    "jaxmerge.alignment": [
+        "PermutationSpec", "align", "apply_permutation", "cnn_permutation_spec", "mlp_permutation_spec",
+        "random_permutation", "transformer_block_permutation_spec", "weight_matching",
+    ],
+    "jaxmerge.analysis": [
+        "barrier", "interpolation_curve", "plot_interpolation", "plot_similarity", "sign_conflict_rate",
+        "task_vector_similarity",
+    ],
+    "jaxmerge.averaging._wrapper": ["averaged_params"],
+    "jaxmerge.averaging.bema": ["bema"],
+    "jaxmerge.averaging.ema": ["ema", "ema_warmup", "scale_ema_decay"],
+    "jaxmerge.averaging.lawa": ["lawa"],
+    "jaxmerge.averaging.power_ema": ["post_hoc_ema", "power_ema", "power_ema_snapshot"],
+    "jaxmerge.averaging.swa": ["swa", "update_batch_stats"],
+    "jaxmerge.averaging.wsm": ["checkpoint_merge_weights"],
+    "jaxmerge.errors": ["CheckpointError", "ConfigError", "JaxmergeError"],
+    "jaxmerge.merging": ["MergePlan", "methods", "plan"],
+    "jaxmerge.merging.fisher": ["fisher_merge"],
+    "jaxmerge.merging.karcher": ["karcher"],
+    "jaxmerge.merging.linear": ["average", "lerp"],
+    "jaxmerge.merging.magmax": ["magmax"],
+    "jaxmerge.merging.model_stock": ["model_stock"],
+    "jaxmerge.merging.regmean": ["regmean", "regmean_plus_plus"],
+    "jaxmerge.merging.sce": ["sce"],
+    "jaxmerge.merging.slerp": ["slerp"],
+    "jaxmerge.merging.task_vectors": [
+        "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear", "task_arithmetic",
+        "ties",
+    ],
+    "jaxmerge.soups": ["category_expert_soup", "greedy_soup", "uniform_soup"],
+    "jaxmerge.statistics.fisher": ["diagonal_fisher"],
+    "jaxmerge.statistics.gram": ["input_grams"],
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = importlib.import_module(_SUBMODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'jaxmerge' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,6 +35,12 @@ def test_merge_methods_cite_their_papers(name):
         assert f"arXiv {arxiv}" in doc, f"{name}'s docstring does not cite arXiv {arxiv}"
 
 
+def test_every_public_name_resolves_to_what_it_names():
+    for name, obj in PUBLIC:
+        assert inspect.ismodule(obj) == (name in ("jaxmerge.checkpoints", "jaxmerge.sparsify")), name
+        assert inspect.ismodule(obj) or obj.__name__ == name.rsplit(".", 1)[-1], name
+
+
 def test_classes_have_examples():
     for name, obj in PUBLIC:
         if inspect.isclass(obj):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
 from jaxmerge.alignment.spec import BoundSpec, PermutationSpec
@@ -121,6 +120,8 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
       >>> jaxmerge.weight_matching(spec, reference, model)["h"].tolist()
       [1, 2, 0]
     """
+    import scipy.optimize  # imported here: it takes a while, and only weight matching needs it
+
     flatten_models([reference, model], names=["reference", "model"])
     bound = spec.bind(reference)
     ref = [np.asarray(x, np.float64) for x in flatten_with_keys(reference)[1]]
@@ -138,7 +139,7 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
                 a = np.moveaxis(ref[index], axis, 0).reshape(size, -1)
                 b = np.moveaxis(_permuted(other[index], axes[index], perm, skip_axis=axis), axis, 0).reshape(size, -1)
                 cost += a @ b.T
-            _, assignment = linear_sum_assignment(cost, maximize=True)
+            _, assignment = scipy.optimize.linear_sum_assignment(cost, maximize=True)
             rows = np.arange(size)
             if cost[rows, assignment].sum() > cost[rows, perm[name]].sum() + 1e-12:
                 improved = True

@@ -14,10 +14,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from orbax.checkpoint import v1 as ocp
 
 from jaxmerge._tree import key_name, path_str
 from jaxmerge.errors import CheckpointError
+
+
+def _ocp():
+    """Orbax's v1 API, imported when a checkpoint is first read or written (it takes a while)."""
+    from orbax.checkpoint import v1 as ocp
+
+    return ocp
 
 
 def _name(path) -> str:
@@ -66,7 +72,7 @@ class OrbaxReader:
         if not (self.path / "_CHECKPOINT_METADATA").exists():
             raise CheckpointError(f"{self.path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA)")
         try:
-            self.metadata = ocp.metadata(self.path).metadata
+            self.metadata = _ocp().metadata(self.path).metadata
         except Exception as error:  # Orbax raises many types for unreadable metadata
             raise CheckpointError(f"{self.path}: unreadable Orbax metadata ({type(error).__name__}: {error})") from None
         if self.metadata is None:
@@ -99,9 +105,9 @@ class OrbaxReader:
             raise CheckpointError(f"{self.path}: leaf {name!r} is {dtype}, which JAX holds only with x64 enabled "
                                   "(JAX_ENABLE_X64=1)")
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        wanted = [ocp.PLACEHOLDER] * self.treedef.num_leaves
+        wanted = [_ocp().PLACEHOLDER] * self.treedef.num_leaves
         wanted[index] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        loaded = ocp.load(self.path, jax.tree.unflatten(self.treedef, wanted))
+        loaded = _ocp().load(self.path, jax.tree.unflatten(self.treedef, wanted))
         return self.treedef.flatten_up_to(loaded)[index]
 
     def extra_files(self) -> list[Path]:
@@ -166,7 +172,7 @@ class OrbaxWriter:
             return
         leaves = [self.pending.get(name, _ABSENT) for name in self.names]
         tree = jax.tree.unflatten(self.treedef, leaves)
-        ocp.partial.save(self.path, _prune(tree))
+        _ocp().partial.save(self.path, _prune(tree))
         self.pending, self.pending_bytes = {}, 0
 
     def abort(self) -> None:
@@ -180,7 +186,7 @@ class OrbaxWriter:
           CheckpointError: the output tree holds lists or tuples.
         """
         self._flush()
-        ocp.partial.finalize(self.path)
+        _ocp().partial.finalize(self.path)
 
 
 class _Absent:

@@ -20,7 +20,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -32,7 +31,7 @@ from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import average_kernel
 from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.statistics import gram as gram_stats
-from jaxmerge.statistics._data import model_function
+from jaxmerge.statistics._data import is_nnx_module, model_function
 
 LAYOUTS = ("in_out", "out_in")
 Layout = Literal["in_out", "out_in"]
@@ -235,7 +234,7 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
         raise JaxmergeError(f"data must be a list with one re-iterable of batches per model ({spec.num_models})")
     alphas = _hyper.resolve(alpha, "alpha", spec, Range(0, 1))
     ridge = _hyper.checked(ridge, "ridge", Range(0))
-    apply_fn, _ = model_function(model, None if isinstance(model, nnx.Module) else models[0])
+    apply_fn, _ = model_function(model, None if is_nnx_module(model) else models[0])
     first_batch = next(iter(data[0]), None)
     if first_batch is None:
         raise JaxmergeError("data[0] yielded no batches")

@@ -3,12 +3,12 @@ module, reading inputs and labels from a batch, and iterating over data up to a 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxmerge.errors import JaxmergeError
 
@@ -35,13 +35,22 @@ def labels_of(batch: Batch):
                     f"got {type(batch).__name__}")
 
 
+def is_nnx_module(model) -> bool:
+    """Whether ``model`` is a Flax NNX module (Flax is not imported for the answer: when it is not
+    loaded yet, nothing can be one)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(model, nnx.Module)
+
+
 def model_function(model, params) -> tuple[Callable, Any]:
     """``(apply_fn(params, batch) -> outputs, params)`` for an ``apply_fn`` or an NNX module.
 
     An NNX module is split into its ``nnx.Param`` state (the params) and everything else
     (held fixed); it is called on ``inputs_of(batch)``.
     """
-    if isinstance(model, nnx.Module):
+    if is_nnx_module(model):
+        from flax import nnx
+
         if params is not None:
             raise JaxmergeError("params must be None when model is an nnx.Module (its nnx.Param state is used)")
         graphdef, state, rest = nnx.split(model, nnx.Param, ...)
