@@ -20,7 +20,10 @@ def _data(kind, shape, rng):
 
 CASES = [((1000,), 300, jnp.float32), ((37, 23), 100, jnp.float32), ((4, 5, 6), 119, jnp.float32),
          ((50,), 0, jnp.float32), ((50,), 50, jnp.float32), ((50,), 80, jnp.float32), ((), 1, jnp.float32),
-         ((37, 23), 100, jnp.bfloat16), ((37, 23), 100, jnp.float16)]
+         ((37, 23), 100, jnp.bfloat16), ((37, 23), 100, jnp.float16),
+         # above sparsify.SORT_LIMIT: the radix selection
+         ((70, 80), 1200, jnp.float32), ((5000,), 0, jnp.float32), ((5000,), 6000, jnp.float32),
+         ((70, 80), 1200, jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("kind", ["distinct", "ties", "zeros"])
@@ -33,7 +36,7 @@ def test_top_k_mask_matches_a_stable_sort(kind, dtype, shape, k):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from([1, 2, 3, 64, 999]), st.floats(0.0, 1.0), st.integers(0, 2 ** 16), st.booleans())
+@given(st.sampled_from([1, 2, 3, 64, 999, 4097]), st.floats(0.0, 1.0), st.integers(0, 2 ** 16), st.booleans())
 def test_top_k_mask_property(size, fraction, seed, with_ties):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(size)
