@@ -42,25 +42,24 @@ def train(graphdef, params, x, y, *, steps=300, batch_size=64, learning_rate=1e-
           optimizer=None, on_state=None):
     """Train with Adam (or ``optimizer``) on random mini-batches; returns the new params.
 
+    The batches are drawn up front and every step runs inside one jitted ``lax.scan``.
     ``on_state(opt_state)`` is called with the final optimizer state.
     """
     apply = logits_fn(graphdef)
     tx = optimizer or optax.adam(learning_rate)
+    x, y = jnp.asarray(x), jnp.asarray(y)
 
     def loss(p, xb, yb):
         return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
 
-    @jax.jit
-    def step(p, opt_state, xb, yb):
-        grads = jax.grad(loss)(p, xb, yb)
+    def step(carry, idx):
+        p, opt_state = carry
+        grads = jax.grad(loss)(p, x[idx], y[idx])
         updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
+        return (optax.apply_updates(p, updates), opt_state), None
 
-    rng = np.random.default_rng(seed)
-    opt_state = tx.init(params)
-    for _ in range(steps):
-        idx = rng.integers(0, len(x), batch_size)
-        params, opt_state = step(params, opt_state, x[idx], y[idx])
+    batches = np.random.default_rng(seed).integers(0, len(x), (steps, batch_size))
+    (params, opt_state), _ = jax.jit(lambda carry: jax.lax.scan(step, carry, batches))((params, tx.init(params)))
     if on_state is not None:
         on_state(opt_state)
     return params
