@@ -43,7 +43,6 @@ from jaxmerge._tree import TreeSpec, flatten_with_keys, path_str
 from jaxmerge.errors import JaxmergeError
 
 _NAME_WITH_INDEX = re.compile(r"(.*\D)_(\d+)")
-_EMBEDDING_NAMES = ("embed", "wte", "wpe")
 REQUIRED = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 """The default of a hyperparameter that has none: some level must set it."""
 
@@ -133,9 +132,9 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
 
     The layer stack is the numbered path entry with the most distinct indices
     (``model.layers.<i>``, ``layers/<i>``, ``Block_<i>``, ``Dense_<i>``). A leaf in layer
-    ``i`` of ``L`` gets ``i / (L - 1)`` (1.0 when ``L == 1``). Leaves outside the stack get
-    0.0 if their path names an embedding (``embed``, ``wte``, ``wpe``), as mergekit's
-    pre-layer weights do, else 1.0, as its post-layer weights (final norm, head) do.
+    ``i`` of ``L`` gets ``i / (L - 1)`` (1.0 when ``L == 1``). Leaves outside the stack
+    (embeddings, the final norm, the head) get 0.0, as mergekit 0.1.5 plans its pre- and
+    post-layer weights.
 
     Args:
       keys: each leaf's path as a tuple of names (``('params', 'Block_0', 'kernel')``), or a
@@ -147,7 +146,7 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
     Examples:
       >>> import jaxmerge
       >>> jaxmerge.layer_positions([("embed",), ("layers", "0", "w"), ("layers", "2", "w"), ("head",)])
-      [0.0, 0.0, 1.0, 1.0]
+      [0.0, 0.0, 1.0, 0.0]
     """
     numbered = [_numbered_parts(k) for k in keys]
     indices: dict[tuple[str, ...], set[int]] = defaultdict(set)
@@ -157,14 +156,9 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
     stack = max(indices, key=lambda s: len(indices[s])) if indices else None
     num_layers = max(indices[stack]) + 1 if indices else 0
     positions = []
-    for path_keys, entries in zip(keys, numbered):
+    for entries in numbered:
         index = dict(entries).get(stack)
-        if index is not None:
-            positions.append(index / (num_layers - 1) if num_layers > 1 else 1.0)
-        else:
-            lowered = [p.lower() for p in _stack_parts(path_keys)]
-            is_embedding = any(name in p for p in lowered for name in _EMBEDDING_NAMES)
-            positions.append(0.0 if is_embedding else 1.0)
+        positions.append(0.0 if index is None else index / (num_layers - 1) if num_layers > 1 else 1.0)
     return positions
 
 

@@ -77,7 +77,7 @@ def test_layer_positions_follow_mergekit():
     spec = _spec(tree)
     t = dict(zip(spec.paths, jaxmerge.layer_positions(spec.keys)))
     assert t["model.embed_tokens.weight"] == 0.0
-    assert t["model.norm.weight"] == 1.0 and t["lm_head.weight"] == 1.0
+    assert t["model.norm.weight"] == 0.0 and t["lm_head.weight"] == 0.0  # mergekit 0.1.5: pre and post weights at 0
     for i in range(5):
         assert t[f"model.layers.{i}.mlp.up_proj.weight"] == i / 4
 
@@ -90,7 +90,7 @@ def test_layer_positions_for_flax_naming():
     t = dict(zip(["/".join(k) for k in keys], jaxmerge.layer_positions(keys)))
     assert t["params/Block_0/Dense_1/kernel"] == 0.0 and t["params/Block_1/Dense_0/kernel"] == 0.5
     assert t["params/Block_2/Dense_0/kernel"] == 1.0
-    assert t["params/Embed_0/embedding"] == 0.0 and t["params/LayerNorm_0/scale"] == 1.0
+    assert t["params/Embed_0/embedding"] == 0.0 and t["params/LayerNorm_0/scale"] == 0.0
     nnx_keys = [("layers", str(i), "kernel", "value") for i in range(3)]
     assert jaxmerge.layer_positions(nnx_keys) == [0.0, 0.5, 1.0]
 
@@ -103,7 +103,7 @@ def test_gradient_interpolates_anchors_over_layers():
     for i in range(9):
         expected = np.interp(i / 8, np.linspace(0, 1, len(anchors)), anchors)
         assert values[f"model.layers.{i}.self_attn.q_proj.weight"] == pytest.approx(expected, abs=1e-12)
-    assert values["model.embed_tokens.weight"] == 0.0 and values["lm_head.weight"] == 1.0
+    assert values["model.embed_tokens.weight"] == 0.0 and values["lm_head.weight"] == 0.0
 
 
 def test_filters_first_match_wins_and_fall_through_to_the_default():

@@ -20,8 +20,8 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     ``c`` is the mean cosine between the task vectors ``leaf_i - base`` over all pairs
     (norm products clamped below at 1e-6, cosines clipped to [-1, 1]); computed over the
     whole leaf, or per row along the last axis when ``filter_wise``. ``t`` is not
-    clamped, as in mergekit; at its pole ``c = -1 / (N - 1)`` (two opposite task vectors,
-    where mergekit returns inf/NaN) it is 0 and the base is returned.
+    clamped, as in mergekit; near its pole ``c = -1 / (N - 1)`` (``|1 + (N - 1) c| < 1e-6``,
+    e.g. two opposite task vectors) it is 0 and the base is returned, as in mergekit.
     """
     dtype = acc_dtype(base.dtype)
     base32 = base.astype(dtype)
@@ -38,7 +38,8 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     cos = sum(cosines[1:], cosines[0]) / len(cosines)
     n = len(leaves)
     denominator = 1 + (n - 1) * cos
-    t = jnp.where(denominator == 0, 0, n * cos / jnp.where(denominator == 0, 1, denominator))
+    singular = jnp.abs(denominator) < 1e-6
+    t = jnp.where(singular, 0, n * cos / jnp.where(singular, 1, denominator))
     mean = sum(deltas[1:], deltas[0]) / n + rows
     return (t * mean + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
 

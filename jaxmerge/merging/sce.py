@@ -23,9 +23,9 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
        task vectors, ``m`` the number of entries with non-zero variance (all when
        ``select_topk >= 1``);
     2. Calculate: model weights ``w_i`` proportional to the mean square of each selected
-       task vector (uniform if all are zero);
+       task vector (uniform if their sum is below 1e-6);
     3. Erase: per entry, drop task vectors whose sign disagrees with the sign of their sum;
-       merge as ``base + sum_i w_i d_i / sum_i w_i`` over the remaining ones.
+       merge as ``base + sum_i w_i d_i / max(sum_i w_i, 1e-6)`` over the remaining ones.
     """
     dtype = acc_dtype(base.dtype)
     base32 = base.astype(dtype)
@@ -38,12 +38,13 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     deltas = [jnp.where(selected, d, zero) for d in deltas]
     energy = jnp.stack([jnp.mean(jnp.square(d)) for d in deltas])
     total = energy.sum()
-    weights = jnp.where(total == 0, jnp.full_like(energy, 1 / len(deltas)), energy / jnp.where(total == 0, 1, total))
+    negligible = jnp.abs(total) < 1e-6
+    weights = jnp.where(negligible, jnp.full_like(energy, 1 / len(deltas)), energy / jnp.where(negligible, 1, total))
     sign = elect_sign(deltas, "sum")
     kept = [jnp.where(jnp.sign(d) == sign, weights[i], zero) for i, d in enumerate(deltas)]
     merged = sum(k_ * d for k_, d in zip(kept, deltas))
     divisor = sum(kept[1:], kept[0])
-    return (base32 + merged / jnp.where(divisor == 0, 1, divisor)).astype(base.dtype)
+    return (base32 + merged / jnp.maximum(divisor, 1e-6)).astype(base.dtype)
 
 
 def _sce_plan(spec: TreeSpec, hp: dict):

@@ -252,10 +252,11 @@ class Sparsifier:
 
 
 class Magnitude(Sparsifier):
-    """TIES trim (arXiv 2306.01708): keep the ``int(density * n)`` largest magnitudes."""
+    """TIES trim (arXiv 2306.01708): keep the ``max(1, int(density * n))`` largest magnitudes
+    (a positive density keeps at least one entry, as in mergekit)."""
 
     def leaf_params(self, size, where="", *, density):
-        return MagnitudeParams(density, num_kept(density, size))
+        return MagnitudeParams(density, jnp.maximum(num_kept(density, size), 1))
 
     def mask(self, x, params, key):
         return top_k_mask(x, params.k), params.density
@@ -263,16 +264,16 @@ class Magnitude(Sparsifier):
 
 class Breadcrumbs(Sparsifier):
     """Model Breadcrumbs (arXiv 2312.06795): drop the ``gamma`` fraction of largest magnitudes
-    as outliers, then the smallest, keeping the ``int(density * n)`` entries ranked
-    ``[int(gamma n), int(gamma n) + int(density n))`` by descending magnitude."""
+    as outliers, then the smallest, keeping the ``k = int(density * n)`` entries ranked
+    ``[top, top + k)`` by descending magnitude, ``top = min(int(gamma n), n - k)``: where
+    ``gamma + density > 1`` fewer outliers are dropped, as in mergekit."""
 
     hyperparameters = ("density", "gamma")
 
     def leaf_params(self, size, where="", *, density, gamma):
-        for g, d in _concrete_pairs(gamma, density):
-            if g + d > 1:
-                raise JaxmergeError(f"gamma + density must be <= 1, got gamma={g:g} + density={d:g}{where}")
-        return BandParams(density, num_kept(density, size), num_kept(gamma, size))
+        k = num_kept(density, size)
+        top = num_kept(gamma, size)
+        return BandParams(density, k, jnp.minimum(top, size - k))
 
     def mask(self, x, params, key):
         return band_mask(x, params.top, params.k), params.density
@@ -346,13 +347,11 @@ def breadcrumbs_mask(x: jax.Array, density, gamma) -> jax.Array:
     Args:
       x: a float array (a task vector).
       density: the fraction kept, in (0, 1].
-      gamma: the fraction dropped from the top, in [0, 1); ``gamma + density <= 1``.
+      gamma: the fraction dropped from the top, in [0, 1); where ``gamma + density > 1``,
+        fewer are dropped so that ``density`` of the entries remain.
 
     Returns:
       A boolean array shaped like ``x``.
-
-    Raises:
-      JaxmergeError: ``gamma + density > 1``.
 
     References:
       Davari & Belilovsky, "Model Breadcrumbs", arXiv 2312.06795.

@@ -13,12 +13,16 @@ def top_k(x, k):
 
 
 def magnitude(delta, density):
-    return top_k(delta, int(density * delta.size))
+    """mergekit 0.1.5: a positive density keeps at least one entry."""
+    return top_k(delta, max(1, int(density * delta.size)))
 
 
 def breadcrumbs(delta, density, gamma):
-    top = int(gamma * delta.size)
-    return top_k(delta, top + int(density * delta.size)) & ~top_k(delta, top)
+    """mergekit 0.1.5: ``n_bot = max(0, n - int(density n) - int(gamma n))`` smallest entries are
+    dropped, then ``int(density n)`` kept, so the outliers dropped shrink when gamma + density > 1."""
+    keep = int(density * delta.size)
+    top = delta.size - keep - max(0, delta.size - keep - int(gamma * delta.size))
+    return top_k(delta, top + keep) & ~top_k(delta, top)
 
 
 def rescaled(delta, mask, norm, keep=None):

@@ -15,11 +15,11 @@ def numpy_sce(base, models, select_topk):
         k = int(select_topk * np.count_nonzero(variance))
         deltas = deltas * reference.top_k(variance, k)[None]
     energy = np.array([np.mean(d ** 2) for d in deltas])
-    weights = np.full(len(deltas), 1 / len(deltas)) if energy.sum() == 0 else energy / energy.sum()
+    weights = np.full(len(deltas), 1 / len(deltas)) if abs(energy.sum()) < 1e-6 else energy / energy.sum()
     elected = np.where(deltas.sum(0) >= 0, 1.0, -1.0)
     kept = (np.sign(deltas) == elected) * weights[(slice(None),) + (None,) * base.ndim]
     divisor = kept.sum(0)
-    return base + (deltas * kept).sum(0) / np.where(divisor == 0, 1, divisor)
+    return base + (deltas * kept).sum(0) / np.maximum(divisor, 1e-6)
 
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
