@@ -4,11 +4,15 @@ Importing this package imports every method module, so :data:`method.REGISTRY` h
 """
 
 from jaxmerge.merging import (  # noqa: F401  (registers the methods)
+    arcee_fusion,
     fisher,
     karcher,
     linear,
     magmax,
     model_stock,
+    nearswap,
+    passthrough,
+    ram,
     regmean,
     sce,
     slerp,

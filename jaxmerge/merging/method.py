@@ -52,6 +52,8 @@ class Param:
       doc: one line for ``jaxmerge methods``.
       check: the range a number must lie in.
       choices: the values an option may take.
+      config_choices: the values a config may give it, where fewer than ``choices`` (mergekit's
+        ``rescale`` is a boolean).
       kind: the type of an option: ``bool``, ``int``, ``float`` (may be traced) or None (any).
       config: its key in merge configs: ``''`` for the name without a trailing ``_``,
         None when configs cannot set it.
@@ -66,6 +68,7 @@ class Param:
     doc: str
     check: Range | None = None
     choices: tuple | None = None
+    config_choices: tuple | None = None
     kind: type | None = None
     config: str | None = ""
     config_required: bool = False
@@ -77,11 +80,13 @@ class Param:
         """The config key, or None."""
         return self.name.rstrip("_") if self.config == "" else self.config
 
-    def checked_option(self, value, where: str):
-        """``value`` after checking it is a valid setting of this option (named ``where``)."""
-        if self.choices is not None:
-            if not any(value is c or (type(value) is type(c) and value == c) for c in self.choices):
-                raise JaxmergeError(f"{where} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+    def checked_option(self, value, where: str, config: bool = False):
+        """``value`` after checking it is a valid setting of this option (named ``where``; from a
+        config with ``config``)."""
+        choices = self.config_choices if config and self.config_choices is not None else self.choices
+        if choices is not None:
+            if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+                raise JaxmergeError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
             return value
         if self.kind is bool and not isinstance(value, bool):
             raise TypeError(f"{where} must be a boolean, got {value!r}")
@@ -100,8 +105,9 @@ class Param:
         required = self.default is REQUIRED or (config and self.config_required)
         default = "required" if required else repr(self.default)
         allowed = f" in {self.check}" if self.check else ""
-        if self.choices:
-            allowed = f" one of {', '.join(map(repr, self.choices))}"
+        choices = self.config_choices if config and self.config_choices is not None else self.choices
+        if choices:
+            allowed = f" one of {', '.join(map(repr, choices))}"
         return f"{self.key if config else self.name}={default}{allowed}"
 
 
@@ -169,7 +175,7 @@ class Method:
             if p.scope == "option":
                 if value is None and p.default is REQUIRED:
                     raise JaxmergeError(f"{self.name} needs {name}: {p.doc}")
-                hp[p.name] = p.checked_option(p.default if value is None else value, name)
+                hp[p.name] = p.checked_option(p.default if value is None else value, name, config)
             elif p.scope == "leaf":
                 hp[p.name] = resolver.leafwise(levels.shared, name, default, p.check)
             else:
@@ -182,8 +188,9 @@ class Method:
             raise JaxmergeError(f"{self.name} needs a base model (base is None)")
         if num_models < self.min_models or (self.max_models is not None and num_models > self.max_models):
             wanted = (f"exactly {self.min_models}" if self.min_models == self.max_models
-                      else f"at least {self.min_models}")
-            raise JaxmergeError(f"{self.name} merges {wanted} models, got {num_models}")
+                      else f"at most {self.max_models}" if num_models >= self.min_models else f"at least {self.min_models}")
+            raise JaxmergeError(f"{self.name} merges {wanted} model{'s' if wanted[-2:] != ' 1' else ''}, "
+                                f"got {num_models}")
 
     def leaf_fn(self, spec: TreeSpec, settings: Settings, statistics: Sequence | None = None,
                 model_names: Sequence[str] | None = None, *, config: bool = False) -> LeafFn:

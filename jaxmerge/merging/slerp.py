@@ -1,14 +1,19 @@
-"""Spherical linear interpolation (SLERP) of two models, leaf by leaf."""
+"""Spherical interpolation of models, leaf by leaf: SLERP of two, NuSLERP, and Multi-SLERP of several."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
-from jaxmerge.merging.method import Param, merge_method
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
 def _unit(x: jax.Array, epsilon: float) -> jax.Array:
@@ -45,8 +50,8 @@ def _slerp_plan(spec: TreeSpec, hp: dict):
 
 @merge_method("slerp", base="pair", plan=_slerp_plan, params=(
     Param("t", "leaf", "interpolation position: 0 gives the base (first) model, 1 the other"),
-    Param("epsilon", "option", "norms at or below this are not normalised", kind=float, check=Range(0)),
-    Param("dot_threshold", "option", "|cos| above which lerp is used", kind=float, check=Range(0, 1))))
+    Param("epsilon", "option", "norms at or below this are not normalised", kind=float, check=Range(0), config=None),
+    Param("dot_threshold", "option", "|cos| above which lerp is used", kind=float, check=Range(0, 1), config=None)))
 def slerp(a: PyTree, b: PyTree, t, *, epsilon: float = 1e-8, dot_threshold: float = 0.9995) -> PyTree:
     """Spherical linear interpolation of two models, per leaf (mergekit's ``slerp``).
 
@@ -77,4 +82,182 @@ def slerp(a: PyTree, b: PyTree, t, *, epsilon: float = 1e-8, dot_threshold: floa
       >>> a, b = {"w": jnp.asarray([1.0, 0.0])}, {"w": jnp.asarray([0.0, 1.0])}
       >>> [round(x, 4) for x in jaxmerge.slerp(a, b, 0.5)["w"].tolist()]
       [0.7071, 0.7071]
+    """
+
+
+@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
+def nuslerp_kernel(base: jax.Array | None, a: jax.Array, b: jax.Array, t: jax.Array, *, row_wise: bool,
+                   flatten: bool) -> jax.Array:
+    """mergekit's NuSLERP of two leaves (of their task vectors when there is a base), in float32.
+
+    The vectors interpolated are the whole leaves (``flatten``), or the slices along the
+    first axis (``row_wise``) or along the last one; each is normalised (norms clamped below
+    at 1e-7) for the angle, and where ``1 - cos^2 <= 1e-16`` lerp is used.
+    """
+    dtype = acc_dtype(a.dtype)
+    v0, v1 = a.astype(dtype), b.astype(dtype)
+    if base is not None:
+        v0, v1 = v0 - base.astype(dtype), v1 - base.astype(dtype)
+    axes = tuple(range(v0.ndim)) if flatten or v0.ndim == 0 else (0,) if row_wise else (v0.ndim - 1,)
+    t = t.astype(dtype)
+
+    def unit(x):
+        return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True)), 1e-7)
+
+    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=axes, keepdims=True), -1, 1)
+    colinear = (1 - jnp.square(cos)) <= 1e-16
+    theta = jnp.arccos(jnp.where(colinear, 0, cos))
+    sin_theta = jnp.where(colinear, 1, jnp.sin(theta))
+    result = jnp.where(colinear, (1 - t) * v0 + t * v1,
+                       (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta)
+    return (result if base is None else result + base.astype(dtype)).astype((a if base is None else base).dtype)
+
+
+def _relative_weight(w):
+    """``t = w_1 / (w_0 + w_1)``, or 0.5 where the weights sum to about 0 (as mergekit, in float64
+    for concrete weights)."""
+    total = w[0] + w[1]
+    if isinstance(w, np.ndarray):
+        return 0.5 if abs(total) < 1e-6 else float(w[1] / total)
+    small = jnp.abs(total) < 1e-6
+    return jnp.where(small, 0.5, w[1] / jnp.where(small, 1, total))
+
+
+def _nuslerp_plan(spec: TreeSpec, hp: dict):
+    row_wise, flatten = hp["nuslerp_row_wise"], hp["nuslerp_flatten"]
+    ts = [None if w is None else _relative_weight(w) for w in hp["weights"]]
+    return lambda i, base, leaves: nuslerp_kernel(base, *leaves, _hyper.scalar_arg(ts[i]), row_wise=row_wise,
+                                                  flatten=flatten)
+
+
+@merge_method("nuslerp", base="optional", min_models=2, max_models=2, plan=_nuslerp_plan, params=(
+    WEIGHTS,
+    Param("nuslerp_row_wise", "option", "interpolate each slice along the first axis (else along the last)",
+          kind=bool),
+    Param("nuslerp_flatten", "option", "interpolate the whole flattened leaf", kind=bool)))
+def nuslerp(base: PyTree | None, models: Sequence[PyTree], weights=None, *, nuslerp_row_wise: bool = False,
+            nuslerp_flatten: bool = True) -> PyTree:
+    """NuSLERP, mergekit's ``nuslerp``: SLERP of two models (or task vectors) by relative weight.
+
+    Interpolates ``models[0]`` and ``models[1]`` on the sphere at ``t = w_1 / (w_0 + w_1)``
+    (0.5 where the weights sum to about 0), per leaf: the whole flattened leaf
+    (``nuslerp_flatten``, the default), or each slice along the first axis
+    (``nuslerp_row_wise``) or along the last one. With a base, the task vectors
+    ``theta_i - base`` are interpolated and added to it. Nearly colinear vectors are
+    interpolated linearly. Computed in float32.
+
+    Args:
+      base: an optional base model; the output has its structure and dtypes when given,
+        else ``models[0]``'s.
+      models: exactly two models.
+      weights: one per-leaf weight per model (``None``: equal, ``t = 0.5``).
+      nuslerp_row_wise: interpolate slices along the first axis (when not flattening).
+      nuslerp_flatten: interpolate each leaf as one flat vector.
+
+    Returns:
+      A pytree shaped like the base (or ``models[0]``).
+
+    Raises:
+      JaxmergeError: not exactly two models, a structure or shape mismatch, or a
+        non-finite weight.
+
+    References:
+      mergekit's ``nuslerp`` method (arcee-ai/mergekit); SLERP: Shoemake, "Animating
+      rotation with quaternion curves", SIGGRAPH 1985.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([1.0, 0.0])}, {"w": jnp.asarray([0.0, 1.0])}
+      >>> [round(x, 4) for x in jaxmerge.nuslerp(None, [a, b], [1.0, 1.0])["w"].tolist()]
+      [0.7071, 0.7071]
+    """
+
+
+@jax.jit
+def multislerp_kernel(base: jax.Array | None, leaves: Sequence[jax.Array], weights: jax.Array,
+                      epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(result, degenerate)``: mergekit's barycentric SLERP of the leaves (or task vectors).
+
+    Each leaf, as one flat vector, is split into norm and direction; the directions are
+    averaged with ``weights``, projected to the tangent space at their normalised mean,
+    mapped back to the sphere and scaled by the weighted mean norm. ``degenerate`` is True
+    where the weighted mean direction has norm below ``epsilon`` (then two leaves are
+    blended linearly, and more have no answer: NaN).
+    """
+    dtype = acc_dtype(leaves[0].dtype)
+    xs = [leaf.astype(dtype) for leaf in leaves]
+    if base is not None:
+        xs = [x - base.astype(dtype) for x in xs]
+    w, eps = weights.astype(dtype), epsilon.astype(dtype)
+    norms = [jnp.linalg.norm(x) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms)]
+    mean = sum(w[i] * u for i, u in enumerate(units))
+    mean_norm = jnp.linalg.norm(mean)
+    degenerate = mean_norm < eps
+    mean = mean / jnp.where(degenerate, 1, mean_norm)
+    tangent = sum(w[i] * (u - jnp.sum(u * mean) * mean) for i, u in enumerate(units))
+    size = jnp.linalg.norm(tangent) + eps
+    result = (mean * jnp.cos(size) + tangent * (jnp.sin(size) / size)) * sum(w[i] * n for i, n in enumerate(norms))
+    fallback = w[0] * xs[0] + w[1] * xs[1] if len(xs) == 2 else jnp.full_like(result, jnp.nan)
+    result = jnp.where(degenerate, fallback, result)
+    if base is not None:
+        result = result + base.astype(dtype)
+    return result.astype((leaves[0] if base is None else base).dtype), degenerate
+
+
+def _multislerp_plan(spec: TreeSpec, hp: dict):
+    weights, eps = hp["weights"], _hyper.scalar_arg(hp["eps"])
+    if hp["normalize_weights"]:
+        _hyper.check_nonzero_sums(weights, "weights", spec)
+        weights = [None if w is None else w / w.sum() for w in weights]
+
+    def leaf_fn(i, base, leaves):
+        if len(leaves) == 1:
+            return leaves[0]
+        result, degenerate = multislerp_kernel(base, leaves, weights[i], eps)
+        if not isinstance(degenerate, jax.core.Tracer) and bool(degenerate) and len(leaves) > 2:
+            raise JaxmergeError(f"multislerp: the weighted mean direction at {spec.paths[i]!r} is zero (opposite "
+                                "vectors whose weights cancel); change the weights")
+        return result
+    return leaf_fn
+
+
+@merge_method("multislerp", base="optional", plan=_multislerp_plan, params=(
+    WEIGHTS,
+    Param("normalize_weights", "option", "divide the weights by their sum", kind=bool),
+    Param("eps", "option", "stabilising constant of the norms", kind=float, check=Range(0))))
+def multislerp(base: PyTree | None, models: Sequence[PyTree], weights=None, *, normalize_weights: bool = True,
+               eps: float = 1e-8) -> PyTree:
+    """Multi-SLERP, mergekit's ``multislerp``: a weighted mean of several models on the sphere.
+
+    Per leaf (flattened): each model (or task vector, with a base) is split into norm and
+    direction; the weighted mean direction is normalised, the directions are projected to
+    its tangent space, their weighted mean is mapped back to the sphere by the exponential
+    map, and the result is scaled by the weighted mean norm. One model is returned as it
+    is; two whose weighted directions cancel are blended linearly. Computed in float32.
+
+    Args:
+      base: an optional base model (then task vectors are interpolated and added to it);
+        the output has its structure and dtypes when given, else ``models[0]``'s.
+      models: one or more models.
+      weights: one per-leaf weight per model (``None``: equal).
+      normalize_weights: divide the weights by their sum.
+      eps: added to the norms (and the step size) for stability.
+
+    Returns:
+      A pytree shaped like the base (or ``models[0]``).
+
+    Raises:
+      JaxmergeError: a structure or shape mismatch, weights summing to 0 with
+        ``normalize_weights``, or (eagerly) three or more models whose weighted directions
+        cancel at a leaf.
+
+    References:
+      mergekit's ``multislerp`` method (arcee-ai/mergekit; "Multi-SLERP", C. Goddard).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxmerge
+      >>> a, b = {"w": jnp.asarray([2.0, 0.0])}, {"w": jnp.asarray([0.0, 2.0])}
+      >>> [round(x, 4) for x in jaxmerge.multislerp(None, [a, b])["w"].tolist()]
+      [1.4142, 1.4142]
     """

@@ -24,6 +24,7 @@ slicing drops everything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from collections.abc import Sequence
@@ -172,7 +173,8 @@ EPSILON = Param("epsilon", "model", "spread of the keep probabilities: density +
 MAJORITY_SIGN = Param("majority_sign", "option", "sign election by the sum of the weighted task vectors or by "
                       "the count of signs", choices=("sum", "count"), config=None)
 RESCALE = Param("rescale", "option", "match the kept entries' norm to the original (True/'l1', 'l2', 'linf'), "
-                "divide by the keep probability ('density'), or not (False)", choices=tuple(_RESCALE_NORMS))
+                "divide by the keep probability ('density'), or not (False)", choices=tuple(_RESCALE_NORMS),
+                config_choices=(False, True))
 KEY = Param("key", "option", "the jax.random key of the drops, e.g. jax.random.key(0) (configs: --random-seed)",
             config=None)
 INT8_MASK = Param("int8_mask", "option", "accepted from mergekit configs and ignored: masks are boolean here",
@@ -180,7 +182,12 @@ INT8_MASK = Param("int8_mask", "option", "accepted from mergekit configs and ign
 
 
 @merge_method("task_arithmetic", base="required", plan=task_vector_plan(None, elects_sign=False),
-              references=("2212.04089",), params=(WEIGHTS, LAMBDA, _normalize(False), INT8_MASK))
+              references=("2212.04089",), params=(
+                  WEIGHTS, LAMBDA, _normalize(False), INT8_MASK,
+                  dataclasses.replace(DENSITY, doc="accepted from mergekit configs and ignored: nothing is dropped",
+                                      default=1.0),
+                  dataclasses.replace(RESCALE, doc="accepted from mergekit configs and ignored: nothing is dropped",
+                                      default=False)))
 def task_arithmetic(base: PyTree, models: Sequence[PyTree], weights=None, *, lambda_=1.0,
                     normalize: bool = False) -> PyTree:
     """Task arithmetic, mergekit's ``task_arithmetic``: add the weighted task vectors to the base.

@@ -43,6 +43,13 @@ CASES = {
     "karcher": dict(),
     "fisher": dict(weights=[1.0, 2.0, 0.5]),
     "regmean": dict(alpha=0.8),
+    "nuslerp": dict(weights=[1.0, 0.5]),
+    "multislerp": dict(weights=[1.0, 0.5, 0.8]),
+    "nearswap": dict(t=0.05),
+    "arcee_fusion": dict(),
+    "ram": dict(epsilon=0.05),
+    "ramplus_tl": dict(r=0.3, epsilon=0.05),
+    "passthrough": dict(scale=0.5),
 }
 METHODS = jaxmerge.methods()
 SPECS = {"layer/kernel": P("data", "model"), "layer/bias": P("model"), "head/0": P(None, "model"), "step": P()}
@@ -78,11 +85,16 @@ def _statistics(method, models):
     return None
 
 
+def _count(method) -> int:
+    """How many models the suite merges with ``method``: 3, or as many as it takes."""
+    return 2 if method.base == "pair" else min(3, method.max_models or 3)
+
+
 def _inputs(name, dtype=jnp.float32):
     """``(base, models, statistics)`` for method ``name``: steps differ, so pass-through is visible."""
     method = METHODS[name]
     base = _tree(0, dtype, step=7)
-    count = 2 if method.base == "pair" else 3
+    count = _count(method)
     models = [_tree(i + 1, dtype, around=base, step=i + 1) for i in range(count)]
     return base, models, _statistics(method, models)
 
@@ -221,7 +233,7 @@ def test_sharded_equals_unsharded(name, axis_type, jit):
 def _bad_cases(name):
     """``(hyperparameter, bad setting, expected message)`` for every checked hyperparameter."""
     method = METHODS[name]
-    n = 2 if method.base == "pair" else 3
+    n = _count(method)
     python = inspect.signature(method.function).parameters
     for param in (p for p in method.params if p.name in python):
         if param.scope == "option":

@@ -81,3 +81,81 @@ def test_slerp_thresholds_may_be_traced():
     a, b = random_tree(0), random_tree(1)
     out = jax.jit(lambda eps, dot: jaxmerge.slerp(a, b, 0.3, epsilon=eps, dot_threshold=dot))(1e-8, 0.9995)
     assert_trees_match(out, jaxmerge.slerp(a, b, 0.3))
+
+
+def numpy_nuslerp(t, v0, v1, row_wise, flatten):
+    """mergekit 0.1.5's nuslerp, in float64 NumPy."""
+    shape = v0.shape
+    if flatten or v0.ndim == 0:  # a 0-d leaf is a vector of one entry
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = np.swapaxes(v0, 0, -1), np.swapaxes(v1, 0, -1)
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+
+    cos = np.clip(np.sum(unit(v0) * unit(v1), -1, keepdims=True), -1, 1)
+    colinear = (1 - cos ** 2) <= 1e-16
+    theta = np.arccos(np.where(colinear, 0, cos))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = (np.sin((1 - t) * theta) * v0 + np.sin(t * theta) * v1) / np.sin(theta)
+    result = np.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten and result.ndim == len(shape):
+        result = np.swapaxes(result, 0, -1)
+    return result.reshape(shape)
+
+
+@pytest.mark.parametrize("row_wise,flatten", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_matches_numpy(row_wise, flatten, with_base):
+    base, a, b = random_tree(0), random_tree(1), random_tree(2)
+    weights = [0.3, 0.9]
+
+    def leaf(xs):  # xs[0]: the base, or a (whose dtypes the output has) standing in for none
+        origin = xs[0] if with_base else 0.0
+        return origin + numpy_nuslerp(0.9 / 1.2, xs[1] - origin, xs[2] - origin, row_wise, flatten)
+
+    out = jaxmerge.nuslerp(base if with_base else None, [a, b], weights, nuslerp_row_wise=row_wise,
+                           nuslerp_flatten=flatten)
+    assert_trees_match(out, tree_reference(leaf, base if with_base else a, a, b), f32_tol=1e-5)
+
+
+def test_nuslerp_weights_summing_to_zero_give_the_midpoint_and_need_two_models():
+    a, b = random_tree(1), random_tree(2)
+    assert_trees_match(jaxmerge.nuslerp(None, [a, b], [1.0, -1.0]), jaxmerge.nuslerp(None, [a, b], [1.0, 1.0]))
+    with pytest.raises(ValueError, match="nuslerp merges exactly 2 models, got 3"):
+        jaxmerge.nuslerp(None, [a, b, a])
+
+
+def numpy_multislerp(xs, weights, base=None, eps=1e-8):
+    """mergekit 0.1.5's multislerp (weights normalised), in float64 NumPy."""
+    flat = np.stack([x.reshape(-1) - (0 if base is None else base.reshape(-1)) for x in xs])
+    w = np.asarray(weights) / np.sum(weights)
+    norms = np.linalg.norm(flat, axis=-1, keepdims=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / np.linalg.norm(mean)
+    tangent = ((units - (units * mean).sum(-1, keepdims=True) * mean) * w[:, None]).sum(0)
+    size = np.linalg.norm(tangent) + eps
+    result = (mean * np.cos(size) + tangent * np.sin(size) / size) * (norms[:, 0] * w).sum()
+    return result.reshape(xs[0].shape) + (0 if base is None else base)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_matches_numpy(with_base):
+    base, models = random_tree(0), [random_tree(i) for i in (1, 2, 3)]
+    weights = [1.0, 0.5, 2.0]
+    out = jaxmerge.multislerp(base if with_base else None, models, weights)
+    expected = tree_reference(lambda xs: numpy_multislerp(xs[1:], weights, xs[0] if with_base else None),
+                              base if with_base else models[0], *models)
+    assert_trees_match(out, expected, f32_tol=1e-5)
+
+
+def test_multislerp_of_one_model_is_the_model_and_cancelling_directions_are_refused():
+    a = random_tree(1)
+    assert_trees_match(jaxmerge.multislerp(None, [a]), a)
+    minus = jax.tree.map(lambda x: -x if jnp.issubdtype(x.dtype, jnp.floating) else x, a)
+    with pytest.raises(ValueError, match="multislerp: the weighted mean direction at '.*' is zero"):
+        jaxmerge.multislerp(None, [a, minus, a], [1.0, 2.0, 1.0])
+    linear = jaxmerge.multislerp(None, [a, minus], [1.0, 1.0])  # two cancelling: the linear blend, zeros
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(linear) if x.dtype != jnp.int32)
