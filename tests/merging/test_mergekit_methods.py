@@ -89,5 +89,5 @@ def test_passthrough_scales_only_what_it_is_told_to():
     expected = tree_reference(lambda xs: xs[0] * 0.5, model)
     np.testing.assert_allclose(out["params"]["Dense_0"]["kernel"], expected["params"]["Dense_0"]["kernel"])
     np.testing.assert_array_equal(out["params"]["Dense_1"]["kernel"], model["params"]["Dense_1"]["kernel"])
-    with pytest.raises(ValueError, match="passthrough merges at most 1 model, got 2"):
+    with pytest.raises(ValueError, match="passthrough merges exactly 1 model, got 2"):
         jaxmerge.passthrough([model, model])
