@@ -222,15 +222,18 @@ LeafValue = Callable[[int], Any]
 class Resolver:
     """Resolves hyperparameter :class:`Levels` against one tree, one value per float leaf.
 
+    Layer gradients are evaluated at ``positions`` (one per leaf; default: read from the
+    leaf paths by :func:`layer_positions`).
+
     Every resolved hyperparameter has one type: a list aligned with ``spec.keys`` holding,
     for each float leaf, a float (or a tracer under ``jax.jit``) for a merge-wide value, or a
     vector with one entry per model (:func:`vector`) for a per-model value; ``None`` for the
     other leaves, which are passed through and need no value.
     """
 
-    def __init__(self, spec: TreeSpec):
+    def __init__(self, spec: TreeSpec, positions: Sequence[float] | None = None):
         self.spec = spec
-        self._positions: list[float] | None = None
+        self._positions = None if positions is None else list(positions)
 
     @property
     def positions(self) -> list[float]:

@@ -78,13 +78,17 @@ def open_checkpoint(path: str | os.PathLike):
     return SafetensorsReader(path)
 
 
-def abstract(reader, dtype=None) -> dict:
-    """``{tensor name: jax.ShapeDtypeStruct}``, float tensors in ``dtype`` when given."""
-    out = {}
-    for name in reader.names:
+def _abstract(reader, name: str, dtype=None) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of tensor ``name``, a float one in ``dtype`` when given.
+
+    Raises:
+      CheckpointError: the checkpoint has no tensor ``name``.
+    """
+    try:
         shape, stored = reader.shape_dtype(name)
-        out[name] = jax.ShapeDtypeStruct(shape, np.dtype(dtype) if dtype is not None and is_float(stored) else stored)
-    return out
+    except KeyError:
+        raise CheckpointError(f"{reader.path} has no tensor {name!r}") from None
+    return jax.ShapeDtypeStruct(shape, np.dtype(dtype) if dtype is not None and is_float(stored) else stored)
 
 
 def _inside(path: Path, other: Path) -> bool:
@@ -254,19 +258,30 @@ class StreamOptions:
 
 
 class CheckpointSource:
-    """The models' (and the base's) tensors read from checkpoints one name at a time, the next
-    ones read in a background thread while the current one is merged (unless large)."""
+    """The models' (and the base's) tensors read from checkpoints one at a time, the next ones
+    read in a background thread while the current one is merged (unless large).
 
-    def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions):
-        self.spec, self.readers, self.base_reader, self.options = spec, readers, base_reader, options
+    ``inputs[j][name]`` is the tensor of model ``j`` read for the output tensor ``name``
+    (``base_inputs`` the base's); by default the same name.
+    """
+
+    def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions,
+                 inputs: Sequence[dict] | None = None, base_inputs: dict | None = None):
+        self.spec, self.options = spec, options
         self.names = [key[0] for key in spec.keys]
+        self.models = [(r, (inputs or [{}] * len(readers))[j]) for j, r in enumerate(readers)]
+        self.base = None if base_reader is None else (base_reader, base_inputs or {})
+
+    def _load(self, source, name: str):
+        reader, renamed = source
+        return _load(reader, renamed.get(name, name), self.options.dtype, self.options.sharding)
 
     def _read(self, i: int):
-        name, options = self.names[i], self.options
-        base = None if self.base_reader is None else _load(self.base_reader, name, options.dtype, options.sharding)
+        name = self.names[i]
+        base = None if self.base is None else self._load(self.base, name)
         if not self.spec.is_float(i):
-            return base, ([] if base is not None else [_load(self.readers[0], name, options.dtype, options.sharding)])
-        return base, [_load(r, name, options.dtype, options.sharding) for r in self.readers]
+            return base, ([] if base is not None else [self._load(self.models[0], name)])
+        return base, [self._load(source, name) for source in self.models]
 
     def leaves(self):
         sizes = [self.spec.size(i) * leaf_spec(leaf).dtype.itemsize for i, leaf in enumerate(self.spec.leaves)]
@@ -281,27 +296,23 @@ class CheckpointSource:
 
 
 class WriterSink:
-    """Writes each merged tensor, cast to its output dtype, with a progress bar and a log line."""
+    """Writes the merged tensors of one group, each cast to its output dtype, advancing the
+    merge's shared progress bar and logging a line per tensor."""
 
-    def __init__(self, writer, tensors: list[tuple[str, tuple]], out_types: dict, options: StreamOptions):
-        self.writer, self.names, self.out_types, self.log = writer, [n for n, _ in tensors], out_types, options.log
-        self.sizes = [math.prod(shape) * out_types[n].itemsize for n, shape in tensors]
-        self.bar = tqdm(total=sum(self.sizes), unit="B", unit_scale=True, desc="merging", file=sys.stderr,
-                        disable=not options.progress or jax.process_index() != 0)
+    def __init__(self, writer, names: list[str], out_types: dict, bar: tqdm, log: Callable[[str], None] | None):
+        self.writer, self.names, self.out_types, self.bar, self.log = writer, names, out_types, bar, log
 
     def write(self, i: int, merged) -> None:
         name = self.names[i]
         if merged.dtype != self.out_types[name]:
             merged = merged.astype(self.out_types[name])
         self.writer.write(name, merged)
-        self.bar.update(self.sizes[i])
-        self.bar.set_postfix_str(f"{i + 1}/{len(self.names)} tensors")
+        self.bar.update(merged.size * merged.dtype.itemsize)
         if self.log is not None and jax.process_index() == 0:
             self.log(f"merged {name} {tuple(merged.shape)} {merged.dtype}")
 
     def close(self) -> None:
-        self.bar.close()
-        self.writer.close()
+        """Nothing to finish: the writer is closed once every group is written."""
 
 
 class _StatisticsStore:
@@ -359,37 +370,131 @@ def stream_merge(plan: MergePlan, models: Sequence[str | os.PathLike], output: s
       >>> jaxmerge.checkpoints.load(out)["w"].tolist()
       [0.5, 0.5, 0.5]
     """
+    group = Group(plan, tuple(models), base=base, statistics=None if statistics is None else tuple(statistics),
+                  model_names=None if model_names is None else tuple(model_names))
+    return stream_groups([group], output, options=options, extra_files=extra_files)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Output tensors that one plan merges from the same checkpoints (see :func:`stream_groups`).
+
+    Attributes:
+      plan: the method and its hyperparameters.
+      models: the checkpoints merged.
+      base: the base checkpoint, for methods that take one.
+      outputs: the output tensors' names (default: every tensor of the base, else of the
+        first model).
+      inputs: per model, ``{output name: the name of the tensor read for it}`` (default: the
+        same name), e.g. to renumber layers.
+      base_inputs: the same for the base.
+      positions: ``{output name: t}``, each tensor's position for layer gradients (default:
+        read from the names).
+      statistics: one statistics checkpoint per model (``fisher``, ``regmean``).
+      model_names: the models' names in error messages (default: their paths).
+    """
+
+    plan: MergePlan
+    models: tuple
+    base: Any = None
+    outputs: tuple | None = None
+    inputs: tuple | None = None
+    base_inputs: dict | None = None
+    positions: dict | None = None
+    statistics: tuple | None = None
+    model_names: tuple | None = None
+
+
+class _Planned:
+    """A group bound to its open readers: the spec of its output tensors and its leaf function."""
+
+    def __init__(self, group: Group, open_reader: Callable, options: StreamOptions):
+        readers = [open_reader(m) for m in group.models]
+        base_reader = None if group.base is None else open_reader(group.base)
+        reference = base_reader or readers[0]
+        names = list(group.model_names) if group.model_names is not None else [str(m) for m in group.models]
+        inputs = list(group.inputs) if group.inputs is not None else [{}] * len(readers)
+
+        def shapes(reader, renamed: dict) -> dict:
+            """The reader's tensors under the output names (all of them, when the group names none:
+            then a tensor that one model lacks or has extra is an error naming it)."""
+            outputs = reader.names if group.outputs is None else group.outputs
+            return {out: _abstract(reader, renamed.get(out, out), options.dtype) for out in outputs}
+
+        self.spec, _, _ = flatten_models([shapes(r, inputs[j]) for j, r in enumerate(readers)],
+                                         None if base_reader is None else shapes(base_reader, group.base_inputs or {}),
+                                         names=names)
+        self.names = [key[0] for key in self.spec.keys]
+        stores = None if group.statistics is None else [_StatisticsStore(open_reader(s), options.sharding)
+                                                         for s in group.statistics]
+        positions = None if group.positions is None else [group.positions[n] for n in self.names]
+        self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions)
+        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs)
+        renamed = (group.base_inputs if base_reader is not None else inputs[0]) or {}
+        self.stored = {n: reference.shape_dtype(renamed.get(n, n))[1] for n in self.names}  # not narrowed by JAX
+        self.reference = reference
+
+
+def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options: StreamOptions = StreamOptions(),
+                  extra_files: dict[str, str] | None = None) -> Path:
+    """Merge groups of tensors of checkpoints on disk into one output checkpoint, tensor by tensor.
+
+    Each :class:`Group` is merged as :func:`stream_merge` merges its models, under its own
+    output names: a merge config's slices (layers of other models, or stacked and repeated
+    layers) are groups. Every group is checked before the output is created; the first
+    group's reference (base, else first model) gives the output format and the non-weight
+    files copied into it.
+
+    Args:
+      groups: the groups, whose output names must not repeat.
+      output: the directory to create.
+      options: how to read and write (:class:`StreamOptions`).
+      extra_files: ``{file name: text}`` to write into the output too (replacing a copied file).
+
+    Returns:
+      The output path.
+
+    Raises:
+      CheckpointError, JaxmergeError: as :func:`stream_merge`, or an output name given by two
+        groups.
+    """
     output = Path(output).absolute()
-    readers = [open_checkpoint(m) for m in models]
-    base_reader = open_checkpoint(base) if base is not None else None
-    stat_readers = None if statistics is None else [open_checkpoint(s) for s in statistics]
-    reference = base_reader or readers[0]
+    opened: dict[Path, Any] = {}
+
+    def open_reader(path):
+        if Path(path) not in opened:
+            opened[Path(path)] = open_checkpoint(path)
+        return opened[Path(path)]
+
+    planned = [_Planned(group, open_reader, options) for group in groups]
+    names = [n for p in planned for n in p.names]
+    if len(set(names)) != len(names):
+        raise JaxmergeError(f"the output tensor {next(n for n in names if names.count(n) > 1)!r} comes from two slices")
+    reference = planned[0].reference
     output_format = options.output_format or reference.format
     if output_format not in FORMATS:
         raise JaxmergeError(f"output_format must be one of {FORMATS}, got {output_format!r}")
     if jax.process_count() > 1 and output_format != "orbax":
         raise JaxmergeError("a merge across several processes writes an Orbax checkpoint: pass output_format='orbax'")
-    inputs = [Path(m) for m in models] + [Path(p) for p in [base, *(statistics or [])] if p is not None]
-    _check_destination(output, inputs, options.force)
-    names = list(model_names) if model_names is not None else [str(m) for m in models]
-    source_spec, _, _ = flatten_models([abstract(r, options.dtype) for r in readers],
-                                       None if base_reader is None else abstract(base_reader, options.dtype),
-                                       names=names)
-    stores = None if stat_readers is None else [_StatisticsStore(r, options.sharding) for r in stat_readers]
-    leaf_fn = plan.leaf_fn(source_spec, stores, names)
-    tensors = [(key[0], leaf_spec(leaf).shape) for key, leaf in zip(source_spec.keys, source_spec.leaves)]
-    out_types = _out_types(reference, [name for name, _ in tensors], options)
+    _check_destination(output, list(opened), options.force)
+    out_types = {n: _out_type(p.stored[n], options) for p in planned for n in p.names}
+    shapes = {n: leaf_spec(leaf).shape for p in planned for n, leaf in zip(p.names, p.spec.leaves)}
 
     with staged(output) as staging:
         if output_format == "safetensors":
             staging.path.mkdir(parents=True)
-            staging.writer = SafetensorsWriter(staging.path, [(n, shape, out_types[n]) for n, shape in tensors],
+            staging.writer = SafetensorsWriter(staging.path, [(n, shapes[n], out_types[n]) for n in names],
                                                options.max_shard_size)
         else:
             staging.path.parent.mkdir(parents=True, exist_ok=True)
-            staging.writer = OrbaxWriter(staging.path, reference.treedef, reference.names)
-        run(source_spec, leaf_fn, CheckpointSource(source_spec, readers, base_reader, options),
-            WriterSink(staging.writer, tensors, out_types, options))
+            treedef = reference.treedef if names == reference.names else jax.tree.structure(dict.fromkeys(names, 0))
+            staging.writer = OrbaxWriter(staging.path, treedef, names)
+        total = sum(math.prod(shapes[n]) * out_types[n].itemsize for n in names)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr,
+                  disable=not options.progress or jax.process_index() != 0) as bar:
+            for p in planned:
+                run(p.spec, p.leaf_fn, p.source, WriterSink(staging.writer, p.names, out_types, bar, options.log))
+        staging.writer.close()
         if jax.process_index() == 0:
             for extra in reference.extra_files():
                 if not (staging.path / extra.name).exists():
@@ -399,10 +504,6 @@ def stream_merge(plan: MergePlan, models: Sequence[str | os.PathLike], output: s
     return output
 
 
-def _out_types(reference, names: list[str], options: StreamOptions) -> dict:
-    """Each tensor's written dtype: float tensors in ``out_dtype``, else ``dtype``, else as stored."""
-    out = {}
-    for name in names:
-        stored = reference.shape_dtype(name)[1]  # not narrowed by JAX
-        out[name] = np.dtype(options.out_dtype or options.dtype or stored) if is_float(stored) else stored
-    return out
+def _out_type(stored: np.dtype, options: StreamOptions) -> np.dtype:
+    """A tensor's written dtype: a float tensor in ``out_dtype``, else ``dtype``, else as stored."""
+    return np.dtype(options.out_dtype or options.dtype or stored) if is_float(stored) else stored

@@ -162,11 +162,13 @@ class Method:
                 raise TypeError(f"{p.name} {error} ({self.name})") from None
         return settings
 
-    def resolve(self, spec: TreeSpec, settings: Settings, model_names: Sequence[str], *, config: bool = False) -> dict:
+    def resolve(self, spec: TreeSpec, settings: Settings, model_names: Sequence[str], *, config: bool = False,
+                positions: Sequence[float] | None = None) -> dict:
         """Every hyperparameter checked and resolved against ``spec``: per-leaf lists for the
         model and leaf scopes, the checked value for options. With ``config``, errors name the
-        config keys and the parameters configs must set have no default."""
-        resolver = Resolver(spec)
+        config keys and the parameters configs must set have no default; ``positions`` are the
+        leaves' layer positions for gradients (default: read from their paths)."""
+        resolver = Resolver(spec, positions)
         hp = {}
         for p in self.params:
             value, name = settings.get(p.name), (p.key or p.name) if config else p.name
@@ -193,12 +195,13 @@ class Method:
                                 f"got {num_models}")
 
     def leaf_fn(self, spec: TreeSpec, settings: Settings, statistics: Sequence | None = None,
-                model_names: Sequence[str] | None = None, *, config: bool = False) -> LeafFn:
+                model_names: Sequence[str] | None = None, *, config: bool = False,
+                positions: Sequence[float] | None = None) -> LeafFn:
         """The leaf function of this method on ``spec``, after checking everything (see
-        :meth:`resolve` for ``config``)."""
+        :meth:`resolve` for ``config`` and ``positions``)."""
         self.check_models(spec.num_models, spec.has_base)
         names = model_names or [f"models[{j}]" for j in range(spec.num_models)]
-        hp = self.resolve(spec, settings, names, config=config)
+        hp = self.resolve(spec, settings, names, config=config, positions=positions)
         if self.statistics is None:
             return self.plan(spec, hp)
         if not isinstance(statistics, (list, tuple)) or len(statistics) != spec.num_models:
@@ -297,9 +300,10 @@ class MergePlan:
     settings: Settings
     config: bool = False
 
-    def leaf_fn(self, spec: TreeSpec, statistics: Sequence | None = None,
-                model_names: Sequence[str] | None = None) -> LeafFn:
-        return self.method.leaf_fn(spec, self.settings, statistics, model_names, config=self.config)
+    def leaf_fn(self, spec: TreeSpec, statistics: Sequence | None = None, model_names: Sequence[str] | None = None,
+                positions: Sequence[float] | None = None) -> LeafFn:
+        return self.method.leaf_fn(spec, self.settings, statistics, model_names, config=self.config,
+                                   positions=positions)
 
 
 def method(name_or_function) -> Method:
