@@ -30,8 +30,6 @@ a pytree-valued hyperparameter; use a callable there.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge._layers import LayerStack
 from jaxmerge._tree import TreeSpec, flatten_with_keys, path_str
 from jaxmerge.errors import JaxmergeError
 
-_NAME_WITH_INDEX = re.compile(r"(.*\D)_(\d+)")
 REQUIRED = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 """The default of a hyperparameter that has none: some level must set it."""
 
@@ -110,28 +108,12 @@ def checked(value, where: str, check: Range | None = None):
     return value
 
 
-def _stack_parts(path_keys: tuple[str, ...]) -> list[str]:
-    # Flat checkpoint names ('model.layers.3.mlp.up_proj.weight', 'params/Block_3/...') are split too.
-    return [part for key in path_keys for part in re.split(r"[./]", key)]
-
-
-def _numbered_parts(path_keys: tuple[str, ...]) -> list[tuple[tuple[str, ...], int]]:
-    """``(stack, index)`` for each numbered entry of a path: ``layers/3`` or ``Block_3``."""
-    parts = _stack_parts(path_keys)
-    found = []
-    for j, part in enumerate(parts):
-        if part.isdigit():
-            found.append((tuple(parts[:j]), int(part)))
-        elif match := _NAME_WITH_INDEX.fullmatch(part):
-            found.append((tuple(parts[:j]) + (match[1],), int(match[2])))
-    return found
-
-
 def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
     """Each leaf's position ``t`` in [0, 1] along the layer stack, as mergekit assigns it.
 
-    The layer stack is the numbered path entry with the most distinct indices
-    (``model.layers.<i>``, ``layers/<i>``, ``Block_<i>``, ``Dense_<i>``). A leaf in layer
+    The layer stack is the numbered path entry (``model.layers.<i>``, ``layers/<i>``,
+    ``Block_<i>``, ``Dense_<i>``) that the most leaves carry, ties going to the one with the
+    most distinct indices (:class:`jaxmerge._layers.LayerStack`). A leaf in layer
     ``i`` of ``L`` gets ``i / (L - 1)`` (1.0 when ``L == 1``). Leaves outside the stack
     (embeddings, the final norm, the head) get 0.0, as mergekit 0.1.5 plans its pre- and
     post-layer weights.
@@ -148,18 +130,7 @@ def layer_positions(keys: Sequence[tuple[str, ...]]) -> list[float]:
       >>> jaxmerge.layer_positions([("embed",), ("layers", "0", "w"), ("layers", "2", "w"), ("head",)])
       [0.0, 0.0, 1.0, 0.0]
     """
-    numbered = [_numbered_parts(k) for k in keys]
-    indices: dict[tuple[str, ...], set[int]] = defaultdict(set)
-    for entries in numbered:
-        for stack, index in entries:
-            indices[stack].add(index)
-    stack = max(indices, key=lambda s: len(indices[s])) if indices else None
-    num_layers = max(indices[stack]) + 1 if indices else 0
-    positions = []
-    for entries in numbered:
-        index = dict(entries).get(stack)
-        positions.append(0.0 if index is None else index / (num_layers - 1) if num_layers > 1 else 1.0)
-    return positions
+    return LayerStack(keys).positions()
 
 
 def gradient_value(anchors: Sequence[float], t: float) -> float:

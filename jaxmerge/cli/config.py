@@ -1,12 +1,16 @@
-"""mergekit-style YAML merge configs, turned into a :class:`~jaxmerge.merging.method.MergePlan`.
+"""mergekit-style YAML merge configs, read into slices of source models.
 
-A config names a ``merge_method``, the ``models`` (each with optional ``parameters``), an
-optional ``base_model``, global ``parameters``, and ``dtype``/``out_dtype``. Which
-parameters a method takes, their defaults and ranges, and whether it needs a base all
-come from the method's record (:mod:`jaxmerge.merging.method`); the values are resolved
-per tensor by the same resolver as the Python functions' (:mod:`jaxmerge._hyper`): the
-model's own setting, else the global one, else the default, with mergekit's fall-through
-when no filter matches.
+A config names a ``merge_method``, an optional ``base_model``, global ``parameters``,
+``dtype``/``out_dtype``, and either ``models`` (each with optional ``parameters``) or
+``slices``: output layer ranges, each with ``sources`` (``model``, ``layer_range``,
+``parameters``), an optional ``base_model`` and ``parameters``. As in mergekit, a ``models``
+config is one slice of whole models, with the base model added when it is not listed. Which
+parameters a method takes, their defaults and ranges, and whether it needs a base all come
+from the method's record (:mod:`jaxmerge.merging.method`); the values are resolved per
+tensor by the same resolver as the Python functions' (:mod:`jaxmerge._hyper`): the source's
+own setting, else the slice's, else the global one, else the default, with mergekit's
+fall-through when no filter matches. Keys and parameters that mergekit ignores (it reads
+configs leniently) are reported, then ignored.
 """
 
 from __future__ import annotations
@@ -14,30 +18,28 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import yaml
 
-from jaxmerge._hyper import Levels
 from jaxmerge.errors import ConfigError
 from jaxmerge.merging import methods
-from jaxmerge.merging.method import MergePlan, Method, Param
+from jaxmerge.merging.method import Method, Param
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
-IGNORED = {"tokenizer_source", "tokenizer", "chat_template", "name"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}
+NOT_APPLIED = {"tokenizer_source", "tokenizer", "chat_template"}  # read, reported, not applied yet
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 STATISTICS = "statistics"  # the per-model parameter naming a model's statistics checkpoint
 _TRUE, _FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
 
 
-def _coerce(param: Param, value):
+def coerce(param: Param, value):
     """A config value as mergekit's validation (pydantic's lax mode) reads it: numeric strings
     (YAML reads ``1e-6`` as a string) are numbers, and ``'true'``/``'no'``/``1``-style values of
     boolean options are booleans. Lists and ``{filter, value}`` entries are read inside."""
     if isinstance(value, list):
-        return [_coerce(param, v) for v in value]
+        return [coerce(param, v) for v in value]
     if isinstance(value, dict):
-        return {k: _coerce(param, v) if k == "value" else v for k, v in value.items()}
+        return {k: coerce(param, v) if k == "value" else v for k, v in value.items()}
     if param.kind is bool and (isinstance(value, int) or isinstance(value, str)) and not isinstance(value, bool):
         text = str(value).strip().lower()
         return True if text in _TRUE else False if text in _FALSE else value
@@ -53,36 +55,51 @@ def _coerce(param: Param, value):
 
 
 @dataclasses.dataclass
+class Source:
+    """One model of a slice: its layers ``[start, end)`` (None: all), its own parameters, its
+    statistics checkpoint (``fisher``, ``regmean``) and its name in messages."""
+
+    model: Path
+    label: str
+    layers: tuple[int, int] | None
+    parameters: dict
+    statistics: Path | None = None
+
+
+@dataclasses.dataclass
+class Slice:
+    """A range of output layers merged from ``sources``, with its base model and parameters."""
+
+    sources: list[Source]
+    base: Path | None
+    parameters: dict
+
+
+@dataclasses.dataclass
 class MergeConfig:
-    """A parsed config: the method, the model paths (relative paths resolved against the
-    working directory, then the config's directory), and the settings."""
+    """A parsed config (relative paths resolved against the working directory, then the
+    config's directory).
+
+    Attributes:
+      method: the merge method's record.
+      base: the global base model.
+      slices: the output slices (a ``models`` config is one slice of whole models).
+      sliced: whether the config gave ``slices`` (else ``models``).
+      global_settings: the global ``parameters``.
+      dtype, out_dtype: the compute and output dtypes (names), if given.
+      text: the config as written.
+      ignored: what mergekit would ignore in it, one line each.
+    """
 
     method: Method
     base: Path | None
-    models: list[Path]
-    model_labels: list[str]
-    model_settings: list[dict]
+    slices: list[Slice]
+    sliced: bool
     global_settings: dict
-    statistics: list[Path] | None
     dtype: str | None
     out_dtype: str | None
     text: str
-
-    def plan(self, seed: int) -> MergePlan:
-        """The merge plan, random methods drawing from ``jax.random.key(seed)``."""
-        settings = {}
-        for p in self.method.params:
-            given = [_coerce(p, s[p.key]) for s in [self.global_settings] if p.key in s]
-            if p.key is None:
-                settings[p.name] = jax.random.key(seed) if p.name == "key" else None
-            elif p.scope == "option":
-                settings[p.name] = given[0] if given else None
-            elif p.scope == "leaf":
-                settings[p.name] = Levels(shared=tuple(given))
-            else:
-                own = tuple(((_coerce(p, s[p.key]),) if p.key in s else ()) for s in self.model_settings)
-                settings[p.name] = Levels(shared=tuple(given), per_model=own)
-        return MergePlan(self.method, settings, config=True)
+    ignored: list[str]
 
 
 def _resolve(path: str, config_dir: Path, where: str) -> Path:
@@ -110,67 +127,114 @@ def _read(path: Path) -> tuple[dict, str]:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config is a mapping with merge_method and models")
-    for key in raw:
-        if key in ("slices", "modules"):
-            raise ConfigError(f"{path}: {key!r} configs are not supported; list whole models under 'models'")
-        if key not in TOP_LEVEL | IGNORED:
-            raise ConfigError(f"{path}: unknown config key {key!r}")
+        raise ConfigError(f"{path}: a config is a mapping with merge_method and models or slices")
+    if "modules" in raw:
+        raise ConfigError(f"{path}: 'modules' configs (models of several modules) are not supported")
+    if sum(key in raw for key in ("models", "slices")) != 1:
+        raise ConfigError(f"{path}: give exactly one of 'models' and 'slices'")
     return raw, text
 
 
+class _Reader:
+    """Reads the parts of one config, resolving paths and collecting what mergekit ignores."""
+
+    def __init__(self, path: Path, method: Method):
+        self.path, self.method, self.ignored = path, method, []
+
+    def model(self, value, where: str) -> Path:
+        return _resolve(str(value), self.path.parent, where)
+
+    def parameters(self, parameters, where: str, per_model: bool) -> dict:
+        """The parameters a method takes at this level; the others are reported and ignored."""
+        if parameters is None:
+            return {}
+        if not isinstance(parameters, dict):
+            raise ConfigError(f"{self.path}: {where} must be a mapping")
+        known = {p.key for p in self.method.params if p.key is not None and (p.scope == "model" or not per_model)}
+        known |= {STATISTICS} if self.method.statistics and per_model else set()
+        for name in sorted(set(parameters) - known):
+            self.ignored.append(f"{where} has the parameter {name!r}, which merge_method {self.method.name!r} does "
+                                f"not take (it takes {', '.join(sorted(known)) or 'none'}): ignored")
+        return {name: value for name, value in parameters.items() if name in known}
+
+    def source(self, entry, where: str, layers: bool) -> Source:
+        entry = {"model": entry} if isinstance(entry, str) and not layers else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{self.path}: {where} needs a 'model' key")
+        layer_range = None
+        if layers:
+            layer_range = entry.get("layer_range")
+            if (not isinstance(layer_range, list) or len(layer_range) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+                    or not 0 <= layer_range[0] <= layer_range[1]):
+                raise ConfigError(f"{self.path}: {where}.layer_range must be [start, end] with 0 <= start <= end, "
+                                  f"got {layer_range!r}")
+            layer_range = tuple(layer_range)
+        parameters = self.parameters(entry.get("parameters"), f"{where}.parameters", per_model=True)
+        statistics = None
+        if self.method.statistics:
+            if STATISTICS not in parameters:
+                raise ConfigError(f"{self.path}: {where} needs a 'statistics' parameter naming its statistics "
+                                  f"checkpoint ({self.method.name} merges by them)")
+            statistics = self.model(parameters.pop(STATISTICS), f"{where}.statistics")
+        return Source(self.model(entry["model"], where), f"{where} ({entry['model']})", layer_range, parameters,
+                      statistics)
+
+
 def load_config(path: str | Path) -> MergeConfig:
-    """Read and check a YAML config (one-line :class:`~jaxmerge.errors.ConfigError` naming the key otherwise)."""
+    """Read and check a YAML config.
+
+    Raises:
+      ConfigError: one line naming the key or the path at fault.
+    """
     path = Path(path)
     raw, text = _read(path)
     registry = methods()
     if raw.get("merge_method") not in registry:
         raise ConfigError(f"{path}: unknown merge_method {raw.get('merge_method')!r}; one of {', '.join(registry)}")
     method = registry[raw["merge_method"]]
-    entries = raw.get("models")
+    reader = _Reader(path, method)
+    reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw
+                       if key not in TOP_LEVEL | NOT_APPLIED]
+    reader.ignored += [f"{key!r} is not applied: the base (or first) model's tokenizer files are copied"
+                       for key in raw if key in NOT_APPLIED]
+    base = reader.model(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
+    if "models" in raw:
+        slices = [_models_slice(reader, raw["models"], base)]
+    else:
+        slices = _slices(reader, raw["slices"])
+    if method.statistics and "slices" in raw:
+        raise ConfigError(f"{path}: {method.name} merges whole models by their statistics; use 'models', not 'slices'")
+    return MergeConfig(method, base, slices, "slices" in raw,
+                       reader.parameters(raw.get("parameters"), "parameters", per_model=False),
+                       _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), text,
+                       reader.ignored)
+
+
+def _models_slice(reader: _Reader, entries, base: Path | None) -> Slice:
+    """A ``models`` config as one slice of whole models, the base added unless listed (as in mergekit)."""
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: 'models' must be a non-empty list of {{model: path, parameters: ...}}")
-    base = raw.get("base_model")
-    base_path = _resolve(str(base), path.parent, "base_model") if base is not None else None
-    models, labels, settings, statistics = [], [], [], []
+        raise ConfigError(f"{reader.path}: 'models' must be a non-empty list of {{model: path, parameters: ...}}")
+    sources = [reader.source(entry, f"models[{i}]", layers=False) for i, entry in enumerate(entries)]
+    if base is not None and all(s.model.resolve() != base.resolve() for s in sources):
+        sources.append(Source(base, f"base_model ({base})", None, {}))
+    return Slice(sources, None, {})
+
+
+def _slices(reader: _Reader, entries) -> list[Slice]:
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{reader.path}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    slices = []
     for i, entry in enumerate(entries):
-        entry = {"model": entry} if isinstance(entry, str) else entry
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{path}: models[{i}] needs a 'model' key")
-        model_path = _resolve(str(entry["model"]), path.parent, f"models[{i}]")
-        parameters = dict(entry.get("parameters") or {})
-        _check_names(parameters, method, f"models[{i}].parameters", path, per_model=True)
-        if base_path is not None and model_path.resolve() == base_path.resolve() and method.base != "none":
-            continue  # the base is not one of the merged task vectors, as in mergekit
-        if method.statistics:
-            if STATISTICS not in parameters:
-                raise ConfigError(f"{path}: models[{i}] needs a 'statistics' parameter naming its statistics "
-                                  f"checkpoint ({method.name} merges by them)")
-            statistics.append(_resolve(str(parameters.pop(STATISTICS)), path.parent, f"models[{i}].statistics"))
-        models.append(model_path)
-        labels.append(f"models[{i}] ({entry['model']})")
-        settings.append(parameters)
-    global_settings = raw.get("parameters") or {}
-    _check_names(global_settings, method, "parameters", path, per_model=False)
-    _check_base(method, base_path, len(models), path)
-    return MergeConfig(method, None if method.base == "none" else base_path, models, labels, settings,
-                       global_settings, statistics if method.statistics else None, _dtype(raw.get("dtype"), "dtype"),
-                       _dtype(raw.get("out_dtype"), "out_dtype"), text)
-
-
-def _check_base(method: Method, base_path: Path | None, count: int, path: Path) -> None:
-    if method.base in ("required", "pair") and base_path is None:
-        raise ConfigError(f"{path}: merge_method {method.name!r} needs a base_model")
-    if method.base == "pair" and count != 1:
-        raise ConfigError(f"{path}: {method.name} merges the base_model with exactly one other model, got {count}")
-
-
-def _check_names(parameters, method: Method, where: str, path: Path, per_model: bool) -> None:
-    if not isinstance(parameters, dict):
-        raise ConfigError(f"{path}: {where} must be a mapping")
-    known = {p.key for p in method.params if p.key is not None and (p.scope == "model" or not per_model)}
-    known |= {STATISTICS} if method.statistics and per_model else set()
-    for name in parameters:
-        if name not in known:
-            raise ConfigError(f"{path}: {where} has the parameter {name!r}, which merge_method {method.name!r} does "
-                              f"not take (it takes {', '.join(sorted(known)) or 'none'})")
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise ConfigError(f"{reader.path}: {where} needs a non-empty 'sources' list")
+        sources = [reader.source(s, f"{where}.sources[{j}]", layers=True) for j, s in enumerate(entry["sources"])]
+        lengths = {s.layers[1] - s.layers[0] for s in sources}
+        if len(lengths) > 1:
+            raise ConfigError(f"{reader.path}: the sources of {where} must hold the same number of layers, got "
+                              f"{', '.join(str(s.layers[1] - s.layers[0]) for s in sources)}")
+        base = reader.model(entry["base_model"], f"{where}.base_model") if entry.get("base_model") else None
+        slices.append(Slice(sources, base, reader.parameters(entry.get("parameters"), f"{where}.parameters",
+                                                             per_model=False)))
+    return slices

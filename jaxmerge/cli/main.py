@@ -86,8 +86,12 @@ def parse_mesh(text: str):
 
 
 def _merge(args) -> None:
-    from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_merge
+    from pathlib import Path
+
+    from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_groups
+    from jaxmerge.cli.card import model_card
     from jaxmerge.cli.config import load_config
+    from jaxmerge.cli.slices import output_config, plan_groups
 
     if args.distributed:
         import jax
@@ -95,16 +99,17 @@ def _merge(args) -> None:
         jax.distributed.initialize()
     sharding = largest_axes_sharding(parse_mesh(args.mesh)) if args.mesh else None
     config = load_config(args.config)
-    pair = config.method.base == "pair"
-    models, labels = ([config.base, *config.models], ["base_model", *config.model_labels]) if pair else \
-        (config.models, config.model_labels)
+    for line in config.ignored:
+        print(f"jaxmerge: warning: {line}", file=sys.stderr)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
                             sharding=sharding, log=log)
-    output = stream_merge(config.plan(args.random_seed), models, args.output, base=None if pair else config.base,
-                          statistics=config.statistics, options=options, model_names=labels,
-                          extra_files={"jaxmerge_config.yml": config.text})
+    extra_files = {"jaxmerge_config.yml": config.text, "README.md": model_card(config, Path(args.output).name)}
+    if (model_config := output_config(config, config.out_dtype or config.dtype)) is not None:
+        extra_files["config.json"] = model_config
+    output = stream_groups(plan_groups(config, args.random_seed), args.output, options=options,
+                           extra_files=extra_files)
     print(f"wrote {output}")
 
 

@@ -53,8 +53,10 @@ def test_linear_config(tmp_path, models, capsys):
     assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
     _check_output(tmp_path / "out", jaxmerge.average(tunes, [0.3, 0.7]))
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["config.json", "generation_config.json", "jaxmerge_config.yml", "model.safetensors",
-                     "tokenizer.json"]
+    assert files == ["README.md", "config.json", "generation_config.json", "jaxmerge_config.yml",
+                     "model.safetensors", "tokenizer.json"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "jaxmerge's `linear` method" in card and "- `tune0`" in card and "weight: 0.3" in card
     assert "wrote" in capsys.readouterr().out
 
 
@@ -91,6 +93,19 @@ def test_slerp_dare_and_orbax_output(tmp_path, models):
     _check_output(tmp_path / "dare", jaxmerge.dare_ties(base, tunes, density=0.5, key=jax.random.key(7)))
 
 
+def test_what_mergekit_ignores_is_reported_then_ignored(tmp_path, models, capsys):
+    base, tunes = models
+    config = _config(tmp_path, merge_method="linear", modules_of_mine=3,
+                     models=[{"model": "tune0", "parameters": {"weight": 1.0, "wieght": 2.0}}, {"model": "tune1"}],
+                     parameters={"weight": 1.0, "t": 0.5})
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "jaxmerge: warning: the config key 'modules_of_mine' is not read: ignored" in err
+    assert "models[0].parameters has the parameter 'wieght', which merge_method 'linear' does not take" in err
+    assert "parameters has the parameter 't'" in err
+    _check_output(tmp_path / "out", jaxmerge.average(tunes))
+
+
 def test_values_read_as_mergekit_validates_them(tmp_path, models):
     """YAML reads 5e-1 as a string and mergekit's validation makes it a number; 'yes' and 1 are
     booleans for a boolean parameter."""
@@ -121,10 +136,8 @@ def test_inspect(tmp_path, models, capsys):
 @pytest.mark.parametrize("content,message", [
     (dict(merge_method="tiez", models=["tune0"]), "unknown merge_method 'tiez'"),
     (dict(merge_method="linear", models=[{"model": "nowhere"}]), "models[0]: path 'nowhere' does not exist"),
-    (dict(merge_method="linear", modles=[]), "unknown config key 'modles'"),
+    (dict(merge_method="linear", modles=[]), "give exactly one of 'models' and 'slices'"),
     (dict(merge_method="ties", models=["tune0"]), "merge_method 'ties' needs a base_model"),
-    (dict(merge_method="linear", models=[{"model": "tune0", "parameters": {"wieght": 1}}]),
-     "models[0].parameters has the parameter 'wieght'"),
     (dict(merge_method="linear", models=["tune0", "tune1"]), "weight of models[0] (tune0) is required but not given"),
     (dict(merge_method="ties", base_model="base", models=[{"model": "tune0", "parameters": {"weight": 1, "density": 2}}]),
      "density of models[0] (tune0) must be in (0, 1], got 2"),

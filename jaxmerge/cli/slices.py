@@ -1,0 +1,154 @@
+"""A merge config's slices as groups of output tensors for the streamed driver, as mergekit plans them.
+
+A ``models`` config is merged as one group, tensor name for tensor name. A ``slices`` config
+gives, in order: the tensors before the layer stack (embeddings) from the first slice's
+sources, each slice's layers renumbered after the previous slice's, and the tensors after
+the stack (final norm, head) from the last slice's sources. Layer gradients are evaluated
+within each slice (its layer ``i`` of ``n`` at ``i / (n - 1)``, 1 when ``n == 1``), the
+tensors outside the stack at 0, as mergekit 0.1.5 does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+from jaxmerge._hyper import Levels
+from jaxmerge._layers import LayerStack
+from jaxmerge.checkpoints.stream import Group, open_checkpoint
+from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
+from jaxmerge.errors import ConfigError
+from jaxmerge.merging.method import MergePlan
+
+_EMBEDDING_NAMES = ("embed", "wte", "wpe")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def merge_plan(config: MergeConfig, slice_: Slice, sources: list[Source], seed: int) -> MergePlan:
+    """The method with its settings for ``sources`` of ``slice_``: a source's own parameters, then the
+    slice's, then the global ones (mergekit's precedence); random methods draw from ``seed``."""
+    settings = {}
+    for p in config.method.params:
+        given = [coerce(p, level[p.key]) for level in (slice_.parameters, config.global_settings) if p.key in level]
+        if p.key is None:
+            settings[p.name] = jax.random.key(seed) if p.name == "key" else None
+        elif p.scope == "option":
+            settings[p.name] = given[0] if given else None
+        elif p.scope == "leaf":
+            settings[p.name] = Levels(shared=tuple(given))
+        else:
+            own = tuple(((coerce(p, s.parameters[p.key]),) if p.key in s.parameters else ()) for s in sources)
+            settings[p.name] = Levels(shared=tuple(given), per_model=own)
+    return MergePlan(config.method, settings, config=True)
+
+
+def _roles(config: MergeConfig, slice_: Slice, where: str) -> tuple[list[Source], Source | None]:
+    """``(merged sources, base source)`` of a slice by the method's base policy (for a ``'pair'``
+    method the base is the first merged source, ``t = 0``)."""
+    policy, base = config.method.base, slice_.base or config.base
+    if policy == "none":
+        return slice_.sources, None
+    if base is None:
+        if policy in ("required", "pair"):
+            raise ConfigError(f"merge_method {config.method.name!r} needs a base_model")
+        return slice_.sources, None
+    found = [s for s in slice_.sources if s.model.resolve() == base.resolve()]
+    if not found:
+        raise ConfigError(f"{where}: the base_model {base} is not one of its sources")
+    others = [s for s in slice_.sources if s is not found[0]]
+    return ([found[0], *others], None) if policy == "pair" else (others, found[0])
+
+
+def _paths(sources: list[Source]) -> tuple:
+    return tuple(s.model for s in sources)
+
+
+def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
+    """The groups of output tensors of ``config``, each with its merge plan.
+
+    Raises:
+      ConfigError: a slice without its base model among its sources, or a method given the
+        wrong number of models (naming the slice); CheckpointError: unreadable models.
+    """
+    if not config.sliced:
+        slice_ = config.slices[0]
+        models, base = _roles(config, slice_, "models")
+        reference = open_checkpoint((base or models[0]).model)
+        stack = LayerStack([(n,) for n in reference.names])
+        statistics = tuple(s.statistics for s in models) if config.method.statistics else None
+        return [Group(merge_plan(config, slice_, models, seed), _paths(models), base=base and base.model,
+                      positions=dict(zip(reference.names, stack.positions())), statistics=statistics,
+                      model_names=tuple(s.label for s in models))]
+    layouts = {}
+
+    def layout(source: Source) -> tuple[list[str], LayerStack]:
+        if source.model not in layouts:
+            names = open_checkpoint(source.model).names
+            layouts[source.model] = names, LayerStack([(n,) for n in names])
+        return layouts[source.model]
+
+    groups, offset = [], 0
+    for i, slice_ in enumerate(config.slices):
+        models, base = _roles(config, slice_, f"slices[{i}]")
+        plan = merge_plan(config, slice_, models, seed)
+        sources = models + ([base] if base else [])
+        names, stack = layout(sources[0])
+        if i == 0:
+            groups.append(_outside(plan, models, base, names, stack, before=True))
+        count = sources[0].layers[1] - sources[0].layers[0]
+        for source in sources:
+            if source.layers[1] > layout(source)[1].num_layers:
+                raise ConfigError(f"{source.label}: layer_range {list(source.layers)} goes beyond its "
+                                  f"{layout(source)[1].num_layers} layers")
+        outputs, inputs, base_inputs, positions = [], [{} for _ in models], {}, {}
+        for step in range(count):
+            template = sources[0].layers[0] + step
+            for k, name in enumerate(names):
+                if stack.indices[k] != template:
+                    continue
+                out = stack.renumbered(k, name, offset + step)
+                outputs.append(out)
+                positions[out] = step / (count - 1) if count > 1 else 1.0
+                for j, source in enumerate(models):
+                    inputs[j][out] = stack.renumbered(k, name, source.layers[0] + step)
+                if base is not None:
+                    base_inputs[out] = stack.renumbered(k, name, base.layers[0] + step)
+        groups.append(Group(plan, _paths(models), base=base and base.model, outputs=tuple(outputs),
+                            inputs=tuple(inputs), base_inputs=base_inputs, positions=positions,
+                            model_names=tuple(s.label for s in models)))
+        offset += count
+        if i == len(config.slices) - 1:
+            groups.append(_outside(plan, models, base, names, stack, before=False))
+    return [g for g in groups if g.outputs != ()]
+
+
+def _outside(plan: MergePlan, models: list[Source], base: Source | None, names: list[str], stack: LayerStack, *,
+             before: bool) -> Group:
+    """The group of the tensors outside the layer stack: those before it (embeddings) or after it."""
+    outputs = tuple(n for k, n in enumerate(names)
+                    if stack.indices[k] is None and any(e in n.lower() for e in _EMBEDDING_NAMES) == before)
+    return Group(plan, _paths(models), base=base and base.model, outputs=outputs, positions=dict.fromkeys(outputs, 0.0),
+                 model_names=tuple(s.label for s in models))
+
+
+def output_config(config: MergeConfig, out_dtype: str | None) -> str | None:
+    """The merged model's ``config.json``: the base's (else the first model's) with its dtype set
+    to the written one and, for slices, its layer count to the output's; None without one."""
+    reference = config.base or config.slices[0].sources[0].model
+    path = Path(reference) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if out_dtype is not None:
+        values["torch_dtype"] = out_dtype
+        if "dtype" in values:
+            values["dtype"] = out_dtype
+    if config.sliced:
+        key = next((k for k in _LAYER_COUNT_KEYS if k in values), "num_hidden_layers")
+        values[key] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in config.slices)
+    return json.dumps(values, indent=2) + "\n"
