@@ -1,0 +1,124 @@
+"""mergekit's ``slices`` configs: layers of several models stacked, renumbered and merged per slice,
+checked against the in-memory functions on the same layers."""
+
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+import jaxmerge
+from jaxmerge import checkpoints
+from jaxmerge.cli.main import main
+from tests.checkpoints.hf import llama_tensors, write_model
+
+LAYERS = 4
+
+
+@pytest.fixture
+def family(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = llama_tensors(0, layers=LAYERS)
+    tunes = [llama_tensors(40 + i, layers=LAYERS, scale=0.05, around=base) for i in range(3)]
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": LAYERS, "torch_dtype": "float32"}
+    for name, tensors in [("base", base), *((f"m{i}", t) for i, t in enumerate(tunes))]:
+        write_model(tmp_path / name, tensors, config=config)
+    return {"base": base, **{f"m{i}": t for i, t in enumerate(tunes)}}
+
+
+def _merge(tmp_path, **config) -> int:
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return main(["merge", str(path), str(tmp_path / "out"), "--no-progress"])
+
+
+def _layers(tensors: dict, start: int, end: int, offset: int = 0) -> dict:
+    """Layers ``[start, end)`` of ``tensors`` renumbered from ``offset``, with the tensors outside the stack."""
+    out = {}
+    for name, value in tensors.items():
+        match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if match is None:
+            out[name] = value
+        elif start <= int(match[1]) < end:
+            out[f"model.layers.{int(match[1]) - start + offset}.{match[2]}"] = value
+    return out
+
+
+def test_a_passthrough_frankenmerge_stacks_and_renumbers_layers(tmp_path, family):
+    slices = [{"sources": [{"model": "m0", "layer_range": [0, 3]}]},
+              {"sources": [{"model": "m1", "layer_range": [1, 4]}]},
+              {"sources": [{"model": "m2", "layer_range": [2, 3], "parameters": {"scale": 0.5}}]}]
+    assert _merge(tmp_path, merge_method="passthrough", slices=slices, out_dtype="bfloat16") == 0
+    out = checkpoints.load(tmp_path / "out")
+    expected = {**_layers(family["m0"], 0, 3), **_layers(family["m1"], 1, 4, offset=3),
+                **{n: v * 0.5 for n, v in _layers(family["m2"], 2, 3, offset=6).items()}}  # scaled, with what follows
+    expected["model.embed_tokens.weight"] = family["m0"]["model.embed_tokens.weight"]  # before: the first slice's
+    assert sorted(out) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(out[name], value.astype(jnp.bfloat16), err_msg=name)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 7 and written["torch_dtype"] == "bfloat16"
+
+
+def test_gradients_run_over_each_slice(tmp_path, family):
+    t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": [1, 0.2]}]
+    slices = [{"sources": [{"model": "m0", "layer_range": [1, 3]}, {"model": "m1", "layer_range": [2, 4]}]},
+              {"sources": [{"model": "m0", "layer_range": [0, 3]}, {"model": "m1", "layer_range": [0, 3]}],
+               "parameters": {"t": 0.25}}]
+    assert _merge(tmp_path, merge_method="slerp", base_model="m0", slices=slices, parameters={"t": t}) == 0
+    out = checkpoints.load(tmp_path / "out")
+    first = jaxmerge.slerp(_layers(family["m0"], 1, 3), _layers(family["m1"], 2, 4), t)
+    second = jaxmerge.slerp(_layers(family["m0"], 0, 3, offset=2), _layers(family["m1"], 0, 3, offset=2), 0.25)
+    assert len([n for n in out if n.startswith("model.layers.")]) == 5 * 9
+    for name, value in out.items():
+        expected = first[name] if name in first and ("layers.0." in name or "layers.1." in name or "layers" not in name)\
+            else second[name]
+        if name in ("model.norm.weight", "lm_head.weight"):
+            expected = second[name]  # after the stack: the last slice, with its parameters
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_per_slice_base_models_and_parameters(tmp_path, family):
+    slices = [{"sources": [{"model": "base", "layer_range": [0, 2]},
+                           {"model": "m0", "layer_range": [0, 2], "parameters": {"weight": 1.0, "density": 0.5}},
+                           {"model": "m1", "layer_range": [0, 2], "parameters": {"weight": 0.5}}],
+               "parameters": {"lambda": 0.8}},
+              {"sources": [{"model": "m2", "layer_range": [2, 4], "parameters": {"weight": 1.0}},
+                           {"model": "m1", "layer_range": [2, 4], "parameters": {"weight": 1.0}}],
+               "base_model": "m1"}]
+    assert _merge(tmp_path, merge_method="ties", base_model="base", slices=slices,
+                  parameters={"density": 0.7}) == 0
+    out = checkpoints.load(tmp_path / "out")
+    first = jaxmerge.ties(_layers(family["base"], 0, 2), [_layers(family["m0"], 0, 2), _layers(family["m1"], 0, 2)],
+                          [1.0, 0.5], density=jaxmerge.per_model(0.5, 0.7), lambda_=0.8)
+    second = jaxmerge.ties(_layers(family["m1"], 2, 4, offset=2), [_layers(family["m2"], 2, 4, offset=2)],
+                           density=0.7)
+    for name, value in out.items():
+        index = re.match(r"model\.layers\.(\d+)\.", name)
+        expected = (first if index is not None and int(index[1]) < 2 or "embed" in name else second)[name]
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("config,message", [
+    (dict(merge_method="slerp", base_model="base", parameters={"t": 0.5},
+          slices=[{"sources": [{"model": "m0", "layer_range": [0, 4]}, {"model": "m1", "layer_range": [0, 4]}]}]),
+     "slices[0]: the base_model base is not one of its sources"),
+    (dict(merge_method="passthrough", slices=[{"sources": [{"model": "m0", "layer_range": [2, 6]}]}]),
+     "slices[0].sources[0] (m0): layer_range [2, 6] goes beyond its 4 layers"),
+    (dict(merge_method="linear", slices=[{"sources": [{"model": "m0", "layer_range": [0, 2]},
+                                                      {"model": "m1", "layer_range": [0, 3]}]}]),
+     "the sources of slices[0] must hold the same number of layers, got 2, 3"),
+    (dict(merge_method="passthrough", slices=[{"sources": [{"model": "m0", "layer_range": [0]}]}]),
+     "slices[0].sources[0].layer_range must be [start, end]"),
+    (dict(merge_method="passthrough", models=["m0"], slices=[]), "give exactly one of 'models' and 'slices'"),
+    (dict(merge_method="fisher", slices=[{"sources": [{"model": "m0", "layer_range": [0, 4],
+                                                       "parameters": {"statistics": "m0"}}]}]),
+     "fisher merges whole models by their statistics; use 'models', not 'slices'"),
+])
+def test_bad_slices_are_refused(tmp_path, family, capsys, config, message):
+    assert _merge(tmp_path, **config) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
