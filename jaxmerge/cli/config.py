@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from jaxmerge.cli.hub import cache_dir, cached_model
 from jaxmerge.errors import ConfigError
 from jaxmerge.merging import methods
 from jaxmerge.merging.method import Method, Param
@@ -103,11 +104,15 @@ class MergeConfig:
 
 
 def _resolve(path: str, config_dir: Path, where: str) -> Path:
+    """A model's directory: the path, else relative to the config, else a Hugging Face id in the local cache."""
     candidate = Path(path).expanduser()
     for option in (candidate, config_dir / candidate):
         if option.exists():
             return option
-    raise ConfigError(f"{where}: path {path!r} does not exist")
+    if (cached := cached_model(path)) is not None:
+        return cached
+    raise ConfigError(f"{where}: path {path!r} does not exist, and no model of that id is in the Hugging Face "
+                      f"cache ({cache_dir()}); jaxmerge downloads nothing")
 
 
 def _dtype(value, key: str) -> str | None:

@@ -122,3 +122,19 @@ def test_bad_slices_are_refused(tmp_path, family, capsys, config, message):
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_model_ids_are_found_in_the_hugging_face_cache(tmp_path, family, monkeypatch):
+    cache = tmp_path / "hub"
+    for name, commit in (("m0", "a1b2"), ("m1", "c3d4")):
+        snapshot = cache / f"models--org--{name}" / "snapshots" / commit
+        write_model(snapshot, family[name])
+        (cache / f"models--org--{name}" / "refs").mkdir()
+        (cache / f"models--org--{name}" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert _merge(tmp_path, merge_method="linear", models=[{"model": "org/m0", "parameters": {"weight": 1.0}},
+                                                           {"model": "org/m1@c3d4", "parameters": {"weight": 3.0}}]) == 0
+    out = checkpoints.load(tmp_path / "out")
+    np.testing.assert_allclose(out["lm_head.weight"], (family["m0"]["lm_head.weight"]
+                                                       + 3 * family["m1"]["lm_head.weight"]) / 4, rtol=1e-6)
+    assert _merge(tmp_path, merge_method="linear", models=[{"model": "org/absent", "parameters": {"weight": 1.0}}]) == 2

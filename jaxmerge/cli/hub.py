@@ -1,0 +1,43 @@
+"""Hugging Face model ids (``org/name``, ``org/name@revision``) found in the local Hugging Face cache.
+
+jaxmerge downloads nothing: a model id that is not a local path is looked up in the cache
+that ``huggingface_hub`` fills (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``), laid out as ``models--org--name/snapshots/<commit>/`` with
+``refs/<branch>`` holding the commit of a branch (``main`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_MODEL_ID = re.compile(r"^(?P<repo>[\w.-]+(/[\w.-]+)?)(@(?P<revision>[\w./-]+))?$")
+
+
+def cache_dir() -> Path:
+    """The Hugging Face hub cache directory this process would use."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = Path(os.environ.get("HF_HOME", Path("~/.cache/huggingface"))).expanduser()
+    return home / "hub"
+
+
+def cached_model(model_id: str) -> Path | None:
+    """The cached snapshot directory of ``model_id`` (``org/name[@revision]``), or None.
+
+    The revision is a branch or tag (read from ``refs/``) or a commit hash; ``main`` by default.
+
+    Examples:
+      >>> cached_model("no-such-org/no-such-model") is None
+      True
+    """
+    match = _MODEL_ID.fullmatch(model_id)
+    if match is None:
+        return None
+    repo = cache_dir() / f"models--{match['repo'].replace('/', '--')}"
+    revision = match["revision"] or "main"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    return snapshot if snapshot.is_dir() and (repo / "snapshots") in snapshot.parents else None
