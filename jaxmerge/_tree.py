@@ -175,6 +175,30 @@ def keep_sharding(out, reference):
     return out
 
 
+def compute_dtype(dtype, exact: bool = False):
+    """The dtype a merge computes a leaf of ``dtype`` in: float32 (float64 for float64), or,
+    ``exact``, the leaf's own dtype, rounding after each operation where mergekit's torch code
+    does (how ``jaxmerge merge`` gives mergekit's numbers for 16-bit models)."""
+    return jnp.dtype(dtype) if exact else acc_dtype(dtype)
+
+
+def total(xs: Sequence[jax.Array], dtype) -> jax.Array:
+    """``sum(xs)`` accumulated in float32 (float64 for float64) and cast to ``dtype``, as a torch
+    ``sum`` over a stacked 16-bit tensor is."""
+    acc = acc_dtype(dtype)
+    out = xs[0].astype(acc)
+    for x in xs[1:]:
+        out = out + x.astype(acc)
+    return out.astype(dtype)
+
+
+def scaled(x: jax.Array, factor) -> jax.Array:
+    """``x * factor`` computed in float32 (or float64) and cast back: a tensor times a Python
+    number, as torch computes it for 16-bit tensors."""
+    acc = acc_dtype(x.dtype)
+    return (x.astype(acc) * jnp.asarray(factor).astype(acc)).astype(x.dtype)
+
+
 def weighted_sum(leaves: Sequence[jax.Array], weights: jax.Array, dtype) -> jax.Array:
     """``sum_i weights[i] * leaves[i]`` accumulated in ``dtype`` (one fused pass under jit)."""
     weights = weights.astype(dtype)

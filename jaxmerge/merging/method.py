@@ -165,8 +165,10 @@ class Method:
     def resolve(self, spec: TreeSpec, settings: Settings, model_names: Sequence[str], *, config: bool = False,
                 positions: Sequence[float] | None = None) -> dict:
         """Every hyperparameter checked and resolved against ``spec``: per-leaf lists for the
-        model and leaf scopes, the checked value for options. With ``config``, errors name the
-        config keys and the parameters configs must set have no default; ``positions`` are the
+        model and leaf scopes, the checked value for options, and ``'exact'``, whether to compute
+        as mergekit does in the models' dtype (:func:`~jaxmerge._tree.compute_dtype`). With
+        ``config`` (a merge config's plan), errors name the config keys, the parameters configs
+        must set have no default, and the arithmetic is mergekit's; ``positions`` are the
         leaves' layer positions for gradients (default: read from their paths)."""
         resolver = Resolver(spec, positions)
         hp = {}
@@ -182,6 +184,7 @@ class Method:
                 hp[p.name] = resolver.leafwise(levels.shared, name, default, p.check)
             else:
                 hp[p.name] = resolver.per_model(levels, name, model_names, default, p.check)
+        hp["exact"] = config
         return hp
 
     def check_models(self, num_models: int, has_base: bool) -> None:

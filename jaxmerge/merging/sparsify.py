@@ -27,6 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxmerge._sharding import explicit_sharding, like, local_then_sum, reshard
+from jaxmerge._tree import acc_dtype
 from jaxmerge.errors import JaxmergeError
 
 _DIGIT_BITS = 11
@@ -483,11 +484,15 @@ RESCALE_NORMS = (None, "l1", "l2", "linf", "density")
 
 
 def _norm(x: jax.Array, norm: str) -> jax.Array:
+    """The norm of ``x``, accumulated in float32 (float64) and cast to its dtype (as torch's are)."""
+    wide = x.astype(acc_dtype(x.dtype))
     if norm == "l1":
-        return jnp.sum(jnp.abs(x))
-    if norm == "l2":
-        return jnp.sqrt(jnp.sum(jnp.square(x)))
-    return jnp.max(jnp.abs(x))
+        value = jnp.sum(jnp.abs(wide))
+    elif norm == "l2":
+        value = jnp.sqrt(jnp.sum(jnp.square(wide)))
+    else:
+        value = jnp.max(jnp.abs(wide))
+    return value.astype(x.dtype)
 
 
 def rescale(x: jax.Array, mask: jax.Array, norm: str | None, keep_probability=None,

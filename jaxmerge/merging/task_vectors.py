@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, scaled, total
 from jaxmerge.merging import sparsify
 from jaxmerge.merging.method import LAMBDA, WEIGHTS, Param, merge_method
 from jaxmerge.merging.sparsify import Sparsifier
@@ -55,21 +55,22 @@ def leaf_key(key: jax.Array, path: str) -> jax.Array:
 
 def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
     """Per entry +1 or -1: the sign of ``sum(weighted)`` (``'sum'``) or of the sum of signs
-    (``'count'``); zero counts as +1 (TIES, arXiv 2306.01708)."""
-    if method == "sum":
-        total = sum(weighted[1:], weighted[0])
-    else:
-        total = sum((jnp.sign(w) for w in weighted[1:]), jnp.sign(weighted[0]))
-    return jnp.where(total >= 0, 1, -1).astype(weighted[0].dtype)
+    (``'count'``), summed in float32 and rounded to their dtype; zero counts as +1 (TIES, arXiv
+    2306.01708)."""
+    dtype = weighted[0].dtype
+    summed = total(weighted if method == "sum" else [jnp.sign(w) for w in weighted], dtype)
+    return jnp.where(summed >= 0, 1, -1).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sparsifier", "rescale"))
+@functools.partial(jax.jit, static_argnames=("sparsifier", "rescale", "exact"))
 def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, *, sparsifier: Sparsifier,
-                       rescale: str | None) -> jax.Array:
-    """``leaf - base`` in float32, sparsified by ``sparsifier`` with this model's ``params``
-    (a NamedTuple of scalars, see :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`)
-    and rescaled; a density of 1 leaves the task vector untouched, as in mergekit."""
-    dtype = acc_dtype(base.dtype)
+                       rescale: str | None, exact: bool = False) -> jax.Array:
+    """``leaf - base`` in float32 (``exact``: in the base's dtype, see
+    :func:`~jaxmerge._tree.compute_dtype`), sparsified by ``sparsifier`` with this model's
+    ``params`` (a NamedTuple of scalars, see
+    :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`) and rescaled; a density of 1
+    leaves the task vector untouched, as in mergekit."""
+    dtype = compute_dtype(base.dtype, exact)
     delta = leaf.astype(dtype) - base.astype(dtype)
     mask, keep = sparsifier.mask(delta, params, key)
     keep_all = params.density >= 1
@@ -77,37 +78,41 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array 
     return sparsify.rescale(delta, mask | keep_all, rescale, keep)
 
 
-@functools.partial(jax.jit, static_argnames=("consensus", "normalize", "subtract_base"))
+@functools.partial(jax.jit, static_argnames=("consensus", "normalize", "subtract_base", "exact"))
 def combine_task_vectors(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array, *,
-                         consensus: str | None, normalize: bool, subtract_base: bool = False) -> jax.Array:
+                         consensus: str | None, normalize: bool, subtract_base: bool = False,
+                         exact: bool = False) -> jax.Array:
     """Steps 2-4 of the module docstring: sign election, (disjoint) weighted sum, scaling.
 
     ``leaves`` are task vectors, or, with ``subtract_base``, the models themselves (then
     ``leaf - base`` is taken inside, fused with the rest, without materialising it).
+    Computed in float32, or ``exact``ly as mergekit does in the base's dtype (the weights
+    rounded to it, sums accumulated in float32 and rounded).
     """
-    dtype = acc_dtype(base.dtype)
-    base32 = base.astype(dtype)
+    dtype = compute_dtype(base.dtype, exact)
+    base_c = base.astype(dtype)
     w = weights.astype(dtype)
-    weighted = [w[j] * ((leaf.astype(dtype) - base32) if subtract_base else leaf.astype(dtype))
+    weighted = [w[j] * ((leaf.astype(dtype) - base_c) if subtract_base else leaf.astype(dtype))
                 for j, leaf in enumerate(leaves)]
     zero = jnp.zeros((), dtype)
     if consensus is None:
-        mixed = sum(weighted[1:], weighted[0])
-        divisor = jnp.where(jnp.abs(w.sum()) < 1e-8, 1, w.sum())
+        mixed = total(weighted, dtype)
+        divisor = total(list(w), dtype)
+        divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
     else:
         sign = elect_sign(weighted, consensus)
         taking_part = [jnp.sign(wd) == sign for wd in weighted]
-        mixed = sum(jnp.where(t, wd, zero) for t, wd in zip(taking_part, weighted))
-        divisor = sum(jnp.where(t, w[j], zero) for j, t in enumerate(taking_part))
+        mixed = total([jnp.where(t, wd, zero) for t, wd in zip(taking_part, weighted)], dtype)
+        divisor = total([jnp.where(t, w[j], zero) for j, t in enumerate(taking_part)], dtype)
         divisor = jnp.where(divisor == 0, 1, divisor)
     if normalize:
         mixed = mixed / divisor
-    return (base32 + lambda_.astype(dtype) * mixed).astype(base.dtype)
+    return (base_c + scaled(mixed, lambda_)).astype(base.dtype)
 
 
 def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, key, *,
                        sparsifier: Sparsifier | None, consensus: str | None, normalize: bool,
-                       rescale: str | None) -> jax.Array:
+                       rescale: str | None, exact: bool = False) -> jax.Array:
     """One leaf of a generalized task-arithmetic merge (see the module docstring).
 
     Without sparsification this is one fused pass. With it, each model's task vector is
@@ -122,17 +127,19 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
       params: the sparsifier's per-leaf parameters, each field ``(N,)``.
       key: this leaf's random key (for a random sparsifier), folded with each model's index.
       sparsifier, consensus, normalize, rescale: static choices.
+      exact: compute as mergekit does in the base's dtype (see :func:`~jaxmerge._tree.compute_dtype`).
     """
     if sparsifier is None:
         return combine_task_vectors(base, leaves, weights, lambda_, consensus=consensus, normalize=normalize,
-                                    subtract_base=True)
+                                    subtract_base=True, exact=exact)
     deltas = []
     for j in range(len(leaves)):
         own = type(params)(*(field[j] for field in params))
         model_key = None if key is None else jax.random.fold_in(key, j)
-        deltas.append(sparse_task_vector(base, leaves[j], own, model_key, sparsifier=sparsifier, rescale=rescale))
+        deltas.append(sparse_task_vector(base, leaves[j], own, model_key, sparsifier=sparsifier, rescale=rescale,
+                                         exact=exact))
         leaves[j] = None
-    return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize)
+    return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize, exact=exact)
 
 
 _RESCALE_NORMS = {False: None, True: "l1", "l1": "l1", "l2": "l2", "linf": "linf", "density": "density"}
@@ -156,7 +163,8 @@ def task_vector_plan(sparsifier: Sparsifier | None, *, elects_sign: bool):
 
         def leaf_fn(i, base, leaves):
             return task_vector_kernel(base, leaves, weights[i], _hyper.scalar_arg(lam[i]), params[i], keys[i],
-                                      sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale)
+                                      sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale,
+                                      exact=hp["exact"])
         return leaf_fn
     return plan
 

@@ -112,11 +112,11 @@ def _reference(name, base, models):
     return base if METHODS[name].base in ("required", "optional") else models[0]
 
 
-def _assert_close(out, expected, rtol=1e-6):
+def _assert_close(out, expected, rtol=1e-6, bf16_ulps=1):
     assert jax.tree.structure(out) == jax.tree.structure(expected)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(expected)):
         assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
-        tol = 2 ** -7 if a.dtype == jnp.bfloat16 else rtol
+        tol = bf16_ulps * 2 ** -7 if a.dtype == jnp.bfloat16 else rtol
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol * 1e-1,
                                    err_msg=jax.tree_util.keystr(path))
 
@@ -203,7 +203,8 @@ def test_command_equals_in_memory(name, tmp_path):
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(name, tmp_path)))
     assert main(["merge", str(config), str(tmp_path / "out"), "--no-progress", "--random-seed", str(SEED)]) == 0
-    _assert_close(checkpoints.load(tmp_path / "out"), expected, rtol=1e-6)
+    # the command computes 16-bit leaves as mergekit does, in 16 bits: within rounding of the float32 result
+    _assert_close(checkpoints.load(tmp_path / "out"), expected, rtol=1e-6, bf16_ulps=4)
 
 
 @pytest.mark.parametrize("axis_type,jit", [(AxisType.Explicit, False), (AxisType.Auto, True)],
