@@ -2,40 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge._tree import PyTree, acc_dtype
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, scaled
 from jaxmerge.merging.method import merge_method
-from jaxmerge.merging.sparsify import kth_largest_magnitude
+from jaxmerge.merging.sparsify import kth_largest
 
 _QUANTILES = (0.25, 0.5, 0.75)
 
 
 def _quantile(x: jax.Array, q: float) -> jax.Array:
-    """The entry at index ``floor(q (n - 1))`` of the sorted non-negative ``x`` (q in float32, as mergekit)."""
+    """The entry at index ``floor(q (n - 1))`` of the sorted ``x`` (q in float32, as mergekit)."""
     index = int(np.float32(q) * np.float32(x.size - 1))
-    return kth_largest_magnitude(x, x.size - index)
+    return kth_largest(x, x.size - index)
 
 
-@jax.jit
-def arcee_fusion_kernel(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``b`` where the mask is set, else ``a``: the mask where the importance ``|b - a| KL(softmax(b) || softmax(a))``
-    (softmax and KL along the last axis) is at least ``median + 1.5 (q3 - q1)`` of its entries."""
-    dtype = acc_dtype(a.dtype)
-    a32, b32 = a.astype(dtype), b.astype(dtype)
-    p = jax.nn.softmax(b32, axis=-1) + 1e-8
-    q = jax.nn.softmax(a32, axis=-1) + 1e-8
-    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
-    importance = jnp.abs(b32 - a32) * kl
+@functools.partial(jax.jit, static_argnames="exact")
+def arcee_fusion_kernel(a: jax.Array, b: jax.Array, *, exact: bool = False) -> jax.Array:
+    """``a + (b - a) mask``, the mask where the importance ``|b - a| KL(softmax(b) || softmax(a))``
+    (softmax and KL along the last axis) is at least ``median + 1.5 (q3 - q1)`` of its entries;
+    in float32 (``exact``: as mergekit computes it in ``a``'s dtype, softmax in float32)."""
+    dtype = compute_dtype(a.dtype, exact)
+    a_c, b_c = a.astype(dtype), b.astype(dtype)
+
+    def softmax(x):
+        return jax.nn.softmax(x.astype(acc_dtype(dtype)), axis=-1).astype(dtype) + 1e-8
+
+    p, q = softmax(b_c), softmax(a_c)
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True, dtype=acc_dtype(dtype)).astype(dtype)
+    change = b_c - a_c
+    importance = jnp.abs(change) * kl
     q1, median, q3 = (_quantile(importance, q) for q in _QUANTILES)
-    mask = importance >= median + 1.5 * (q3 - q1)
-    return jnp.where(mask, b32, a32).astype(a.dtype)
+    mask = importance >= median + scaled(q3 - q1, 1.5)
+    return (a_c.astype(acc_dtype(dtype)) + jnp.where(mask, change, 0).astype(acc_dtype(dtype))).astype(a.dtype)
 
 
 @merge_method("arcee_fusion", base="pair", params=(),
-              plan=lambda spec, hp: lambda i, _, leaves: arcee_fusion_kernel(*leaves))
+              plan=lambda spec, hp: lambda i, _, leaves: arcee_fusion_kernel(*leaves, exact=hp["exact"]))
 def arcee_fusion(a: PyTree, b: PyTree) -> PyTree:
     """Arcee Fusion, mergekit's ``arcee_fusion``: fuse in only ``b``'s most important changes.
 

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, scaled
 from jaxmerge.merging.method import Param, merge_method
 
 
-@jax.jit
-def nearswap_kernel(a: jax.Array, b: jax.Array, t: jax.Array) -> jax.Array:
-    """``w b + (1 - w) a`` with ``w = clip(t / max(|a - b|, 1e-6), 0, 1)``, in float32."""
-    dtype = acc_dtype(a.dtype)
-    a32, b32 = a.astype(dtype), b.astype(dtype)
-    weight = jnp.clip(t.astype(dtype) / jnp.maximum(jnp.abs(a32 - b32), 1e-6), 0, 1)
-    return (weight * b32 + (1 - weight) * a32).astype(a.dtype)
+@functools.partial(jax.jit, static_argnames="exact")
+def nearswap_kernel(a: jax.Array, b: jax.Array, t: jax.Array, *, exact: bool = False) -> jax.Array:
+    """``w b + (1 - w) a`` with ``w = clip(t / max(|a - b|, 1e-6), 0, 1)``, in float32 (``exact``:
+    as mergekit computes it in ``a``'s dtype)."""
+    dtype = compute_dtype(a.dtype, exact)
+    a_c, b_c = a.astype(dtype), b.astype(dtype)
+    distance = jnp.maximum(jnp.abs(a_c - b_c), 1e-6)
+    weight = jnp.clip(scaled(1 / distance, t), 0, 1)  # torch's number / tensor: reciprocal, then product
+    return (weight * b_c + (1 - weight) * a_c).astype(a.dtype)
 
 
 def _nearswap_plan(spec: TreeSpec, hp: dict):
     ts = hp["t"]
-    return lambda i, _, leaves: nearswap_kernel(*leaves, _hyper.scalar_arg(ts[i]))
+    return lambda i, _, leaves: nearswap_kernel(*leaves, _hyper.scalar_arg(ts[i]), exact=hp["exact"])
 
 
 @merge_method("nearswap", base="pair", plan=_nearswap_plan, params=(

@@ -80,12 +80,43 @@ def _radix_select(keys: jax.Array, k: jax.Array, valid: jax.Array | None = None)
     return lax.fori_loop(0, len(digits), step, start)[0]
 
 
-@jax.jit
-def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
-    """The k-th largest magnitude of ``x``, exactly, without a sort.
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """Unsigned keys that order like the float values of ``x`` (negative ones bit-reversed)."""
+    bits = _unsigned_bits(x)
+    top = bits.dtype.type(1 << (bits.dtype.itemsize * 8 - 1))
+    return jnp.where((bits & top) != 0, ~bits, bits | top)
 
-    A radix select on the bit patterns of ``|x|``: a few histogram passes over the array
-    (three for float32), each one scatter-add.
+
+def _float_of_key(key: jax.Array, dtype) -> jax.Array:
+    top = key.dtype.type(1 << (key.dtype.itemsize * 8 - 1))
+    return lax.bitcast_convert_type(jnp.where((key & top) != 0, key & ~top, ~key), dtype)
+
+
+@jax.jit
+def kth_largest(x: jax.Array, k) -> jax.Array:
+    """The k-th largest value of ``x`` (signed), exactly, without a sort.
+
+    A radix select on keys that order like the values: a few histogram passes over the
+    array (three for float32), each one scatter-add.
+
+    Args:
+      x: a float array.
+      k: the rank, 1-based; clipped to ``[1, x.size]``; may be traced.
+
+    Returns:
+      A scalar of ``x``'s dtype: the k-th largest entry (equal entries counted separately).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import sparsify
+      >>> float(sparsify.kth_largest(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 3))
+      -1.0
+    """
+    return _float_of_key(_radix_select(_ordered_keys(x), jnp.clip(k, 1, x.size)), x.dtype)
+
+
+def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
+    """The k-th largest magnitude of ``x``, exactly, without a sort (:func:`kth_largest` of ``|x|``).
 
     Args:
       x: a float array.
@@ -100,9 +131,7 @@ def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
       >>> float(sparsify.kth_largest_magnitude(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 2))
       2.0
     """
-    magnitude = jnp.abs(x)
-    bits = _radix_select(_unsigned_bits(magnitude), jnp.clip(k, 1, x.size))
-    return lax.bitcast_convert_type(bits, magnitude.dtype)
+    return kth_largest(jnp.abs(x), k)
 
 
 def _flat_index(x: jax.Array) -> jax.Array:

@@ -106,3 +106,14 @@ def test_rescale_leaves_tiny_vectors_alone():
     x = jnp.full(4, 1e-9)
     np.testing.assert_array_equal(sparsify.rescale(x, jnp.asarray([True, False, True, False]), "l1"),
                                   np.asarray([1e-9, 0, 1e-9, 0], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_kth_largest_orders_signed_values(dtype):
+    x = np.random.default_rng(4).standard_normal(3000)
+    x[:7] = 0.0
+    x[7] = -0.0
+    x = np.asarray(jnp.asarray(x, dtype), np.float64)
+    expected = np.sort(x)[::-1]
+    for k in (1, 2, 1500, 2990, 2993, 3000):
+        assert float(sparsify.kth_largest(jnp.asarray(x, dtype), k)) == expected[k - 1]
