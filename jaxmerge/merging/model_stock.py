@@ -9,12 +9,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmerge._tree import PyTree, acc_dtype
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, scaled, total
 from jaxmerge.merging.method import Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames="filter_wise")
-def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_wise: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("filter_wise", "exact"))
+def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_wise: bool,
+                       exact: bool = False) -> jax.Array:
     """``t * mean(leaves) + (1 - t) * base`` with ``t = N c / (1 + (N - 1) c)``.
 
     ``c`` is the mean cosine between the task vectors ``leaf_i - base`` over all pairs
@@ -22,31 +23,34 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     whole leaf, or per row along the last axis when ``filter_wise``. ``t`` is not
     clamped, as in mergekit; near its pole ``c = -1 / (N - 1)`` (``|1 + (N - 1) c| < 1e-6``,
     e.g. two opposite task vectors) it is 0 and the base is returned, as in mergekit.
+    Computed in float32, or ``exact``ly as mergekit does in the base's dtype.
     """
-    dtype = acc_dtype(base.dtype)
-    base32 = base.astype(dtype)
-    rows = base32.reshape(1, -1) if base.ndim < 2 else base32
+    dtype = compute_dtype(base.dtype, exact)
+    acc = acc_dtype(dtype)
+    rows = base.astype(dtype).reshape(1, -1) if base.ndim < 2 else base.astype(dtype)
     axes = (rows.ndim - 1,) if filter_wise else tuple(range(rows.ndim))
-    deltas = [leaf.astype(dtype).reshape(rows.shape) - rows for leaf in leaves]
-    cosines = []
-    for i in range(len(deltas)):
-        for j in range(i + 1, len(deltas)):
-            norms = jnp.sqrt(jnp.sum(jnp.square(deltas[i]), axis=axes, keepdims=True)
-                             * jnp.sum(jnp.square(deltas[j]), axis=axes, keepdims=True))
-            dot = jnp.sum(deltas[i] * deltas[j], axis=axes, keepdims=True)
-            cosines.append(jnp.clip(dot / jnp.maximum(norms, 1e-6), -1, 1))
-    cos = sum(cosines[1:], cosines[0]) / len(cosines)
+    models = [leaf.astype(dtype).reshape(rows.shape) for leaf in leaves]
+    deltas = [m - rows for m in models]
+
+    def norm(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
+        return jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True)).astype(dtype)
+
+    norms = [norm(d) for d in deltas]
+    cosines = [jnp.clip(jnp.sum((deltas[i] * deltas[j]).astype(acc), axis=axes, keepdims=True).astype(dtype)
+                        / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
+               for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    cos = (total(cosines, acc) / len(cosines)).astype(dtype)
     n = len(leaves)
-    denominator = 1 + (n - 1) * cos
+    denominator = 1 + scaled(cos, n - 1)
     singular = jnp.abs(denominator) < 1e-6
-    t = jnp.where(singular, 0, n * cos / jnp.where(singular, 1, denominator))
-    mean = sum(deltas[1:], deltas[0]) / n + rows
-    return (t * mean + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
+    t = jnp.where(singular, 0, scaled(cos, n) / jnp.where(singular, 1, denominator))
+    average = functools.reduce(lambda x, y: x + y, models) / n
+    return (t * average + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
 
 
 @merge_method("model_stock", base="required", min_models=2, references=("2403.19522",),
-              plan=lambda spec, hp: lambda i, base, leaves: model_stock_kernel(base, leaves,
-                                                                               filter_wise=hp["filter_wise"]),
+              plan=lambda spec, hp: lambda i, base, leaves: model_stock_kernel(
+                  base, leaves, filter_wise=hp["filter_wise"], exact=hp["exact"]),
               params=(Param("filter_wise", "option", "one t per row along the last axis instead of per leaf",
                             kind=bool),))
 def model_stock(base: PyTree, models: Sequence[PyTree], *, filter_wise: bool = False) -> PyTree:

@@ -10,36 +10,41 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, total
 from jaxmerge.merging.method import Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames="plus")
+@functools.partial(jax.jit, static_argnames=("plus", "exact"))
 def ram_kernel(base: jax.Array, leaves: Sequence[jax.Array], epsilon: jax.Array, r: jax.Array, alpha: jax.Array, *,
-               plus: bool) -> jax.Array:
+               plus: bool, exact: bool = False) -> jax.Array:
     """One leaf of RAM (``plus=False``) or of RAM+ with tensor-local statistics, as mergekit computes it.
 
     An entry of task vector ``d_i`` contributes when ``|d_i| > epsilon``. Entries that only
     one model changes are kept whole, those that several change are averaged over them.
     RAM+ scales model ``i``'s unique entries by ``1 + r clip(rho_i, 0, alpha)``, ``rho_i``
     the ratio of its shared to its unique entries in the leaf (unique counts floored at
-    ``epsilon``).
+    ``epsilon``). Computed in float32, or ``exact``ly as mergekit does in the base's dtype
+    (RAM+'s boosted entries then in float32, as torch promotes them).
     """
-    dtype = acc_dtype(base.dtype)
-    base32 = base.astype(dtype)
-    deltas = [leaf.astype(dtype) - base32 for leaf in leaves]
+    dtype = compute_dtype(base.dtype, exact)
+    acc = acc_dtype(dtype)
+    base_c = base.astype(dtype)
+    deltas = [leaf.astype(dtype) - base_c for leaf in leaves]
     active = [jnp.abs(d) > epsilon.astype(dtype) for d in deltas]
     count = sum(a.astype(jnp.int32) for a in active)
     unique, shared = count == 1, count > 1
-    merged = jnp.zeros_like(base32)
+    parts = []
     for d, a in zip(deltas, active):
-        scale = jnp.ones((), dtype)
-        if plus:
-            rho = jnp.sum(a & shared).astype(dtype) / jnp.maximum(jnp.sum(a & unique).astype(dtype), epsilon)
-            scale = 1 + r.astype(dtype) * jnp.clip(rho, 0, alpha.astype(dtype))
         kept = jnp.where(a, d, 0)
-        merged = merged + jnp.where(unique, kept * scale, 0) + jnp.where(shared, kept / count.astype(dtype), 0)
-    return (base32 + merged).astype(base.dtype)
+        averaged = jnp.where(shared, kept / jnp.maximum(count, 1).astype(dtype), 0)
+        if plus:
+            rho = jnp.sum(a & shared).astype(acc) / jnp.maximum(jnp.sum(a & unique).astype(acc), epsilon.astype(acc))
+            boost = 1 + r.astype(acc) * jnp.clip(rho, 0, alpha.astype(acc))
+            parts.append(jnp.where(unique, kept, 0).astype(acc) * boost + averaged.astype(acc))
+        else:
+            parts.append(jnp.where(unique, kept, 0) + averaged)
+    merged = total(parts, parts[0].dtype)
+    return (base_c.astype(merged.dtype) + merged).astype(base.dtype)
 
 
 def _ram_plan(plus: bool):
@@ -48,7 +53,8 @@ def _ram_plan(plus: bool):
         r, alpha = (hp["r"], hp["alpha"]) if plus else ([0.0] * len(eps), [0.0] * len(eps))
 
         def leaf_fn(i, base, leaves):
-            return ram_kernel(base, leaves, *(_hyper.scalar_arg(v[i]) for v in (eps, r, alpha)), plus=plus)
+            return ram_kernel(base, leaves, *(_hyper.scalar_arg(v[i]) for v in (eps, r, alpha)), plus=plus,
+                              exact=hp["exact"])
         return leaf_fn
     return plan
 
