@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -9,14 +10,15 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, total
 from jaxmerge.merging import sparsify
 from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.merging.task_vectors import INT8_MASK, elect_sign
 
 
-@jax.jit
-def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="exact")
+def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Array, *,
+               exact: bool = False) -> jax.Array:
     """One leaf of SCE, as mergekit's ``sce`` computes it.
 
     1. Select: keep the ``int(select_topk * m)`` entries of largest variance across the
@@ -26,30 +28,36 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
        task vector (uniform if their sum is below 1e-6);
     3. Erase: per entry, drop task vectors whose sign disagrees with the sign of their sum;
        merge as ``base + sum_i w_i d_i / max(sum_i w_i, 1e-6)`` over the remaining ones.
+
+    Computed in float32, or ``exact``ly as mergekit does in the base's dtype (reductions
+    accumulated in float32 and rounded).
     """
-    dtype = acc_dtype(base.dtype)
-    base32 = base.astype(dtype)
-    deltas = [leaf.astype(dtype) - base32 for leaf in leaves]
-    mean = sum(deltas[1:], deltas[0]) / len(deltas)
-    variance = sum(jnp.square(d - mean) for d in deltas) / len(deltas)
+    dtype = compute_dtype(base.dtype, exact)
+    acc = acc_dtype(dtype)
+    base_c = base.astype(dtype)
+    deltas = [leaf.astype(dtype) - base_c for leaf in leaves]
+    wide = [d.astype(acc) for d in deltas]
+    mean = total(wide, acc) / len(deltas)
+    variance = (total([jnp.square(d - mean) for d in wide], acc) / len(deltas)).astype(dtype)
     k = jnp.floor(select_topk.astype(jnp.float32) * jnp.sum(variance != 0).astype(jnp.float32)).astype(jnp.int32)
     selected = sparsify.top_k_mask(variance, k) | (select_topk >= 1)
     zero = jnp.zeros((), dtype)
     deltas = [jnp.where(selected, d, zero) for d in deltas]
-    energy = jnp.stack([jnp.mean(jnp.square(d)) for d in deltas])
-    total = energy.sum()
-    negligible = jnp.abs(total) < 1e-6
-    weights = jnp.where(negligible, jnp.full_like(energy, 1 / len(deltas)), energy / jnp.where(negligible, 1, total))
+    energy = jnp.stack([jnp.mean(jnp.square(d).astype(acc)).astype(dtype) for d in deltas])
+    energy_sum = jnp.sum(energy.astype(acc)).astype(dtype).astype(acc)
+    negligible = jnp.abs(energy_sum) < 1e-6
+    weights = jnp.where(negligible, jnp.full_like(energy, 1 / len(deltas)),
+                        (energy.astype(acc) / jnp.where(negligible, 1, energy_sum)).astype(dtype))
     sign = elect_sign(deltas, "sum")
     kept = [jnp.where(jnp.sign(d) == sign, weights[i], zero) for i, d in enumerate(deltas)]
-    merged = sum(k_ * d for k_, d in zip(kept, deltas))
-    divisor = sum(kept[1:], kept[0])
-    return (base32 + merged / jnp.maximum(divisor, 1e-6)).astype(base.dtype)
+    merged = total([k_ * d for k_, d in zip(kept, deltas)], dtype)
+    divisor = jnp.maximum(total(kept, dtype), 1e-6)
+    return (base_c + merged / divisor).astype(base.dtype)
 
 
 def _sce_plan(spec: TreeSpec, hp: dict):
     topk = hp["select_topk"]
-    return lambda i, base, leaves: sce_kernel(base, leaves, _hyper.scalar_arg(topk[i]))
+    return lambda i, base, leaves: sce_kernel(base, leaves, _hyper.scalar_arg(topk[i]), exact=hp["exact"])
 
 
 @merge_method("sce", base="required", plan=_sce_plan, references=("2408.07990",), params=(

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, scaled, total
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
@@ -85,31 +85,34 @@ def slerp(a: PyTree, b: PyTree, t, *, epsilon: float = 1e-8, dot_threshold: floa
     """
 
 
-@functools.partial(jax.jit, static_argnames=("row_wise", "flatten"))
-def nuslerp_kernel(base: jax.Array | None, a: jax.Array, b: jax.Array, t: jax.Array, *, row_wise: bool,
-                   flatten: bool) -> jax.Array:
-    """mergekit's NuSLERP of two leaves (of their task vectors when there is a base), in float32.
+@functools.partial(jax.jit, static_argnames=("row_wise", "flatten", "exact"))
+def nuslerp_kernel(base: jax.Array | None, a: jax.Array, b: jax.Array, t: jax.Array, u: jax.Array, *, row_wise: bool,
+                   flatten: bool, exact: bool = False) -> jax.Array:
+    """mergekit's NuSLERP of two leaves (of their task vectors when there is a base), at ``t``
+    (``u = 1 - t``, as the plan computed it).
 
     The vectors interpolated are the whole leaves (``flatten``), or the slices along the
     first axis (``row_wise``) or along the last one; each is normalised (norms clamped below
-    at 1e-7) for the angle, and where ``1 - cos^2 <= 1e-16`` lerp is used.
+    at 1e-7) for the angle, and where ``1 - cos^2 <= 1e-16`` lerp is used. Computed in
+    float32, or ``exact``ly as mergekit does in the inputs' dtype.
     """
-    dtype = acc_dtype(a.dtype)
+    dtype = compute_dtype(a.dtype, exact)
+    acc = acc_dtype(dtype)
     v0, v1 = a.astype(dtype), b.astype(dtype)
     if base is not None:
         v0, v1 = v0 - base.astype(dtype), v1 - base.astype(dtype)
     axes = tuple(range(v0.ndim)) if flatten or v0.ndim == 0 else (0,) if row_wise else (v0.ndim - 1,)
-    t = t.astype(dtype)
 
-    def unit(x):
-        return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True)), 1e-7)
+    def unit(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
+        return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True)).astype(dtype),
+                               1e-7)
 
-    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=axes, keepdims=True), -1, 1)
+    cos = jnp.clip(jnp.sum((unit(v0) * unit(v1)).astype(acc), axis=axes, keepdims=True).astype(dtype), -1, 1)
     colinear = (1 - jnp.square(cos)) <= 1e-16
     theta = jnp.arccos(jnp.where(colinear, 0, cos))
     sin_theta = jnp.where(colinear, 1, jnp.sin(theta))
-    result = jnp.where(colinear, (1 - t) * v0 + t * v1,
-                       (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta)
+    spherical = (jnp.sin(scaled(theta, u)) * v0 + jnp.sin(scaled(theta, t)) * v1) / sin_theta
+    result = jnp.where(colinear, scaled(v0, u) + scaled(v1, t), spherical)
     return (result if base is None else result + base.astype(dtype)).astype((a if base is None else base).dtype)
 
 
@@ -124,10 +127,13 @@ def _relative_weight(w):
 
 
 def _nuslerp_plan(spec: TreeSpec, hp: dict):
-    row_wise, flatten = hp["nuslerp_row_wise"], hp["nuslerp_flatten"]
+    row_wise, flatten, exact = hp["nuslerp_row_wise"], hp["nuslerp_flatten"], hp["exact"]
     ts = [None if w is None else _relative_weight(w) for w in hp["weights"]]
-    return lambda i, base, leaves: nuslerp_kernel(base, *leaves, _hyper.scalar_arg(ts[i]), row_wise=row_wise,
-                                                  flatten=flatten)
+
+    def leaf_fn(i, base, leaves):
+        t, u = _hyper.scalar_arg(ts[i]), _hyper.scalar_arg(1 - ts[i])
+        return nuslerp_kernel(base, *leaves, t, u, row_wise=row_wise, flatten=flatten, exact=exact)
+    return leaf_fn
 
 
 @merge_method("nuslerp", base="optional", min_models=2, max_models=2, plan=_nuslerp_plan, params=(
@@ -173,32 +179,43 @@ def nuslerp(base: PyTree | None, models: Sequence[PyTree], weights=None, *, nusl
     """
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("normalize", "exact"))
 def multislerp_kernel(base: jax.Array | None, leaves: Sequence[jax.Array], weights: jax.Array,
-                      epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
+                      epsilon: jax.Array, *, normalize: bool, exact: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(result, degenerate)``: mergekit's barycentric SLERP of the leaves (or task vectors).
 
     Each leaf, as one flat vector, is split into norm and direction; the directions are
-    averaged with ``weights``, projected to the tangent space at their normalised mean,
-    mapped back to the sphere and scaled by the weighted mean norm. ``degenerate`` is True
-    where the weighted mean direction has norm below ``epsilon`` (then two leaves are
-    blended linearly, and more have no answer: NaN).
+    averaged with ``weights`` (divided by their sum when ``normalize``), projected to the
+    tangent space at their normalised mean, mapped back to the sphere and scaled by the
+    weighted mean norm. ``degenerate`` is True where the weighted mean direction has norm
+    below ``epsilon`` (then two leaves are blended linearly, and more have no answer: NaN).
+    Computed in float32, or ``exact``ly as mergekit does in the inputs' dtype.
     """
-    dtype = acc_dtype(leaves[0].dtype)
+    dtype = compute_dtype(leaves[0].dtype, exact)
+    acc = acc_dtype(dtype)
     xs = [leaf.astype(dtype) for leaf in leaves]
     if base is not None:
         xs = [x - base.astype(dtype) for x in xs]
-    w, eps = weights.astype(dtype), epsilon.astype(dtype)
-    norms = [jnp.linalg.norm(x) for x in xs]
+    w = weights.astype(dtype)
+    if normalize:
+        w = w / total(list(w), dtype)
+    eps = epsilon.astype(dtype)
+
+    def norm(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
+        return jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)))).astype(dtype)
+
+    norms = [norm(x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms)]
-    mean = sum(w[i] * u for i, u in enumerate(units))
-    mean_norm = jnp.linalg.norm(mean)
+    mean = total([w[i] * u for i, u in enumerate(units)], dtype)
+    mean_norm = norm(mean)
     degenerate = mean_norm < eps
     mean = mean / jnp.where(degenerate, 1, mean_norm)
-    tangent = sum(w[i] * (u - jnp.sum(u * mean) * mean) for i, u in enumerate(units))
-    size = jnp.linalg.norm(tangent) + eps
-    result = (mean * jnp.cos(size) + tangent * (jnp.sin(size) / size)) * sum(w[i] * n for i, n in enumerate(norms))
-    fallback = w[0] * xs[0] + w[1] * xs[1] if len(xs) == 2 else jnp.full_like(result, jnp.nan)
+    dots = [jnp.sum((u * mean).astype(acc)).astype(dtype) for u in units]
+    tangent = total([w[i] * (u - dots[i] * mean) for i, u in enumerate(units)], dtype)
+    size = norm(tangent) + eps
+    result = mean * jnp.cos(size) + tangent * (jnp.sin(size) / size)
+    result = result * total([norms[i] * w[i] for i in range(len(xs))], dtype)
+    fallback = xs[0] * w[0] + xs[1] * w[1] if len(xs) == 2 else jnp.full_like(result, jnp.nan)
     result = jnp.where(degenerate, fallback, result)
     if base is not None:
         result = result + base.astype(dtype)
@@ -206,15 +223,14 @@ def multislerp_kernel(base: jax.Array | None, leaves: Sequence[jax.Array], weigh
 
 
 def _multislerp_plan(spec: TreeSpec, hp: dict):
-    weights, eps = hp["weights"], _hyper.scalar_arg(hp["eps"])
-    if hp["normalize_weights"]:
+    weights, eps, normalize = hp["weights"], _hyper.scalar_arg(hp["eps"]), hp["normalize_weights"]
+    if normalize:
         _hyper.check_nonzero_sums(weights, "weights", spec)
-        weights = [None if w is None else w / w.sum() for w in weights]
 
     def leaf_fn(i, base, leaves):
         if len(leaves) == 1:
             return leaves[0]
-        result, degenerate = multislerp_kernel(base, leaves, weights[i], eps)
+        result, degenerate = multislerp_kernel(base, leaves, weights[i], eps, normalize=normalize, exact=hp["exact"])
         if not isinstance(degenerate, jax.core.Tracer) and bool(degenerate) and len(leaves) > 2:
             raise JaxmergeError(f"multislerp: the weighted mean direction at {spec.paths[i]!r} is zero (opposite "
                                 "vectors whose weights cancel); change the weights")
