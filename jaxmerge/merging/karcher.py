@@ -12,55 +12,67 @@ from jax import lax
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames="max_iter")
-def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Array, *, max_iter: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("max_iter", "exact"))
+def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Array, *, max_iter: int,
+                   exact: bool = False) -> jax.Array:
     """Weighted Karcher mean of the leaves' directions, scaled by their weighted mean norm.
 
     Each leaf ``x_i`` is split into its norm ``r_i`` and direction ``u_i``. Directions of
     leaves with ``r_i > tol`` are averaged on the sphere by Riemannian gradient steps
     ``m <- exp_m(sum_i a_i log_m(u_i))`` (at most ``max_iter``, stopping when the step is
     below ``tol``), starting from the normalised weighted mean direction. The result is
-    ``(sum_i a_i r_i) m`` with ``a = weights / sum(weights)``.
+    ``(sum_i w_i r_i) m`` with ``w`` the weights normalised to sum 1 and ``a`` those of the
+    valid leaves normalised again. Norms are taken in float32; the directions are computed
+    in float32 too, or ``exact``ly as mergekit does in the leaves' dtype.
     """
-    dtype = acc_dtype(leaves[0].dtype)
+    dtype = compute_dtype(leaves[0].dtype, exact)
+    acc = acc_dtype(dtype)
     xs = [leaf.astype(dtype) for leaf in leaves]
-    alphas = weights.astype(dtype) / weights.astype(dtype).sum()
-    norms = jnp.stack([jnp.linalg.norm(x) for x in xs])
-    units = [x / jnp.where(r > 0, r, 1) for x, r in zip(xs, norms)]
+    alphas = weights.astype(acc) / weights.astype(acc).sum()
+
+    def norm(v):
+        return jnp.linalg.norm(v.astype(acc))
+
+    def divided(v, n):  # a tensor over a float32 scalar, rounded to the compute dtype (torch's promotion)
+        return (v.astype(acc) / n).astype(dtype)
+
+    def times(c, v):  # a float32 scalar times a tensor, rounded to the compute dtype
+        return (c * v.astype(acc)).astype(dtype)
+
+    norms = jnp.stack([norm(x) for x in xs])
+    units = [jnp.where(r == 0, jnp.zeros_like(x), divided(x, jnp.where(r == 0, 1, r))) for x, r in zip(xs, norms)]
     valid = norms > tol
     a = jnp.where(valid, alphas, 0)
     a = a / jnp.where(a.sum() > 0, a.sum(), 1)
-
-    def unit(v):
-        n = jnp.linalg.norm(v)
-        return v / jnp.where(n > 0, n, 1), n
-
-    start, start_norm = unit(sum(a[i] * u for i, u in enumerate(units)))
-    first_valid = sum(jnp.where(jnp.argmax(valid) == i, 1, 0).astype(dtype) * u for i, u in enumerate(units))
-    mean = jnp.where(start_norm < tol, first_valid, start)
+    start = functools.reduce(lambda m, i: m + times(a[i], units[i]), range(len(units)), jnp.zeros_like(xs[0]))
+    start_norm = norm(start)
+    first_valid = functools.reduce(lambda m, i: jnp.where(jnp.argmax(valid) == i, units[i], m), range(len(units)),
+                                   units[0])
+    mean = jnp.where(start_norm < tol, first_valid, divided(start, jnp.where(start_norm > 0, start_norm, 1)))
 
     def tangent_step(state):
         step, m, _ = state
         tangent = jnp.zeros_like(m)
         for i, u in enumerate(units):
-            dot = jnp.clip(jnp.sum(m * u), -1, 1)
+            dot = jnp.clip(jnp.sum(m.astype(acc) * u.astype(acc)).astype(dtype), -1, 1)  # torch.dot: exact products
             theta = jnp.arccos(dot)
-            scale = jnp.where(theta < tol, 0, theta / jnp.where(theta < tol, 1, jnp.sin(theta)))
-            tangent = tangent + a[i] * scale * (u - dot * m)
-        size = jnp.linalg.norm(tangent)
-        moved = jnp.cos(size) * m + jnp.sin(size) * tangent / jnp.where(size > 0, size, 1)
-        moved, moved_norm = unit(moved)
-        moved = jnp.where(moved_norm > tol, moved, m)
+            skip = (theta < tol) | ~valid[i]
+            coef = times(a[i], theta / jnp.where(skip, 1, jnp.sin(theta)))
+            tangent = jnp.where(skip, tangent, tangent + coef * (u - dot * m))
+        size = norm(tangent)
         done = size < tol
+        moved = times(jnp.cos(size), m) + times(jnp.sin(size), divided(tangent, jnp.where(size > 0, size, 1)))
+        moved_norm = norm(moved)
+        moved = jnp.where(moved_norm > tol, divided(moved, jnp.where(moved_norm > 0, moved_norm, 1)), moved)
         return step + 1, jnp.where(done, m, moved), done
 
     _, mean, _ = lax.while_loop(lambda s: (s[0] < max_iter) & ~s[2], tangent_step,
                                 (jnp.zeros((), jnp.int32), mean, jnp.zeros((), bool)))
-    result = jnp.where(valid.any(), jnp.sum(alphas * norms) * mean, jnp.zeros_like(mean))
+    result = jnp.where(valid.any(), times(jnp.sum(alphas * norms), mean), jnp.zeros_like(mean))
     return result.astype(leaves[0].dtype)
 
 
@@ -71,7 +83,7 @@ def _karcher_plan(spec: TreeSpec, hp: dict):
     def leaf_fn(i, _, leaves):
         if len(leaves) == 1:
             return leaves[0]
-        return karcher_kernel(leaves, w[i], tol, max_iter=max_iter)
+        return karcher_kernel(leaves, w[i], tol, max_iter=max_iter, exact=hp["exact"])
     return leaf_fn
 
 
