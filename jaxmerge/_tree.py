@@ -16,6 +16,7 @@ averaged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,6 +174,24 @@ def keep_sharding(out, reference):
             and not isinstance(reference, jax.core.Tracer) and not out.sharding.is_equivalent_to(sharding, out.ndim)):
         return jax.device_put(out, sharding)
     return out
+
+
+def exact_jit(static_argnames: tuple[str, ...] = ()) -> Callable:
+    """``jax.jit`` for a kernel with a static ``exact`` argument (see :func:`compute_dtype`):
+    ``exact=True`` calls run a build that XLA compiles without excess precision, so that every
+    16-bit operation rounds to 16 bits, as torch's do, instead of keeping float32 between fused
+    operations. (Inside a caller's ``jax.jit`` the caller's build decides.)"""
+    names = (*static_argnames, "exact")
+
+    def decorate(fn: Callable) -> Callable:
+        loose = jax.jit(fn, static_argnames=names)
+        strict = jax.jit(fn, static_argnames=names, compiler_options={"xla_allow_excess_precision": False})
+
+        @functools.wraps(fn)
+        def kernel(*args, exact: bool = False, **kwargs):
+            return (strict if exact else loose)(*args, exact=exact, **kwargs)
+        return kernel
+    return decorate
 
 
 def compute_dtype(dtype, exact: bool = False):

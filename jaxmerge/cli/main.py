@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 
@@ -86,19 +85,8 @@ def parse_mesh(text: str):
     return jax.make_mesh(sizes, tuple(name for name, _ in axes))
 
 
-def _round_every_operation() -> None:
-    """Make XLA round each 16-bit operation to 16 bits, as torch does, rather than keep float32
-    between fused operations: ``jaxmerge merge`` computes as mergekit does (effective when JAX
-    starts in this process, as it does for the command)."""
-    flag = "--xla_allow_excess_precision=false"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-
-
 def _merge(args) -> None:
     from pathlib import Path
-
-    _round_every_operation()
 
     from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_groups
     from jaxmerge.cli.card import model_card

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, scaled
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, scaled
 from jaxmerge.merging.method import merge_method
 from jaxmerge.merging.sparsify import kth_largest
 
@@ -21,7 +19,7 @@ def _quantile(x: jax.Array, q: float) -> jax.Array:
     return kth_largest(x, x.size - index)
 
 
-@functools.partial(jax.jit, static_argnames="exact")
+@exact_jit()
 def arcee_fusion_kernel(a: jax.Array, b: jax.Array, *, exact: bool = False) -> jax.Array:
     """``a + (b - a) mask``, the mask where the importance ``|b - a| KL(softmax(b) || softmax(a))``
     (softmax and KL along the last axis) is at least ``median + 1.5 (q3 - q1)`` of its entries;

@@ -12,11 +12,11 @@ from jax import lax
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "exact"))
+@exact_jit(("max_iter",))
 def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Array, *, max_iter: int,
                    exact: bool = False) -> jax.Array:
     """Weighted Karcher mean of the leaves' directions, scaled by their weighted mean norm.
@@ -60,7 +60,7 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
         for i, u in enumerate(units):
             dot = jnp.clip(jnp.sum(m.astype(acc) * u.astype(acc)).astype(dtype), -1, 1)  # torch.dot: exact products
             theta = jnp.arccos(dot)
-            skip = (theta < tol) | ~valid[i]
+            skip = (theta.astype(acc) < tol) | ~valid[i]
             coef = times(a[i], theta / jnp.where(skip, 1, jnp.sin(theta)))
             tangent = jnp.where(skip, tangent, tangent + coef * (u - dot * m))
         size = norm(tangent)

@@ -193,7 +193,8 @@ class Method:
             raise JaxmergeError(f"{self.name} needs a base model (base is None)")
         if num_models < self.min_models or (self.max_models is not None and num_models > self.max_models):
             wanted = (f"exactly {self.min_models}" if self.min_models == self.max_models
-                      else f"at most {self.max_models}" if num_models >= self.min_models else f"at least {self.min_models}")
+                      else f"at most {self.max_models}" if num_models >= self.min_models
+                      else f"at least {self.min_models}")
             raise JaxmergeError(f"{self.name} merges {wanted} model{'s' if wanted[-2:] != ' 1' else ''}, "
                                 f"got {num_models}")
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, scaled, total
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, scaled, total
 from jaxmerge.merging.method import Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames=("filter_wise", "exact"))
+@exact_jit(("filter_wise",))
 def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_wise: bool,
                        exact: bool = False) -> jax.Array:
     """``t * mean(leaves) + (1 - t) * base`` with ``t = N c / (1 + (N - 1) c)``.

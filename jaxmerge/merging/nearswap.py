@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, scaled
+from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, exact_jit, scaled
 from jaxmerge.merging.method import Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames="exact")
+@exact_jit()
 def nearswap_kernel(a: jax.Array, b: jax.Array, t: jax.Array, *, exact: bool = False) -> jax.Array:
     """``w b + (1 - w) a`` with ``w = clip(t / max(|a - b|, 1e-6), 0, 1)``, in float32 (``exact``:
     as mergekit computes it in ``a``'s dtype)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -10,11 +9,11 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, total
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, total
 from jaxmerge.merging.method import Param, merge_method
 
 
-@functools.partial(jax.jit, static_argnames=("plus", "exact"))
+@exact_jit(("plus",))
 def ram_kernel(base: jax.Array, leaves: Sequence[jax.Array], epsilon: jax.Array, r: jax.Array, alpha: jax.Array, *,
                plus: bool, exact: bool = False) -> jax.Array:
     """One leaf of RAM (``plus=False``) or of RAM+ with tensor-local statistics, as mergekit computes it.

@@ -107,8 +107,9 @@ def _regmean_plan(spec: TreeSpec, hp: dict, grams: Sequence):
                                     f"grams[0]'s {shapes[0]}")
         views[i] = _as_matrix(shape, shapes[0][0], layout)
         if views[i] is None:
+            side = "leading" if layout == "in_out" else "trailing"
             raise JaxmergeError(f"the Gram at {path!r} has {shapes[0][0]} input features, which do not match the "
-                                f"{'leading' if layout == 'in_out' else 'trailing'} axes of the kernel of shape {shape}")
+                                f"{side} axes of the kernel of shape {shape}")
     equal = np.ones(spec.num_models)
 
     def leaf_fn(i, _, leaves):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -10,13 +9,13 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, total
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, total
 from jaxmerge.merging import sparsify
 from jaxmerge.merging.method import Param, merge_method
 from jaxmerge.merging.task_vectors import INT8_MASK, elect_sign
 
 
-@functools.partial(jax.jit, static_argnames="exact")
+@exact_jit()
 def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Array, *,
                exact: bool = False) -> jax.Array:
     """One leaf of SCE, as mergekit's ``sce`` computes it.
@@ -61,7 +60,8 @@ def _sce_plan(spec: TreeSpec, hp: dict):
 
 
 @merge_method("sce", base="required", plan=_sce_plan, references=("2408.07990",), params=(
-    Param("select_topk", "leaf", "fraction of the entries with non-zero variance kept", check=Range(0, 1, lo_open=True)),
+    Param("select_topk", "leaf", "fraction of the entries with non-zero variance kept",
+          check=Range(0, 1, lo_open=True)),
     INT8_MASK))
 def sce(base: PyTree, models: Sequence[PyTree], *, select_topk=1.0) -> PyTree:
     """SCE merge, mergekit's ``sce``: select high-variance entries, calculate weights, erase.

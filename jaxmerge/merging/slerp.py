@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, scaled, total
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, scaled, total
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
@@ -85,7 +84,7 @@ def slerp(a: PyTree, b: PyTree, t, *, epsilon: float = 1e-8, dot_threshold: floa
     """
 
 
-@functools.partial(jax.jit, static_argnames=("row_wise", "flatten", "exact"))
+@exact_jit(("row_wise", "flatten"))
 def nuslerp_kernel(base: jax.Array | None, a: jax.Array, b: jax.Array, t: jax.Array, u: jax.Array, *, row_wise: bool,
                    flatten: bool, exact: bool = False) -> jax.Array:
     """mergekit's NuSLERP of two leaves (of their task vectors when there is a base), at ``t``
@@ -179,7 +178,7 @@ def nuslerp(base: PyTree | None, models: Sequence[PyTree], weights=None, *, nusl
     """
 
 
-@functools.partial(jax.jit, static_argnames=("normalize", "exact"))
+@exact_jit(("normalize",))
 def multislerp_kernel(base: jax.Array | None, leaves: Sequence[jax.Array], weights: jax.Array,
                       epsilon: jax.Array, *, normalize: bool, exact: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(result, degenerate)``: mergekit's barycentric SLERP of the leaves (or task vectors).

@@ -25,7 +25,6 @@ slicing drops everything.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from collections.abc import Sequence
 from typing import Literal
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, scaled, total
+from jaxmerge._tree import PyTree, TreeSpec, compute_dtype, exact_jit, scaled, total
 from jaxmerge.merging import sparsify
 from jaxmerge.merging.method import LAMBDA, WEIGHTS, Param, merge_method
 from jaxmerge.merging.sparsify import Sparsifier
@@ -62,7 +61,7 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
     return jnp.where(summed >= 0, 1, -1).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sparsifier", "rescale", "exact"))
+@exact_jit(("sparsifier", "rescale"))
 def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, *, sparsifier: Sparsifier,
                        rescale: str | None, exact: bool = False) -> jax.Array:
     """``leaf - base`` in float32 (``exact``: in the base's dtype, see
@@ -78,7 +77,7 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array 
     return sparsify.rescale(delta, mask | keep_all, rescale, keep)
 
 
-@functools.partial(jax.jit, static_argnames=("consensus", "normalize", "subtract_base", "exact"))
+@exact_jit(("consensus", "normalize", "subtract_base"))
 def combine_task_vectors(base: jax.Array, leaves: Sequence[jax.Array], weights: jax.Array, lambda_: jax.Array, *,
                          consensus: str | None, normalize: bool, subtract_base: bool = False,
                          exact: bool = False) -> jax.Array:
