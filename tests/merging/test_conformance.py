@@ -203,8 +203,9 @@ def test_command_equals_in_memory(name, tmp_path):
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(name, tmp_path)))
     assert main(["merge", str(config), str(tmp_path / "out"), "--no-progress", "--random-seed", str(SEED)]) == 0
-    # the command computes 16-bit leaves as mergekit does, in 16 bits: within rounding of the float32 result
-    _assert_close(checkpoints.load(tmp_path / "out"), expected, rtol=1e-6, bf16_ulps=4)
+    # the command computes 16-bit leaves as mergekit does, in 16 bits (checked against mergekit's arithmetic in
+    # tests/cli/test_mergekit_arithmetic.py): close to the float32 result (Karcher's iterations drift most)
+    _assert_close(checkpoints.load(tmp_path / "out"), expected, rtol=1e-6, bf16_ulps=16)
 
 
 @pytest.mark.parametrize("axis_type,jit", [(AxisType.Explicit, False), (AxisType.Auto, True)],
