@@ -1,0 +1,74 @@
+"""mergekit itself against ``jaxmerge merge``, when mergekit 0.1.5 is installed (it needs torch, so
+it is not a test dependency): ``mergekit-yaml`` on the PATH, or its path in ``$MERGEKIT_YAML``.
+Float32 outputs agree to 1e-5; 16-bit ones are compared in the arithmetic tests, and sorting-based
+and random methods differ by design (README)."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxmerge import checkpoints
+from jaxmerge.cli.main import main
+from tests.checkpoints.hf import llama_tensors, write_model
+
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MERGEKIT is None, reason="mergekit is not installed")]
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 40,
+         "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 64, "torch_dtype": "float32"}
+
+
+def _configs(root):
+    models = [{"model": str(root / f"m{i}"), "parameters": {"weight": w, "density": d}}
+              for i, (w, d) in enumerate([(1.0, 0.5), ([0.2, 0.9], [0.3, 0.8]), (0.5, 0.7)])]
+    base = str(root / "base")
+    return {
+        "ties": {"merge_method": "ties", "base_model": base, "models": models, "parameters": {"lambda": 0.9}},
+        "breadcrumbs": {"merge_method": "breadcrumbs_ties", "base_model": base, "models": models},
+        "model_stock": {"merge_method": "model_stock", "base_model": base,
+                        "models": [{"model": m["model"]} for m in models]},
+        "nuslerp": {"merge_method": "nuslerp", "models": [{"model": m["model"], "parameters": {"weight": w}}
+                                                          for m, w in zip(models[:2], [1.0, 0.4])]},
+        "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": m["model"]} for m in models],
+                "parameters": {"select_topk": 0.6}},
+        "frankenmerge": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": models[0]["model"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": models[1]["model"], "layer_range": [1, 4], "parameters": {"scale": 0.5}}]}]},
+        "gradient_slerp": {"merge_method": "slerp", "base_model": models[0]["model"], "slices": [
+            {"sources": [{"model": models[0]["model"], "layer_range": [0, 4]},
+                         {"model": models[1]["model"], "layer_range": [0, 4]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peer")
+    base = llama_tensors(0, layers=4)
+    write_model(root / "base", base, config=LLAMA)
+    for i in range(3):
+        write_model(root / f"m{i}", llama_tensors(60 + i, layers=4, scale=0.05, around=base), config=LLAMA)
+    return root
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "model_stock", "nuslerp", "sce", "frankenmerge",
+                                  "gradient_slerp"])
+def test_the_same_numbers_as_mergekit(root, tmp_path, name):
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_configs(root)[name]))
+    subprocess.run([MERGEKIT, str(config), str(tmp_path / "mergekit")], check=False, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))  # its model card step may fail offline
+    assert (tmp_path / "mergekit" / "model.safetensors").exists(), "mergekit wrote no model"
+    assert main(["merge", str(config), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+    assert sorted(theirs) == sorted(ours)
+    for tensor in theirs:
+        np.testing.assert_allclose(np.asarray(ours[tensor]), np.asarray(theirs[tensor]), rtol=1e-5, atol=1e-5,
+                                   err_msg=tensor)
+    layers = json.loads((tmp_path / "mergekit" / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((tmp_path / "jaxmerge" / "config.json").read_text())["num_hidden_layers"] == layers
