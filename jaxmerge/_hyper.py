@@ -223,9 +223,10 @@ class Resolver:
             is no default (naming ``name`` and the path). TypeError: a value that is not a
             real number.
         """
+        levels = [setting for setting in levels if setting is not None]  # None: not given at that level
         float_leaves = self.spec.float_indices()
         if not levels or _is_plain(levels[0]):
-            value = default if not levels or levels[0] is None else levels[0]
+            value = default if not levels else levels[0]
             if value is REQUIRED:
                 raise JaxmergeError(f"{name} is required but not given")
             value = checked(value, name, check) if float_leaves else None

@@ -35,6 +35,15 @@ def _numbered(path_keys: tuple[str, ...]) -> list[tuple[tuple[str, ...], int, in
     return found
 
 
+def position(index: int | None, count: int) -> float:
+    """A layer's position ``t`` in [0, 1] for gradients, as mergekit places it: layer ``index`` of
+    ``count`` at ``index / (count - 1)`` (1 when ``count == 1``), a tensor outside the stack
+    (``index`` None: embeddings, final norm, head) at 0."""
+    if index is None:
+        return 0.0
+    return index / (count - 1) if count > 1 else 1.0
+
+
 class LayerStack:
     """Which layer each path belongs to.
 
@@ -58,15 +67,13 @@ class LayerStack:
         self.num_layers = max(distinct[stack]) + 1 if stack is not None else 0
 
     def positions(self) -> list[float]:
-        """Each path's position ``t`` in [0, 1]: layer ``i`` of ``L`` at ``i / (L - 1)`` (1 when
-        ``L == 1``), paths outside the stack at 0."""
-        last = self.num_layers - 1
-        return [0.0 if i is None else i / last if last > 0 else 1.0 for i in self.indices]
+        """Each path's :func:`position` along the stack."""
+        return [position(i, self.num_layers) for i in self.indices]
 
     def renumbered(self, k: int, name: str, index: int) -> str:
         """Flat name ``name`` (of path ``k``, in the stack) with its layer index replaced by ``index``."""
         tokens = _SEPARATOR.split(name)
         j = 2 * self._where[k][1]  # parts sit at the even tokens, separators between them
         match = _NAME_WITH_INDEX.fullmatch(tokens[j])
-        tokens[j] = f"{match[1]}_{index}" if match and not tokens[j].isdigit() else str(index)
+        tokens[j] = f"{match[1]}_{index}" if match else str(index)
         return "".join(tokens)

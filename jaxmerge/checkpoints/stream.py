@@ -265,12 +265,12 @@ class CheckpointSource:
     (``base_inputs`` the base's); by default the same name.
     """
 
-    def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions,
-                 inputs: Sequence[dict] | None = None, base_inputs: dict | None = None):
+    def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions, inputs: Sequence[dict],
+                 base_inputs: dict):
         self.spec, self.options = spec, options
         self.names = [key[0] for key in spec.keys]
-        self.models = [(r, (inputs or [{}] * len(readers))[j]) for j, r in enumerate(readers)]
-        self.base = None if base_reader is None else (base_reader, base_inputs or {})
+        self.models = list(zip(readers, inputs))
+        self.base = None if base_reader is None else (base_reader, base_inputs)
 
     def _load(self, source, name: str):
         reader, renamed = source
@@ -411,7 +411,6 @@ class _Planned:
     def __init__(self, group: Group, open_reader: Callable, options: StreamOptions):
         readers = [open_reader(m) for m in group.models]
         base_reader = None if group.base is None else open_reader(group.base)
-        reference = base_reader or readers[0]
         names = list(group.model_names) if group.model_names is not None else [str(m) for m in group.models]
         inputs = list(group.inputs) if group.inputs is not None else [{}] * len(readers)
 
@@ -425,11 +424,12 @@ class _Planned:
                                          None if base_reader is None else shapes(base_reader, group.base_inputs or {}),
                                          names=names)
         self.names = [key[0] for key in self.spec.keys]
+        reference = base_reader or readers[0]
         stores = None if group.statistics is None else [_StatisticsStore(open_reader(s), options.sharding)
                                                          for s in group.statistics]
         positions = None if group.positions is None else [group.positions[n] for n in self.names]
         self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions)
-        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs)
+        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs or {})
         renamed = (group.base_inputs if base_reader is not None else inputs[0]) or {}
         self.stored = {n: reference.shape_dtype(renamed.get(n, n))[1] for n in self.names}  # not narrowed by JAX
         self.reference = reference
@@ -466,6 +466,8 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
             opened[Path(path)] = open_checkpoint(path)
         return opened[Path(path)]
 
+    if not groups:
+        raise JaxmergeError("nothing to merge: no group of tensors")
     planned = [_Planned(group, open_reader, options) for group in groups]
     names = [n for p in planned for n in p.names]
     if len(set(names)) != len(names):

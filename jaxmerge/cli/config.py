@@ -22,8 +22,8 @@ import yaml
 
 from jaxmerge.cli.hub import cache_dir, cached_model
 from jaxmerge.errors import ConfigError
-from jaxmerge.merging import methods
-from jaxmerge.merging.method import Method, Param
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.merging.method import Method, Param, method
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}
 NOT_APPLIED = {"tokenizer_source", "tokenizer", "chat_template"}  # read, reported, not applied yet
@@ -41,7 +41,8 @@ def coerce(param: Param, value):
         return [coerce(param, v) for v in value]
     if isinstance(value, dict):
         return {k: coerce(param, v) if k == "value" else v for k, v in value.items()}
-    if param.kind is bool and (isinstance(value, int) or isinstance(value, str)) and not isinstance(value, bool):
+    boolean = param.kind is bool or param.allowed_choices(config=True) == (False, True)
+    if boolean and isinstance(value, (int, str)) and not isinstance(value, bool):
         text = str(value).strip().lower()
         return True if text in _TRUE else False if text in _FALSE else value
     if isinstance(value, str) and param.choices is None:
@@ -162,10 +163,15 @@ class _Reader:
                                 f"not take (it takes {', '.join(sorted(known)) or 'none'}): ignored")
         return {name: value for name, value in parameters.items() if name in known}
 
+    def keys(self, entry: dict, known: set[str], where: str) -> None:
+        """Report the keys of an entry that mergekit does not read."""
+        self.ignored += [f"{where} has the key {key!r}, which is not read: ignored" for key in entry if key not in known]
+
     def source(self, entry, where: str, layers: bool) -> Source:
         entry = {"model": entry} if isinstance(entry, str) and not layers else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"{self.path}: {where} needs a 'model' key")
+        self.keys(entry, {"model", "parameters", *(("layer_range",) if layers else ())}, where)
         layer_range = None
         if layers:
             layer_range = entry.get("layer_range")
@@ -194,23 +200,23 @@ def load_config(path: str | Path) -> MergeConfig:
     """
     path = Path(path)
     raw, text = _read(path)
-    registry = methods()
-    if raw.get("merge_method") not in registry:
-        raise ConfigError(f"{path}: unknown merge_method {raw.get('merge_method')!r}; one of {', '.join(registry)}")
-    method = registry[raw["merge_method"]]
-    reader = _Reader(path, method)
+    try:
+        record = method(str(raw.get("merge_method")))
+    except JaxmergeError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    reader = _Reader(path, record)
     reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw
                        if key not in TOP_LEVEL | NOT_APPLIED]
     reader.ignored += [f"{key!r} is not applied: the base (or first) model's tokenizer files are copied"
                        for key in raw if key in NOT_APPLIED]
     base = reader.model(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
+    if record.statistics and "slices" in raw:
+        raise ConfigError(f"{path}: {record.name} merges whole models by their statistics; use 'models', not 'slices'")
     if "models" in raw:
         slices = [_models_slice(reader, raw["models"], base)]
     else:
         slices = _slices(reader, raw["slices"])
-    if method.statistics and "slices" in raw:
-        raise ConfigError(f"{path}: {method.name} merges whole models by their statistics; use 'models', not 'slices'")
-    return MergeConfig(method, base, slices, "slices" in raw,
+    return MergeConfig(record, base, slices, "slices" in raw,
                        reader.parameters(raw.get("parameters"), "parameters", per_model=False),
                        _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), text,
                        reader.ignored)
@@ -234,6 +240,7 @@ def _slices(reader: _Reader, entries) -> list[Slice]:
         where = f"slices[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
             raise ConfigError(f"{reader.path}: {where} needs a non-empty 'sources' list")
+        reader.keys(entry, {"sources", "base_model", "parameters", "residual_weight"}, where)
         sources = [reader.source(s, f"{where}.sources[{j}]", layers=True) for j, s in enumerate(entry["sources"])]
         lengths = {s.layers[1] - s.layers[0] for s in sources}
         if len(lengths) > 1:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 _MODEL_ID = re.compile(r"^(?P<repo>[\w.-]+(/[\w.-]+)?)(@(?P<revision>[\w./-]+))?$")
+_COMMIT = re.compile(r"[\w-]+(\.[\w-]+)*")
 
 
 def cache_dir() -> Path:
@@ -38,6 +39,8 @@ def cached_model(model_id: str) -> Path | None:
     repo = cache_dir() / f"models--{match['repo'].replace('/', '--')}"
     revision = match["revision"] or "main"
     ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
+    commit = ref.read_text().strip() if ref.is_file() and ".." not in revision else revision
+    if not _COMMIT.fullmatch(commit):  # a commit names one snapshot directory, nothing else
+        return None
     snapshot = repo / "snapshots" / commit
-    return snapshot if snapshot.is_dir() and (repo / "snapshots") in snapshot.parents else None
+    return snapshot if snapshot.is_dir() else None

@@ -105,20 +105,19 @@ def _merge(args) -> None:
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
                             sharding=sharding, log=log)
+    groups = plan_groups(config, args.random_seed)
     extra_files = {"jaxmerge_config.yml": config.text, "README.md": model_card(config, Path(args.output).name)}
-    if (model_config := output_config(config, config.out_dtype or config.dtype)) is not None:
+    reference = groups[0].base or groups[0].models[0]
+    if (model_config := output_config(config, reference, config.out_dtype or config.dtype)) is not None:
         extra_files["config.json"] = model_config
-    output = stream_groups(plan_groups(config, args.random_seed), args.output, options=options,
-                           extra_files=extra_files)
+    output = stream_groups(groups, args.output, options=options, extra_files=extra_files)
     print(f"wrote {output}")
 
 
 def _methods(args) -> None:
-    from jaxmerge.merging import methods
+    from jaxmerge.merging import method, methods
 
-    for name, record in methods().items():
-        if args.method and name != args.method:
-            continue
+    for name, record in methods().items() if args.method is None else [(args.method, method(args.method))]:
         print(f"{name}  (jaxmerge.{record.function.__name__}; base model: {record.base})")
         print(f"    {record.summary}")
         for p in record.params:

@@ -16,10 +16,10 @@ from pathlib import Path
 import jax
 
 from jaxmerge._hyper import Levels
-from jaxmerge._layers import LayerStack
+from jaxmerge._layers import LayerStack, position
 from jaxmerge.checkpoints.stream import Group, open_checkpoint
 from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
-from jaxmerge.errors import ConfigError
+from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import MergePlan
 
 _EMBEDDING_NAMES = ("embed", "wte", "wpe")
@@ -46,41 +46,44 @@ def merge_plan(config: MergeConfig, slice_: Slice, sources: list[Source], seed: 
 
 def _roles(config: MergeConfig, slice_: Slice, where: str) -> tuple[list[Source], Source | None]:
     """``(merged sources, base source)`` of a slice by the method's base policy (for a ``'pair'``
-    method the base is the first merged source, ``t = 0``)."""
+    method the base is the first merged source, ``t = 0``), after checking their number."""
     policy, base = config.method.base, slice_.base or config.base
-    if policy == "none":
-        return slice_.sources, None
-    if base is None:
-        if policy in ("required", "pair"):
-            raise ConfigError(f"merge_method {config.method.name!r} needs a base_model")
-        return slice_.sources, None
-    found = [s for s in slice_.sources if s.model.resolve() == base.resolve()]
-    if not found:
-        raise ConfigError(f"{where}: the base_model {base} is not one of its sources")
-    others = [s for s in slice_.sources if s is not found[0]]
-    return ([found[0], *others], None) if policy == "pair" else (others, found[0])
+    models, base_source = slice_.sources, None
+    if policy != "none" and base is not None:
+        found = [s for s in slice_.sources if s.model.resolve() == base.resolve()]
+        if not found:
+            raise ConfigError(f"{where}: the base_model {base} is not one of its sources")
+        models, base_source = [s for s in slice_.sources if s is not found[0]], found[0]
+        if policy == "pair":
+            models, base_source = [base_source, *models], None
+    elif policy in ("required", "pair"):
+        raise ConfigError(f"merge_method {config.method.name!r} needs a base_model")
+    try:
+        config.method.check_models(len(models), base_source is not None)
+    except JaxmergeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return models, base_source
 
 
-def _paths(sources: list[Source]) -> tuple:
-    return tuple(s.model for s in sources)
+def _group(plan: MergePlan, models: list[Source], base: Source | None, **layout) -> Group:
+    return Group(plan, tuple(s.model for s in models), base=base and base.model,
+                 model_names=tuple(s.label for s in models), **layout)
 
 
 def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
-    """The groups of output tensors of ``config``, each with its merge plan.
+    """The groups of output tensors of ``config``, each with its merge plan; the first group's
+    base (else first model) is the output's reference, whose config and tokenizer it takes.
 
     Raises:
-      ConfigError: a slice without its base model among its sources, or a method given the
-        wrong number of models (naming the slice); CheckpointError: unreadable models.
+      ConfigError: a slice without its base model among its sources, a method given the wrong
+        number of models (naming the slice), a layer range beyond a model's layers, or no
+        tensor to write; CheckpointError: unreadable models.
     """
     if not config.sliced:
         slice_ = config.slices[0]
         models, base = _roles(config, slice_, "models")
-        reference = open_checkpoint((base or models[0]).model)
-        stack = LayerStack([(n,) for n in reference.names])
         statistics = tuple(s.statistics for s in models) if config.method.statistics else None
-        return [Group(merge_plan(config, slice_, models, seed), _paths(models), base=base and base.model,
-                      positions=dict(zip(reference.names, stack.positions())), statistics=statistics,
-                      model_names=tuple(s.label for s in models))]
+        return [_group(merge_plan(config, slice_, models, seed), models, base, statistics=statistics)]
     layouts = {}
 
     def layout(source: Source) -> tuple[list[str], LayerStack]:
@@ -93,35 +96,36 @@ def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
     for i, slice_ in enumerate(config.slices):
         models, base = _roles(config, slice_, f"slices[{i}]")
         plan = merge_plan(config, slice_, models, seed)
-        sources = models + ([base] if base else [])
-        names, stack = layout(sources[0])
-        if i == 0:
-            groups.append(_outside(plan, models, base, names, stack, before=True))
-        count = sources[0].layers[1] - sources[0].layers[0]
-        for source in sources:
+        template = base or models[0]
+        names, stack = layout(template)
+        for source in [*models, *([base] if base else [])]:
             if source.layers[1] > layout(source)[1].num_layers:
                 raise ConfigError(f"{source.label}: layer_range {list(source.layers)} goes beyond its "
                                   f"{layout(source)[1].num_layers} layers")
+        if i == 0:
+            groups.append(_outside(plan, models, base, names, stack, before=True))
+        count = template.layers[1] - template.layers[0]
         outputs, inputs, base_inputs, positions = [], [{} for _ in models], {}, {}
         for step in range(count):
-            template = sources[0].layers[0] + step
             for k, name in enumerate(names):
-                if stack.indices[k] != template:
+                if stack.indices[k] != template.layers[0] + step:
                     continue
                 out = stack.renumbered(k, name, offset + step)
                 outputs.append(out)
-                positions[out] = step / (count - 1) if count > 1 else 1.0
+                positions[out] = position(step, count)
                 for j, source in enumerate(models):
                     inputs[j][out] = stack.renumbered(k, name, source.layers[0] + step)
                 if base is not None:
                     base_inputs[out] = stack.renumbered(k, name, base.layers[0] + step)
-        groups.append(Group(plan, _paths(models), base=base and base.model, outputs=tuple(outputs),
-                            inputs=tuple(inputs), base_inputs=base_inputs, positions=positions,
-                            model_names=tuple(s.label for s in models)))
+        groups.append(_group(plan, models, base, outputs=tuple(outputs), inputs=tuple(inputs),
+                             base_inputs=base_inputs, positions=positions))
         offset += count
         if i == len(config.slices) - 1:
             groups.append(_outside(plan, models, base, names, stack, before=False))
-    return [g for g in groups if g.outputs != ()]
+    groups = [g for g in groups if g.outputs]
+    if not groups:
+        raise ConfigError("the slices give no tensor to write")
+    return groups
 
 
 def _outside(plan: MergePlan, models: list[Source], base: Source | None, names: list[str], stack: LayerStack, *,
@@ -129,14 +133,12 @@ def _outside(plan: MergePlan, models: list[Source], base: Source | None, names: 
     """The group of the tensors outside the layer stack: those before it (embeddings) or after it."""
     outputs = tuple(n for k, n in enumerate(names)
                     if stack.indices[k] is None and any(e in n.lower() for e in _EMBEDDING_NAMES) == before)
-    return Group(plan, _paths(models), base=base and base.model, outputs=outputs, positions=dict.fromkeys(outputs, 0.0),
-                 model_names=tuple(s.label for s in models))
+    return _group(plan, models, base, outputs=outputs, positions={n: position(None, 0) for n in outputs})
 
 
-def output_config(config: MergeConfig, out_dtype: str | None) -> str | None:
-    """The merged model's ``config.json``: the base's (else the first model's) with its dtype set
-    to the written one and, for slices, its layer count to the output's; None without one."""
-    reference = config.base or config.slices[0].sources[0].model
+def output_config(config: MergeConfig, reference: Path, out_dtype: str | None) -> str | None:
+    """The merged model's ``config.json``: the reference model's, with its dtype set to the
+    written one and, for slices, its layer count to the output's; None without one."""
     path = Path(reference) / "config.json"
     if not path.is_file():
         return None

@@ -83,29 +83,31 @@ class Param:
     def checked_option(self, value, where: str, config: bool = False):
         """``value`` after checking it is a valid setting of this option (named ``where``; from a
         config with ``config``)."""
-        choices = self.config_choices if config and self.config_choices is not None else self.choices
+        choices = self.allowed_choices(config)
         if choices is not None:
             if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
                 raise JaxmergeError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
             return value
         if self.kind is bool and not isinstance(value, bool):
             raise TypeError(f"{where} must be a boolean, got {value!r}")
+        if self.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
         if self.kind is int:
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{where} must be an integer, got {value!r}")
-            problem = self.check(value) if self.check is not None else None
-            if problem:
-                raise JaxmergeError(f"{where} {problem}, got {value!r}")
+            _hyper.checked(value, where, self.check)
         if self.kind is float:
             return _hyper.checked(value, where, self.check)
         return value
+
+    def allowed_choices(self, config: bool = False) -> tuple | None:
+        """The values an option may take (in a config, with ``config``), or None if any of its kind."""
+        return self.config_choices if config and self.config_choices is not None else self.choices
 
     def describe(self, config: bool = False) -> str:
         """``name=default`` with its range or choices, for listings (of configs, with ``config``)."""
         required = self.default is REQUIRED or (config and self.config_required)
         default = "required" if required else repr(self.default)
         allowed = f" in {self.check}" if self.check else ""
-        choices = self.config_choices if config and self.config_choices is not None else self.choices
+        choices = self.allowed_choices(config)
         if choices:
             allowed = f" one of {', '.join(map(repr, choices))}"
         return f"{self.key if config else self.name}={default}{allowed}"
@@ -149,7 +151,14 @@ class Method:
         return next(p for p in self.params if p.name == name)
 
     def python_settings(self, hyperparameters: dict) -> Settings:
-        """Settings from the keyword arguments of the Python function (``None``: the default)."""
+        """Settings from the keyword arguments of the Python function (``None``: the default).
+
+        Raises:
+          TypeError: a keyword the function does not take.
+        """
+        allowed = {p.name for p in self.params if p.name in inspect.signature(self.function).parameters}
+        if unknown := sorted(set(hyperparameters) - allowed):
+            raise TypeError(f"{self.function.__name__}() got an unexpected keyword argument {unknown[0]!r}")
         settings = {}
         for p in self.params:
             value = hyperparameters.get(p.name)
@@ -262,7 +271,8 @@ def merge_method(name: str, *, base: BasePolicy, params: Sequence[Param], plan: 
             return method.merge(arguments.pop("models"), base=base_tree, statistics=stats, **arguments)
 
         filled = tuple(dataclasses.replace(p, default=_signature_default(signature, p)) for p in params)
-        method = Method(name, merge, filled, base, plan, tuple(references), min_models, max_models, statistics)
+        counts = (2, 2) if base == "pair" else (min_models, max_models)
+        method = Method(name, merge, filled, base, plan, tuple(references), *counts, statistics)
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice")
         REGISTRY[name] = method
@@ -346,10 +356,6 @@ def plan(method_: str | Callable, **hyperparameters) -> MergePlan:
       ('ties', 'ties')
     """
     record = method(method_)
-    allowed = {p.name for p in record.params if p.name in inspect.signature(record.function).parameters}
-    unknown = sorted(set(hyperparameters) - allowed)
-    if unknown:
-        raise TypeError(f"{record.function.__name__}() got an unexpected keyword argument {unknown[0]!r}")
     return MergePlan(record, record.python_settings(hyperparameters))
 
 

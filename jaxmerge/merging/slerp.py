@@ -228,7 +228,7 @@ def _multislerp_plan(spec: TreeSpec, hp: dict):
 
     def leaf_fn(i, base, leaves):
         if len(leaves) == 1:
-            return leaves[0]
+            return leaves[0].astype((leaves[0] if base is None else base).dtype)
         result, degenerate = multislerp_kernel(base, leaves, weights[i], eps, normalize=normalize, exact=hp["exact"])
         if not isinstance(degenerate, jax.core.Tracer) and bool(degenerate) and len(leaves) > 2:
             raise JaxmergeError(f"multislerp: the weighted mean direction at {spec.paths[i]!r} is zero (opposite "

@@ -134,7 +134,7 @@ def test_inspect(tmp_path, models, capsys):
 
 
 @pytest.mark.parametrize("content,message", [
-    (dict(merge_method="tiez", models=["tune0"]), "unknown merge_method 'tiez'"),
+    (dict(merge_method="tiez", models=["tune0"]), "unknown merge method 'tiez'"),
     (dict(merge_method="linear", models=[{"model": "nowhere"}]), "models[0]: path 'nowhere' does not exist"),
     (dict(merge_method="linear", modles=[]), "give exactly one of 'models' and 'slices'"),
     (dict(merge_method="ties", models=["tune0"]), "merge_method 'ties' needs a base_model"),
