@@ -211,6 +211,13 @@ def total(xs: Sequence[jax.Array], dtype) -> jax.Array:
     return out.astype(dtype)
 
 
+def norm(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """The Euclidean norm of ``x`` over ``axis`` as torch computes it for a 16-bit tensor: the
+    squares summed in float32 (float64 for float64), the root rounded once to ``x.dtype``."""
+    squares = jnp.square(x.astype(acc_dtype(x.dtype)))
+    return jnp.sqrt(jnp.sum(squares, axis=axis, keepdims=keepdims)).astype(x.dtype)
+
+
 def scaled(x: jax.Array, factor) -> jax.Array:
     """``x * factor`` computed in float32 (or float64) and cast back: a tensor times a Python
     number, as torch computes it for 16-bit tensors."""

@@ -132,6 +132,8 @@ def test_levels_fall_through_as_in_mergekit():
     np.testing.assert_array_equal(rows["lm_head.weight"], [1.0, 1.0])
     with pytest.raises(ValueError, match="density of a at 'lm_head.weight' is required"):
         Resolver(spec).per_model(levels, "density", ["a", "b"])
+    shared = _by_path(spec, Resolver(spec).leafwise((None, [{"filter": "mlp", "value": 0.5}]), "t", default=0.0))
+    assert shared["model.layers.1.mlp.up_proj.weight"] == 0.5 and shared["lm_head.weight"] == 0.0  # None: not given
     with pytest.raises(ValueError, match=r"density of a at 'model.layers.0.self_attn.q_proj.weight' must be in "
                                          r"\[0, 1\], got 2.0"):
         Resolver(spec).per_model(Levels(per_model=(([{"filter": "self_attn", "value": 2.0}],), ())), "density",

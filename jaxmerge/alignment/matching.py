@@ -66,7 +66,7 @@ def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTr
     """
     bound = spec.bind(params)
     _check_perm(bound, perm)
-    keys, leaves, treedef = flatten_with_keys(params)
+    _, leaves, treedef = flatten_with_keys(params)
     leaves = list(leaves)
     for spec_key, index in bound.leaf_index.items():
         leaf = leaves[index]

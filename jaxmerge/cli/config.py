@@ -21,8 +21,7 @@ from pathlib import Path
 import yaml
 
 from jaxmerge.cli.hub import cache_dir, cached_model
-from jaxmerge.errors import ConfigError
-from jaxmerge.errors import JaxmergeError
+from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import Method, Param, method
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}

@@ -25,7 +25,7 @@ def arcee_fusion_kernel(a: jax.Array, b: jax.Array, *, exact: bool = False) -> j
     (softmax and KL along the last axis) is at least ``median + 1.5 (q3 - q1)`` of its entries;
     in float32 (``exact``: as mergekit computes it in ``a``'s dtype, softmax in float32)."""
     dtype = compute_dtype(a.dtype, exact)
-    a_c, b_c = a.astype(dtype), b.astype(dtype)
+    a_c, b_c = a.astype(dtype).reshape(a.shape or (1,)), b.astype(dtype).reshape(a.shape or (1,))
 
     def softmax(x):
         return jax.nn.softmax(x.astype(acc_dtype(dtype)), axis=-1).astype(dtype) + 1e-8
@@ -36,7 +36,8 @@ def arcee_fusion_kernel(a: jax.Array, b: jax.Array, *, exact: bool = False) -> j
     importance = jnp.abs(change) * kl
     q1, median, q3 = (_quantile(importance, q) for q in _QUANTILES)
     mask = importance >= median + scaled(q3 - q1, 1.5)
-    return (a_c.astype(acc_dtype(dtype)) + jnp.where(mask, change, 0).astype(acc_dtype(dtype))).astype(a.dtype)
+    fused = a_c.astype(acc_dtype(dtype)) + jnp.where(mask, change, 0).astype(acc_dtype(dtype))
+    return fused.astype(a.dtype).reshape(a.shape)
 
 
 @merge_method("arcee_fusion", base="pair", params=(),

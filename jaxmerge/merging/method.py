@@ -7,7 +7,8 @@ its references. The public Python function, its argument checks, the ``jaxmerge 
 config entry, ``jaxmerge methods`` and the conformance tests are all derived from it.
 
 A method is defined by decorating its public function with :func:`merge_method`. The
-function's signature holds the defaults (each stated once, there) and its docstring the
+function's signature holds the defaults (each stated once: there, or in the :class:`Param`
+where the signature says ``None``, as for ``weights``) and its docstring the
 documentation; its body is that docstring only, since the record implements it: bind the
 arguments, check the trees and the hyperparameters, plan, and run the leafwise driver.
 
@@ -60,7 +61,7 @@ class Param:
       config_required: configs must set it (mergekit gives it no default).
       sequence: Python takes it as one entry per model (``weights``).
       default: the default, read from the function's signature; given here only for a
-        parameter that exists in configs alone.
+        parameter that exists in configs alone or that the signature leaves ``None``.
     """
 
     name: str
@@ -263,7 +264,10 @@ def merge_method(name: str, *, base: BasePolicy, params: Sequence[Param], plan: 
             raise TypeError(f"{name}: the signature and the record disagree on {sorted(unknown) or config_only}")
         @functools.wraps(function)
         def merge(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
+            try:
+                arguments = signature.bind(*args, **kwargs).arguments
+            except TypeError as error:
+                raise TypeError(f"{function.__name__}() {error}") from None
             stats = arguments.pop(statistics) if statistics else None
             if base == "pair":
                 return method.merge([arguments.pop("a"), arguments.pop("b")], **arguments)

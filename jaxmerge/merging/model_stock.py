@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, scaled, total
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, norm, scaled, total
 from jaxmerge.merging.method import Param, merge_method
 
 
@@ -32,10 +32,7 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     models = [leaf.astype(dtype).reshape(rows.shape) for leaf in leaves]
     deltas = [m - rows for m in models]
 
-    def norm(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
-        return jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True)).astype(dtype)
-
-    norms = [norm(d) for d in deltas]
+    norms = [norm(d, axes, keepdims=True) for d in deltas]
     cosines = [jnp.clip(jnp.sum((deltas[i] * deltas[j]).astype(acc), axis=axes, keepdims=True).astype(dtype)
                         / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
                for i in range(len(deltas)) for j in range(i + 1, len(deltas))]

@@ -10,14 +10,14 @@ import numpy as np
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, scaled, total
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, norm, scaled, total
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
 def _unit(x: jax.Array, epsilon: float) -> jax.Array:
-    norm = jnp.linalg.norm(x)
-    return jnp.where(norm > epsilon, x / jnp.where(norm > epsilon, norm, 1), x)
+    size = jnp.linalg.norm(x)
+    return jnp.where(size > epsilon, x / jnp.where(size > epsilon, size, 1), x)
 
 
 @jax.jit
@@ -102,9 +102,8 @@ def nuslerp_kernel(base: jax.Array | None, a: jax.Array, b: jax.Array, t: jax.Ar
         v0, v1 = v0 - base.astype(dtype), v1 - base.astype(dtype)
     axes = tuple(range(v0.ndim)) if flatten or v0.ndim == 0 else (0,) if row_wise else (v0.ndim - 1,)
 
-    def unit(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
-        return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True)).astype(dtype),
-                               1e-7)
+    def unit(x):
+        return x / jnp.maximum(norm(x, axes, keepdims=True), 1e-7)
 
     cos = jnp.clip(jnp.sum((unit(v0) * unit(v1)).astype(acc), axis=axes, keepdims=True).astype(dtype), -1, 1)
     colinear = (1 - jnp.square(cos)) <= 1e-16
@@ -199,9 +198,6 @@ def multislerp_kernel(base: jax.Array | None, leaves: Sequence[jax.Array], weigh
     if normalize:
         w = w / total(list(w), dtype)
     eps = epsilon.astype(dtype)
-
-    def norm(x):  # torch's norm of a 16-bit tensor: squares summed in float32, rounded once
-        return jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)))).astype(dtype)
 
     norms = [norm(x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms)]

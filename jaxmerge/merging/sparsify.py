@@ -344,7 +344,7 @@ MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), R
 
 
 def magnitude_mask(x: jax.Array, density) -> jax.Array:
-    """Mask of the ``int(density * x.size)`` entries of largest magnitude (TIES' trim).
+    """Mask of the ``max(1, int(density * x.size))`` entries of largest magnitude (TIES' trim).
 
     The same strategy (:class:`Magnitude`) as :func:`jaxmerge.ties` uses; ties in
     magnitude go to the lower index (:func:`top_k_mask`).

@@ -15,11 +15,9 @@ vectors ``d_i = theta_i - base`` and weights ``w_i``:
    after sign election; without it, weights summing to 0 are refused);
 4. result ``base + lambda_ * m``, cast to the base's dtype.
 
-Everything is computed in float32 (mergekit computes in the models' dtype); otherwise the
-numbers follow mergekit's, with the same parameter names and defaults. Two deliberate
-differences: an entry count ``int(density * n)`` of 0 keeps nothing where mergekit
-raises, and breadcrumbs with ``int(gamma * n) == 0`` drops no outliers where mergekit's
-slicing drops everything.
+The parameter names, defaults and numbers follow mergekit's. Python calls compute in
+float32 (float64 for float64 leaves); ``exact`` kernels (what ``jaxmerge merge`` runs) compute
+in the models' dtype, rounding where mergekit's torch code does.
 """
 
 from __future__ import annotations
@@ -148,7 +146,7 @@ def task_vector_plan(sparsifier: Sparsifier | None, *, elects_sign: bool):
     """The plan of a generalized task-arithmetic method with this sparsifier, electing signs or not."""
     def plan(spec: TreeSpec, hp: dict):
         consensus = hp["majority_sign"] if elects_sign else None
-        normalize, rescale = hp["normalize"], _RESCALE_NORMS[hp.get("rescale", False)]
+        normalize, rescale = hp["normalize"], _RESCALE_NORMS[hp["rescale"]]
         weights, lam = hp["weights"], hp["lambda_"]
         if normalize and consensus is None:
             _hyper.check_nonzero_sums(weights, "weights", spec)
@@ -235,7 +233,7 @@ def ties(base: PyTree, models: Sequence[PyTree], weights=None, *, density=1.0, l
          majority_sign: MajoritySign = "sum", rescale: Rescale = False) -> PyTree:
     """TIES-Merging, mergekit's ``ties``: trim, elect sign, disjoint merge.
 
-    Trim each task vector to its ``int(density * n)`` largest-magnitude entries, elect a
+    Trim each task vector to its ``max(1, int(density * n))`` largest-magnitude entries, elect a
     sign per entry, and average the entries that agree with it (disjoint mean).
 
     Args:

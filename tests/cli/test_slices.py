@@ -62,6 +62,18 @@ def test_a_passthrough_frankenmerge_stacks_and_renumbers_layers(tmp_path, family
     assert written["num_hidden_layers"] == 7 and written["torch_dtype"] == "bfloat16"
 
 
+def test_the_base_model_gives_the_output_its_config_wherever_it_is_listed(tmp_path, family):
+    config = json.loads((tmp_path / "m1" / "config.json").read_text())
+    (tmp_path / "m1" / "config.json").write_text(json.dumps({**config, "marker": "m1"}))
+    sources = [{"model": name, "layer_range": [0, LAYERS]} for name in ("m0", "m1")]
+    assert _merge(tmp_path, merge_method="slerp", base_model="m1", parameters={"t": 0.0},
+                  slices=[{"sources": sources}]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["marker"] == "m1"
+    out = checkpoints.load(tmp_path / "out")
+    for name, value in family["m1"].items():  # t = 0: the base itself
+        np.testing.assert_allclose(out[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_gradients_run_over_each_slice(tmp_path, family):
     t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": [1, 0.2]}]
     slices = [{"sources": [{"model": "m0", "layer_range": [1, 3]}, {"model": "m1", "layer_range": [2, 4]}]},
@@ -113,6 +125,9 @@ def test_per_slice_base_models_and_parameters(tmp_path, family):
     (dict(merge_method="passthrough", slices=[{"sources": [{"model": "m0", "layer_range": [0]}]}]),
      "slices[0].sources[0].layer_range must be [start, end]"),
     (dict(merge_method="passthrough", models=["m0"], slices=[]), "give exactly one of 'models' and 'slices'"),
+    (dict(merge_method="slerp", base_model="m0", parameters={"t": 0.5},
+          slices=[{"sources": [{"model": name, "layer_range": [0, 4]} for name in ("m0", "m1", "m2")]}]),
+     "slices[0]: slerp merges exactly 2 models, got 3"),
     (dict(merge_method="fisher", slices=[{"sources": [{"model": "m0", "layer_range": [0, 4],
                                                        "parameters": {"statistics": "m0"}}]}]),
      "fisher merges whole models by their statistics; use 'models', not 'slices'"),
@@ -137,4 +152,5 @@ def test_model_ids_are_found_in_the_hugging_face_cache(tmp_path, family, monkeyp
     out = checkpoints.load(tmp_path / "out")
     np.testing.assert_allclose(out["lm_head.weight"], (family["m0"]["lm_head.weight"]
                                                        + 3 * family["m1"]["lm_head.weight"]) / 4, rtol=1e-6)
-    assert _merge(tmp_path, merge_method="linear", models=[{"model": "org/absent", "parameters": {"weight": 1.0}}]) == 2
+    for absent in ("org/absent", "org/m0@..", "org/m0@../../m1/snapshots/c3d4"):  # a revision names a snapshot only
+        assert _merge(tmp_path, merge_method="linear", models=[{"model": absent, "parameters": {"weight": 1.0}}]) == 2

@@ -267,3 +267,23 @@ def test_bad_hyperparameters_are_refused_naming_the_leaf(name):
         with pytest.raises((ValueError, TypeError)) as error:
             _call(name, base, models, stats, **{**CASES[name], param: value})
         assert message in str(error.value), (param, str(error.value))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_scalar_leaf_merges_and_unknown_keywords_are_refused(name):
+    """A 0-d float leaf (a learned temperature) merges like a one-entry vector; a misspelt
+    keyword is a TypeError naming the function, as Python's own."""
+    base, models, stats = _inputs(name)
+    if METHODS[name].statistics:
+        pytest.skip("statistics are per matrix")
+    scalar = lambda tree, value: {**tree, "temperature": jnp.float32(value)}  # noqa: E731
+    vector = lambda tree, value: {**tree, "temperature": jnp.full((1,), value, jnp.float32)}  # noqa: E731
+    values = [0.5 + 0.25 * i for i in range(len(models))]
+    hp = CASES[name]
+    out = _call(name, scalar(base, 1.0), [scalar(m, v) for m, v in zip(models, values)], stats, **hp)
+    expected = _call(name, vector(base, 1.0), [vector(m, v) for m, v in zip(models, values)], stats, **hp)
+    assert out["temperature"].shape == ()
+    np.testing.assert_allclose(out["temperature"], expected["temperature"][0], rtol=1e-6)
+    with pytest.raises(TypeError, match=rf"{METHODS[name].function.__name__}\(\) got an unexpected keyword argument "
+                                        r"'densty'"):
+        _call(name, base, models, stats, **hp, densty=0.5)
