@@ -266,8 +266,8 @@ class CheckpointSource:
     """
 
     def __init__(self, spec: TreeSpec, readers: list, base_reader, options: StreamOptions, inputs: Sequence[dict],
-                 base_inputs: dict):
-        self.spec, self.options = spec, options
+                 base_inputs: dict, vocabulary=None):
+        self.spec, self.options, self.vocabulary = spec, options, vocabulary
         self.names = [key[0] for key in spec.keys]
         self.models = list(zip(readers, inputs))
         self.base = None if base_reader is None else (base_reader, base_inputs)
@@ -281,7 +281,10 @@ class CheckpointSource:
         base = None if self.base is None else self._load(self.base, name)
         if not self.spec.is_float(i):
             return base, ([] if base is not None else [self._load(self.models[0], name)])
-        return base, [self._load(source, name) for source in self.models]
+        models = [self._load(source, name) for source in self.models]
+        if self.vocabulary is not None and name in self.vocabulary.names:
+            models, base = self.vocabulary(models, base)
+        return base, models
 
     def leaves(self):
         sizes = [self.spec.size(i) * leaf_spec(leaf).dtype.itemsize for i, leaf in enumerate(self.spec.leaves)]
@@ -392,6 +395,10 @@ class Group:
         read from the names).
       statistics: one statistics checkpoint per model (``fisher``, ``regmean``).
       model_names: the models' names in error messages (default: their paths).
+      vocabulary: rewrites the rows (axis 0) of the tensors it names before they are merged,
+        jointly over the models (e.g. onto a merged tokenizer's vocabulary): an object with
+        ``names`` (tensor names), ``rows`` (their rows afterwards) and ``__call__(models,
+        base) -> (models, base)`` over the tensors read.
     """
 
     plan: MergePlan
@@ -403,6 +410,7 @@ class Group:
     positions: dict | None = None
     statistics: tuple | None = None
     model_names: tuple | None = None
+    vocabulary: Any = None
 
 
 class _Planned:
@@ -418,7 +426,8 @@ class _Planned:
             """The reader's tensors under the output names (all of them, when the group names none:
             then a tensor that one model lacks or has extra is an error naming it)."""
             outputs = reader.names if group.outputs is None else group.outputs
-            return {out: _abstract(reader, renamed.get(out, out), options.dtype) for out in outputs}
+            return {out: _rows(_abstract(reader, renamed.get(out, out), options.dtype), out, group.vocabulary)
+                    for out in outputs}
 
         self.spec, _, _ = flatten_models([shapes(r, inputs[j]) for j, r in enumerate(readers)],
                                          None if base_reader is None else shapes(base_reader, group.base_inputs or {}),
@@ -429,14 +438,22 @@ class _Planned:
                                                          for s in group.statistics]
         positions = None if group.positions is None else [group.positions[n] for n in self.names]
         self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions)
-        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs or {})
+        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs or {},
+                                       group.vocabulary)
         renamed = (group.base_inputs if base_reader is not None else inputs[0]) or {}
         self.stored = {n: reference.shape_dtype(renamed.get(n, n))[1] for n in self.names}  # not narrowed by JAX
         self.reference = reference
 
 
+def _rows(abstract: jax.ShapeDtypeStruct, name: str, vocabulary) -> jax.ShapeDtypeStruct:
+    """A tensor's shape after ``vocabulary`` rewrites its rows (unchanged if it does not)."""
+    if vocabulary is None or name not in vocabulary.names or not abstract.shape:
+        return abstract
+    return jax.ShapeDtypeStruct((vocabulary.rows, *abstract.shape[1:]), abstract.dtype)
+
+
 def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options: StreamOptions = StreamOptions(),
-                  extra_files: dict[str, str] | None = None) -> Path:
+                  extra_files: dict[str, str | None] | None = None) -> Path:
     """Merge groups of tensors of checkpoints on disk into one output checkpoint, tensor by tensor.
 
     Each :class:`Group` is merged as :func:`stream_merge` merges its models, under its own
@@ -449,7 +466,8 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
       groups: the groups, whose output names must not repeat.
       output: the directory to create.
       options: how to read and write (:class:`StreamOptions`).
-      extra_files: ``{file name: text}`` to write into the output too (replacing a copied file).
+      extra_files: ``{file name: text}`` to write into the output too, replacing a copied file
+        (None: leave that file out).
 
     Returns:
       The output path.
@@ -499,10 +517,11 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
         staging.writer.close()
         if jax.process_index() == 0:
             for extra in reference.extra_files():
-                if not (staging.path / extra.name).exists():
+                if not (staging.path / extra.name).exists() and extra.name not in (extra_files or {}):
                     shutil.copy2(extra, staging.path / extra.name)
             for file_name, text in (extra_files or {}).items():
-                (staging.path / file_name).write_text(text)
+                if text is not None:
+                    (staging.path / file_name).write_text(text, encoding="utf-8")
     return output
 
 

@@ -24,8 +24,8 @@ from jaxmerge.cli.hub import cache_dir, cached_model
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import Method, Param, method
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name"}
-NOT_APPLIED = {"tokenizer_source", "tokenizer", "chat_template"}  # read, reported, not applied yet
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
+             "tokenizer_source", "tokenizer", "chat_template"}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 STATISTICS = "statistics"  # the per-model parameter naming a model's statistics checkpoint
@@ -76,6 +76,29 @@ class Slice:
     parameters: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSource:
+    """Where a token's embedding row comes from (mergekit's ``tokenizer.tokens.<token>.source``):
+    ``kind`` ``'zero'``, ``'model'`` (the token's row in ``model``) or ``'model_token'`` (the row
+    of ``token`` or of ``token_id`` in ``model``'s own vocabulary); None: no source given."""
+
+    kind: str | None
+    model: Path | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary: ``source`` ``'union'``, ``'base'`` or a model's path; ``tokens``
+    added to it with their embedding sources and ``force`` flags; rows padded to a multiple of
+    ``pad_to_multiple_of``."""
+
+    source: str | Path
+    tokens: dict[str, tuple[TokenSource, bool]]
+    pad_to_multiple_of: int | None = None
+
+
 @dataclasses.dataclass
 class MergeConfig:
     """A parsed config (relative paths resolved against the working directory, then the
@@ -90,6 +113,10 @@ class MergeConfig:
       dtype, out_dtype: the compute and output dtypes (names), if given.
       text: the config as written.
       ignored: what mergekit would ignore in it, one line each.
+      tokenizer: the merged vocabulary, if the config asks for one (``tokenizer_source`` or
+        ``tokenizer``).
+      chat_template: the chat template to write with the tokenizer (a name, ``'auto'`` or a
+        template).
     """
 
     method: Method
@@ -101,6 +128,8 @@ class MergeConfig:
     out_dtype: str | None
     text: str
     ignored: list[str]
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
 
 
 def _resolve(path: str, config_dir: Path, where: str) -> Path:
@@ -191,6 +220,78 @@ class _Reader:
                       statistics)
 
 
+    def tokenizer(self, raw: dict) -> TokenizerSpec | None:
+        """``tokenizer_source`` (a source) or ``tokenizer`` (a source, tokens to add, padding)."""
+        if raw.get("tokenizer_source") and raw.get("tokenizer"):
+            raise ConfigError(f"{self.path}: give one of 'tokenizer_source' and 'tokenizer', not both")
+        if raw.get("tokenizer_source"):
+            return TokenizerSpec(self.vocabulary_source(raw["tokenizer_source"], "tokenizer_source"), {})
+        entry = raw.get("tokenizer")
+        if entry is None:
+            return None
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{self.path}: tokenizer must be a mapping with source, tokens, pad_to_multiple_of")
+        self.keys(entry, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
+        tokens = entry.get("tokens") or {}
+        if not isinstance(tokens, dict):
+            raise ConfigError(f"{self.path}: tokenizer.tokens must map tokens to {{source, force}}")
+        pad = entry.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+            raise ConfigError(f"{self.path}: tokenizer.pad_to_multiple_of must be a whole number, got {pad!r}")
+        return TokenizerSpec(self.vocabulary_source(entry.get("source", "union"), "tokenizer.source"),
+                             {str(token): self.token(setting, f"tokenizer.tokens[{token!r}]")
+                              for token, setting in tokens.items()}, pad or None)
+
+    def vocabulary_source(self, value, where: str) -> str | Path:
+        if value in ("union", "base"):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.path}: {where} must be 'union', 'base' or a model, got {value!r}")
+        return self.model(value, where)
+
+    def token(self, setting, where: str) -> tuple[TokenSource, bool]:
+        """A token's ``{source, force}``: its embedding's source and whether every model takes it."""
+        setting = {} if setting is None else setting
+        if not isinstance(setting, dict):
+            raise ConfigError(f"{self.path}: {where} must be a mapping with source and force")
+        self.keys(setting, {"source", "force"}, where)
+        force = setting.get("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError(f"{self.path}: {where}.force must be true or false, got {force!r}")
+        source = setting.get("source")
+        if source is None:
+            return TokenSource(None), force
+        if isinstance(source, str):
+            return TokenSource("model", self.model(source, f"{where}.source")), force
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if kind == "zero":
+            return TokenSource("zero"), force
+        if kind != "model_token":
+            raise ConfigError(f"{self.path}: {where}.source must be a model, {{kind: zero}} or {{kind: model_token, "
+                              f"model: ..., token: ... | token_id: ...}}, got {source!r}")
+        token, token_id = source.get("token"), source.get("token_id")
+        if (token is None) == (token_id is None) or "model" not in source:
+            raise ConfigError(f"{self.path}: {where}.source (model_token) needs a model and exactly one of token and "
+                              "token_id")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise ConfigError(f"{self.path}: {where}.source.token_id must be a whole number, got {token_id!r}")
+        model = self.model(source["model"], f"{where}.source.model")
+        return TokenSource("model_token", model, None if token is None else str(token), token_id), force
+
+
+def _chat_template(value, path: Path) -> str | None:
+    """``chat_template``: one of mergekit's named templates, ``'auto'``, or a Jinja template."""
+    from jaxmerge.cli.chat_templates import TEMPLATES
+
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or (value not in TEMPLATES and value != "auto"
+                                      and (len(value) < 20 or "{" not in value)):
+        raise ConfigError(f"{path}: chat_template must be one of {', '.join(sorted(TEMPLATES))}, 'auto' or a Jinja "
+                          f"template, got {value!r}")
+    return value
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read and check a YAML config.
 
@@ -204,10 +305,7 @@ def load_config(path: str | Path) -> MergeConfig:
     except JaxmergeError as error:
         raise ConfigError(f"{path}: {error}") from None
     reader = _Reader(path, record)
-    reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw
-                       if key not in TOP_LEVEL | NOT_APPLIED]
-    reader.ignored += [f"{key!r} is not applied: the base (or first) model's tokenizer files are copied"
-                       for key in raw if key in NOT_APPLIED]
+    reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw if key not in TOP_LEVEL]
     base = reader.model(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     if record.statistics and "slices" in raw:
         raise ConfigError(f"{path}: {record.name} merges whole models by their statistics; use 'models', not 'slices'")
@@ -218,7 +316,7 @@ def load_config(path: str | Path) -> MergeConfig:
     return MergeConfig(record, base, slices, "slices" in raw,
                        reader.parameters(raw.get("parameters"), "parameters", per_model=False),
                        _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), text,
-                       reader.ignored)
+                       reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path))
 
 
 def _models_slice(reader: _Reader, entries, base: Path | None) -> Slice:

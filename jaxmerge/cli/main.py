@@ -33,7 +33,8 @@ Models are local directories of Hugging Face safetensors (model.safetensors, or 
 with model.safetensors.index.json) or Orbax checkpoints. The output is written to a
 temporary directory and renamed into place when complete; the base (or first) model's
 config.json, tokenizer and other non-weight files are copied into it, with the config
-as jaxmerge_config.yml.
+as jaxmerge_config.yml. tokenizer_source: union (or base, or a model) merges the
+vocabularies and moves the embedding and head rows onto the merged one.
 """
 
 
@@ -90,8 +91,10 @@ def _merge(args) -> None:
 
     from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_groups
     from jaxmerge.cli.card import model_card
+    from jaxmerge.cli.chat_templates import resolve_template
     from jaxmerge.cli.config import load_config
     from jaxmerge.cli.slices import output_config, plan_groups
+    from jaxmerge.cli.tokenizer import build_vocabulary, tokenizer_files
 
     if args.distributed:
         import jax
@@ -105,10 +108,17 @@ def _merge(args) -> None:
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
                             sharding=sharding, log=log)
-    groups = plan_groups(config, args.random_seed)
-    extra_files = {"jaxmerge_config.yml": config.text, "README.md": model_card(config, Path(args.output).name)}
-    reference = groups[0].base or groups[0].models[0]
-    if (model_config := output_config(config, reference, config.out_dtype or config.dtype)) is not None:
+    models = list(dict.fromkeys(s.model for slice_ in config.slices for s in slice_.sources))
+    vocabulary = None
+    if config.tokenizer is not None:
+        vocabulary = build_vocabulary(config.tokenizer, config.base or models[0], models)
+    groups = plan_groups(config, args.random_seed, vocabulary)
+    reference = Path(groups[0].base or groups[0].models[0])
+    template = None if config.chat_template is None else resolve_template(config.chat_template, models)
+    extra_files = {**tokenizer_files(vocabulary, reference, template), "jaxmerge_config.yml": config.text,
+                   "README.md": model_card(config, Path(args.output).name)}
+    vocab_rows = None if vocabulary is None else vocabulary.rows
+    if (model_config := output_config(config, reference, config.out_dtype or config.dtype, vocab_rows)) is not None:
         extra_files["config.json"] = model_config
     output = stream_groups(groups, args.output, options=options, extra_files=extra_files)
     print(f"wrote {output}")

@@ -19,6 +19,8 @@ from jaxmerge._hyper import Levels
 from jaxmerge._layers import LayerStack, position
 from jaxmerge.checkpoints.stream import Group, open_checkpoint
 from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
+from jaxmerge.cli.tokenizer import Vocabulary, vocab_size_key
+from jaxmerge.cli.vocabulary import VocabularyRemap
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import MergePlan
 
@@ -65,25 +67,35 @@ def _roles(config: MergeConfig, slice_: Slice, where: str) -> tuple[list[Source]
     return models, base_source
 
 
-def _group(plan: MergePlan, models: list[Source], base: Source | None, **layout) -> Group:
+def _group(plan: MergePlan, models: list[Source], base: Source | None, vocabulary, **layout) -> Group:
     return Group(plan, tuple(s.model for s in models), base=base and base.model,
-                 model_names=tuple(s.label for s in models), **layout)
+                 model_names=tuple(s.label for s in models), vocabulary=vocabulary(models, base), **layout)
 
 
-def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
+def plan_groups(config: MergeConfig, seed: int, vocabulary: Vocabulary | None = None) -> list[Group]:
     """The groups of output tensors of ``config``, each with its merge plan; the first group's
     base (else first model) is the output's reference, whose config and tokenizer it takes.
+    With a merged ``vocabulary``, each group's embedding and head rows are moved onto it.
 
     Raises:
       ConfigError: a slice without its base model among its sources, a method given the wrong
         number of models (naming the slice), a layer range beyond a model's layers, or no
         tensor to write; CheckpointError: unreadable models.
     """
+    def remap(slice_: Slice):
+        def bind(models: list[Source], base: Source | None) -> VocabularyRemap | None:
+            if vocabulary is None:
+                return None
+            return VocabularyRemap(vocabulary, config.tokenizer.tokens, [s.model for s in slice_.sources],
+                                   slice_.base or config.base, [s.model for s in models], base and base.model)
+        return bind
+
     if not config.sliced:
         slice_ = config.slices[0]
         models, base = _roles(config, slice_, "models")
         statistics = tuple(s.statistics for s in models) if config.method.statistics else None
-        return [_group(merge_plan(config, slice_, models, seed), models, base, statistics=statistics)]
+        return [_group(merge_plan(config, slice_, models, seed), models, base, remap(slice_),
+                       statistics=statistics)]
     layouts = {}
 
     def layout(source: Source) -> tuple[list[str], LayerStack]:
@@ -103,7 +115,7 @@ def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
                 raise ConfigError(f"{source.label}: layer_range {list(source.layers)} goes beyond its "
                                   f"{layout(source)[1].num_layers} layers")
         if i == 0:
-            groups.append(_outside(plan, models, base, names, stack, before=True))
+            groups.append(_outside(plan, models, base, remap(slice_), names, stack, before=True))
         count = template.layers[1] - template.layers[0]
         outputs, inputs, base_inputs, positions = [], [{} for _ in models], {}, {}
         for step in range(count):
@@ -117,28 +129,29 @@ def plan_groups(config: MergeConfig, seed: int) -> list[Group]:
                     inputs[j][out] = stack.renumbered(k, name, source.layers[0] + step)
                 if base is not None:
                     base_inputs[out] = stack.renumbered(k, name, base.layers[0] + step)
-        groups.append(_group(plan, models, base, outputs=tuple(outputs), inputs=tuple(inputs),
+        groups.append(_group(plan, models, base, remap(slice_), outputs=tuple(outputs), inputs=tuple(inputs),
                              base_inputs=base_inputs, positions=positions))
         offset += count
         if i == len(config.slices) - 1:
-            groups.append(_outside(plan, models, base, names, stack, before=False))
+            groups.append(_outside(plan, models, base, remap(slice_), names, stack, before=False))
     groups = [g for g in groups if g.outputs]
     if not groups:
         raise ConfigError("the slices give no tensor to write")
     return groups
 
 
-def _outside(plan: MergePlan, models: list[Source], base: Source | None, names: list[str], stack: LayerStack, *,
-             before: bool) -> Group:
+def _outside(plan: MergePlan, models: list[Source], base: Source | None, vocabulary, names: list[str],
+             stack: LayerStack, *, before: bool) -> Group:
     """The group of the tensors outside the layer stack: those before it (embeddings) or after it."""
     outputs = tuple(n for k, n in enumerate(names)
                     if stack.indices[k] is None and any(e in n.lower() for e in _EMBEDDING_NAMES) == before)
-    return _group(plan, models, base, outputs=outputs, positions={n: position(None, 0) for n in outputs})
+    return _group(plan, models, base, vocabulary, outputs=outputs, positions={n: position(None, 0) for n in outputs})
 
 
-def output_config(config: MergeConfig, reference: Path, out_dtype: str | None) -> str | None:
+def output_config(config: MergeConfig, reference: Path, out_dtype: str | None, vocab_rows: int | None) -> str | None:
     """The merged model's ``config.json``: the reference model's, with its dtype set to the
-    written one and, for slices, its layer count to the output's; None without one."""
+    written one, for slices its layer count to the output's, and with a merged vocabulary its
+    ``vocab_size`` to ``vocab_rows``; None without one."""
     path = Path(reference) / "config.json"
     if not path.is_file():
         return None
@@ -153,4 +166,10 @@ def output_config(config: MergeConfig, reference: Path, out_dtype: str | None) -
     if config.sliced:
         key = next((k for k in _LAYER_COUNT_KEYS if k in values), "num_hidden_layers")
         values[key] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in config.slices)
+    if vocab_rows is not None:
+        *parents, key = vocab_size_key(values)
+        section = values
+        for part in parents:
+            section = section[part]
+        section[key] = vocab_rows
     return json.dumps(values, indent=2) + "\n"

@@ -15,6 +15,7 @@ import yaml
 from jaxmerge import checkpoints
 from jaxmerge.cli.main import main
 from tests.checkpoints.hf import llama_tensors, write_model
+from tests.cli.test_tokenizer import _vocab, models  # noqa: F401 (a fixture)
 
 MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MERGEKIT is None, reason="mergekit is not installed")]
@@ -72,3 +73,45 @@ def test_the_same_numbers_as_mergekit(root, tmp_path, name):
                                    err_msg=tensor)
     layers = json.loads((tmp_path / "mergekit" / "config.json").read_text())["num_hidden_layers"]
     assert json.loads((tmp_path / "jaxmerge" / "config.json").read_text())["num_hidden_layers"] == layers
+
+
+def _tokenizer_configs(root):
+    models = [{"model": str(root / m), "parameters": {"weight": w}} for m, w in [("m0", 1.0), ("m1", 0.5)]]
+    return {
+        "union": {"merge_method": "ties", "base_model": str(root / "base"), "tokenizer_source": "union",
+                  "models": [{**m, "parameters": {**m["parameters"], "density": 0.9}} for m in models],
+                  "chat_template": "chatml"},
+        "base": {"merge_method": "task_arithmetic", "base_model": str(root / "base"), "tokenizer_source": "base",
+                 "models": models},
+        "tokens": {"merge_method": "linear", "base_model": str(root / "base"),
+                   "models": [{"model": str(root / "base"), "parameters": {"weight": 0.2}}, *models],
+                   "tokenizer": {"source": str(root / "m1"), "pad_to_multiple_of": 8, "tokens": {
+                       "<|im|>": {"source": str(root / "m0")}, "zz": {"source": {"kind": "zero"}},
+                       "a": {"source": {"kind": "model_token", "model": str(root / "m1"), "token": "b"},
+                             "force": True}}}},
+    }
+
+
+@pytest.mark.parametrize("name", ["union", "base", "tokens"])
+def test_the_same_vocabulary_and_rows_as_mergekit(models, tmp_path, name):
+    """Token by token: mergekit numbers new tokens in its hash order, so ids may differ."""
+    root = models[0]
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_tokenizer_configs(root)[name], sort_keys=False))
+    subprocess.run([MERGEKIT, str(config), str(tmp_path / "mergekit")], check=False, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert (tmp_path / "mergekit" / "model.safetensors").exists(), "mergekit wrote no model"
+    assert main(["merge", str(config), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    vocabs = [_vocab(json.loads((tmp_path / tool / "tokenizer.json").read_text())) for tool in ("mergekit", "jaxmerge")]
+    assert set(vocabs[0]) == set(vocabs[1])
+    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+    for tensor in theirs:
+        a, b = np.asarray(theirs[tensor]), np.asarray(ours[tensor])
+        if tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+            order = list(vocabs[0])
+            padding = list(range(len(order), a.shape[0]))
+            a = np.concatenate([a[[vocabs[0][t] for t in order]], a[padding]])
+            b = np.concatenate([b[[vocabs[1][t] for t in order]], b[padding]])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=tensor)
+    sizes = [json.loads((tmp_path / tool / "config.json").read_text())["vocab_size"] for tool in ("mergekit", "jaxmerge")]
+    assert sizes[0] == sizes[1]
