@@ -273,6 +273,9 @@ class Resolver:
         return self._pytree(setting, name)
 
     def _conditional(self, entries, name: str) -> LeafValue:
+        for e in entries:
+            if e.get("filter") is not None and not isinstance(e["filter"], str):
+                raise JaxmergeError(f"{name}: a filter is a substring of tensor names, got {e['filter']!r}")
         getters = [(e.get("filter"), self._getter(e["value"], f"{name} filter {e.get('filter')!r}")) for e in entries]
         paths = self.spec.paths
 

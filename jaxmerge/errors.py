@@ -40,3 +40,8 @@ class CheckpointError(JaxmergeError):
       ...     print(error)
       no-such-model: no such file or directory
     """
+
+
+class JaxmergeWarning(UserWarning):
+    """Something jaxmerge skipped or changed on the way, said once (the command prints it as
+    ``jaxmerge: warning: ...``): a linked file not copied, a stale staging directory removed."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -24,6 +25,17 @@ def registers_average(read: Callable[[Any], PyTree]):
         _AVERAGES[cls] = read
         return cls
     return register
+
+
+def check_dtype(dtype) -> None:
+    """Refuse an averaging ``dtype`` that is neither None nor a floating dtype (an integer
+    average would truncate every update)."""
+    try:
+        floating = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise JaxmergeError(f"dtype must be a floating dtype (e.g. jnp.float32) or None, got {dtype!r}")
 
 
 def shadow(params: PyTree, dtype) -> PyTree:
@@ -54,10 +66,13 @@ def blend(average: PyTree, params: PyTree, keep) -> PyTree:
 
 
 def check(value, name: str, valid: Callable[[float], bool], message: str) -> None:
-    """Raise ``ValueError(f"{name} {message}, got {value}")`` for a concrete invalid value;
-    traced values (inside ``jax.jit`` or ``optax.inject_hyperparams``) are not checked."""
+    """Raise ``ValueError(f"{name} {message}, got {value}")`` for a concrete invalid value (a
+    ``TypeError`` for one that is not a real number); traced values (inside ``jax.jit`` or
+    ``optax.inject_hyperparams``) are not checked."""
     if isinstance(value, jax.core.Tracer):
         return
+    if isinstance(value, (str, bytes, bool)) or not np.isrealobj(value) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     if not valid(float(value)):
         raise JaxmergeError(f"{name} {message}, got {value!r}")
 

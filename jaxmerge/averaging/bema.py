@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmerge._tree import PyTree, is_float
-from jaxmerge.averaging._wrapper import blend, check, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import blend, check, check_dtype, registers_average, shadow, wrap
 
 
 @registers_average(lambda state: state.output)
@@ -89,6 +89,7 @@ def bema(inner: optax.GradientTransformation, *, ema_power=0.5, bias_power=0.2, 
       >>> jaxmerge.averaged_params(state)["w"].tolist()
       [-0.75, 5.5]
     """
+    check_dtype(dtype)
     check(ema_power, "ema_power", lambda v: v >= 0, "must be >= 0")
     check(lag, "lag", lambda v: v > 0, "must be > 0")
     check(multiplier, "multiplier", lambda v: v > 0, "must be > 0")

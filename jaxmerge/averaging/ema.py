@@ -13,6 +13,7 @@ from jaxmerge._tree import PyTree, is_float
 from jaxmerge.averaging._wrapper import (
     blend,
     check,
+    check_dtype,
     counter,
     registers_average,
     shadow,
@@ -183,6 +184,7 @@ def ema(inner: optax.GradientTransformation, decay, *, warmup: Callable | None =
       [-1.25, 6.5]
     """
     check(decay, "decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    check_dtype(dtype)
     check(update_every, "update_every", lambda v: v >= 1, "must be >= 1")
     check(start_step, "start_step", lambda v: v >= 0, "must be >= 0")
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmerge._tree import PyTree, is_float
-from jaxmerge.averaging._wrapper import check, counter, registers_average, shadow, wrap
+from jaxmerge.averaging._wrapper import check, check_dtype, counter, registers_average, shadow, wrap
 from jaxmerge.errors import JaxmergeError
 
 
@@ -90,6 +90,7 @@ def lawa(inner: optax.GradientTransformation, *, k: int, every=1, dtype=None) ->
     """
     if not isinstance(k, int) or k < 1:
         raise JaxmergeError(f"k must be an int >= 1, got {k!r}")
+    check_dtype(dtype)
     check(every, "every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):

@@ -23,6 +23,7 @@ from jaxmerge.averaging._wrapper import (
     averaging_states,
     blend,
     check,
+    check_dtype,
     plain,
     registers_average,
     shadow,
@@ -124,6 +125,7 @@ def power_ema(inner: optax.GradientTransformation, *, sigma_rels: Sequence[float
     gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
     if not gammas:
         raise JaxmergeError("sigma_rels is empty")
+    check_dtype(dtype)
     check(snapshot_every, "snapshot_every", lambda v: v >= 1, "must be >= 1")
 
     def init_average(params, inner_state):

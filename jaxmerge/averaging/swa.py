@@ -14,6 +14,7 @@ from jaxmerge._tree import PyTree
 from jaxmerge.averaging._wrapper import (
     blend,
     check,
+    check_dtype,
     counter,
     registers_average,
     shadow,
@@ -82,6 +83,7 @@ def swa(inner: optax.GradientTransformation, *, start_step=0, every=1, dtype=Non
       >>> jaxmerge.averaged_params(state)["w"].tolist()
       [-1.5, 7.0]
     """
+    check_dtype(dtype)
     check(start_step, "start_step", lambda v: v >= 0, "must be >= 0")
     check(every, "every", lambda v: v >= 1, "must be >= 1")
 

@@ -9,6 +9,7 @@ path joined with ``/``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,9 +22,23 @@ from jaxmerge.errors import CheckpointError
 
 def _ocp():
     """Orbax's v1 API, imported when a checkpoint is first read or written (it takes a while)."""
+    import logging
+
     from orbax.checkpoint import v1 as ocp
 
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs its failures, which become our errors
     return ocp
+
+
+def _committed(path: Path) -> bool:
+    """Whether Orbax finished saving ``path``: not one of its temporary directories, and with
+    ``commit_success.txt`` or a commit time in ``_CHECKPOINT_METADATA``."""
+    if ".orbax-checkpoint-tmp" in path.name or (path / "commit_success.txt").is_file():
+        return ".orbax-checkpoint-tmp" not in path.name
+    try:
+        return "commit_timestamp_nsecs" in json.loads((path / "_CHECKPOINT_METADATA").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 def _name(path) -> str:
@@ -71,6 +86,8 @@ class OrbaxReader:
         self.path = Path(path).absolute()  # Orbax reads nothing from a relative path
         if not (self.path / "_CHECKPOINT_METADATA").exists():
             raise CheckpointError(f"{self.path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA)")
+        if not _committed(self.path):
+            raise CheckpointError(f"{self.path}: an Orbax checkpoint whose save did not finish (no commit marker)")
         try:
             self.metadata = _ocp().metadata(self.path).metadata
         except Exception as error:  # Orbax raises many types for unreadable metadata
@@ -107,12 +124,21 @@ class OrbaxReader:
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         wanted = [_ocp().PLACEHOLDER] * self.treedef.num_leaves
         wanted[index] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        loaded = _ocp().load(self.path, jax.tree.unflatten(self.treedef, wanted))
+        try:
+            loaded = _ocp().load(self.path, jax.tree.unflatten(self.treedef, wanted))
+        except Exception as error:  # Orbax raises many types for unreadable data
+            message = str(error).strip().splitlines()[-1:] or [""]
+            raise CheckpointError(f"{self.path}: cannot read leaf {name!r} ({type(error).__name__}: "
+                                  f"{message[0][:200]})") from None
         return self.treedef.flatten_up_to(loaded)[index]
 
     def extra_files(self) -> list[Path]:
         """Non-weight files to copy along with the weights: none for Orbax."""
         return []
+
+    def files(self) -> list[Path]:
+        """Every file this checkpoint reads, resolved (links followed)."""
+        return sorted({f.resolve() for f in self.path.rglob("*") if f.is_file()})
 
     def tree_of(self, values: dict):
         """A pytree shaped like the checkpoint from ``{name: value}``."""

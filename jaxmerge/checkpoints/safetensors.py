@@ -19,7 +19,9 @@ import json
 import math
 import os
 import re
+import stat
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxmerge.errors import CheckpointError, JaxmergeError
+from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -88,14 +90,49 @@ class TensorInfo:
         self.file, self.dtype, self.shape, self.offset, self.nbytes = file, dtype, shape, offset, nbytes
 
 
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors file's header.
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library: a longer header is refused unread
+
+
+def regular_file(file: Path) -> os.stat_result:
+    """``file``'s status, refusing anything but a regular file (a FIFO or a device would block reads).
 
     Raises:
-      CheckpointError: the file is too short, its header is not JSON, or an entry has an
-        unknown dtype, a bad shape, or a byte range outside the data or of the wrong size.
+      CheckpointError: ``file`` does not exist or is not a regular file.
     """
-    size = file.stat().st_size
+    try:
+        status = os.stat(file)
+    except OSError as error:
+        raise CheckpointError(f"{file}: cannot be read ({error.strerror})") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{file}: not a regular file")
+    return status
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the name {next(k for k in keys if keys.count(k) > 1)!r} is given twice")
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors file's header, as strictly as the format's reference library.
+
+    The header must be at most 100 MB and fit in the file; be a JSON object without repeated
+    names; give each tensor a known dtype, a shape of non-negative integers and integer
+    ``data_offsets`` of the right size; and the tensors' byte ranges must tile the data
+    section exactly (no overlap, no gap, nothing after). ``__metadata__``, if present, maps
+    strings to strings.
+
+    Raises:
+      CheckpointError: a file that is not regular, too short, or breaks one of these rules,
+        naming the file and the tensor.
+    """
+    size = regular_file(file).st_size
 
     def corrupt(why):
         return CheckpointError(f"{file}: truncated or corrupt safetensors file: {why}")
@@ -105,51 +142,86 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if len(head) < 8:
             raise corrupt(f"{size} bytes, too short for a header")
         (length,) = struct.unpack("<Q", head)
-        if 8 + length > size:
-            raise corrupt(f"the header claims {length} bytes but the file has {size}")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise corrupt(f"the header claims {length} bytes, more than the file's {size} or the limit "
+                          f"{MAX_HEADER_BYTES}")
         try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise corrupt(f"the header is not JSON ({error})") from None
+            header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise corrupt(f"the header is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ must map strings to strings")
     data_start, data_size = 8 + length, size - 8 - length
     tensors = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {name!r} has an invalid entry {entry!r}") from None
-        if not 0 <= begin <= end <= data_size:
-            raise corrupt(f"tensor {name!r} lies at bytes {begin}..{end} of a {data_size}-byte data section")
+        ok = isinstance(entry, dict) and entry.get("dtype") in DTYPES and isinstance(entry.get("shape"), list)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (ok and all(map(_is_count, entry["shape"])) and isinstance(offsets, list) and len(offsets) == 2
+                and all(map(_is_count, offsets))):
+            raise corrupt(f"tensor {_printable(name)} has an invalid entry {_printable(str(entry)[:200])}")
+        dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), offsets
+        if not begin <= end <= data_size:
+            raise corrupt(f"tensor {_printable(name)} lies at bytes {begin}..{end} of a {data_size}-byte data section")
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise corrupt(f"tensor {name!r} of shape {shape} and dtype {entry['dtype']} spans {end - begin} bytes")
+            raise corrupt(f"tensor {_printable(name)} of shape {shape} and dtype {entry['dtype']} spans "
+                          f"{end - begin} bytes")
         tensors[name] = TensorInfo(file, dtype, shape, data_start + begin, end - begin)
+    position = 0
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if info.offset - data_start != position:
+            raise corrupt(f"tensor {_printable(name)} starts at byte {info.offset - data_start}, not {position} "
+                          "(tensors must tile the data section: no overlap, no gap)")
+        position += info.nbytes
+    if position != data_size:
+        raise corrupt(f"{data_size - position} bytes after the last tensor")
     return tensors
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
+def _printable(text: str) -> str:
+    """``text`` quoted, with control characters (terminal escapes) escaped."""
+    return repr(text) if text.isprintable() else ascii(text)
+
+
+def _index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a directory's index: tensor name -> a shard file inside the directory.
+
+    Raises:
+      CheckpointError: not JSON, no ``weight_map`` object of strings, or a shard path that is
+        absolute or leaves the directory (refused before anything is opened).
+    """
     index = path / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+    try:
+        regular_file(index)
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({str(error)[:200]})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+    for file in set(weight_map.values()):
+        if Path(file).is_absolute() or ".." in Path(file).parts or file in ("", "."):
+            raise CheckpointError(f"{index} names the shard {_printable(file)}, outside {path}")
+    return weight_map
+
+
+def _files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint, and its index's weight map (None without one)."""
+    if not path.is_dir():
+        regular_file(path)
+        return [path], None
+    if (path / INDEX_NAME).exists():
+        weight_map = _index(path)
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise CheckpointError(f"{index} lists the missing file {missing[0]!r}")
-        return [path / n for n in names]
+            raise CheckpointError(f"{path / INDEX_NAME} lists the missing file {_printable(missing[0])}")
+        return [path / n for n in names], weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files")
-    return files
+    return files, None
 
 
 def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
@@ -201,17 +273,20 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
-        for file in _files(self.path):
+        files, weight_map = _files(self.path)
+        for file in files:
             for name, info in read_header(file).items():
                 if name in self.tensors:
-                    raise CheckpointError(f"{self.path}: tensor {name!r} is in both {self.tensors[name].file.name} "
-                                          f"and {file.name}")
+                    raise CheckpointError(f"{self.path}: tensor {_printable(name)} is in both "
+                                          f"{self.tensors[name].file.name} and {file.name}")
                 self.tensors[name] = info
         index = self.path / INDEX_NAME
-        if self.path.is_dir() and index.exists():
-            for name, file in json.loads(index.read_text())["weight_map"].items():
-                if name not in self.tensors or self.tensors[name].file.name != file:
-                    raise CheckpointError(f"{index} places {name!r} in {file}, which does not hold it")
+        for name, file in (weight_map or {}).items():
+            if name not in self.tensors or self.tensors[name].file != self.path / file:
+                raise CheckpointError(f"{index} places {_printable(name)} in {file}, which does not hold it")
+        if weight_map is not None and (unlisted := sorted(set(self.tensors) - set(weight_map))):
+            raise CheckpointError(f"{index} does not list the tensor {_printable(unlisted[0])} of "
+                                  f"{self.tensors[unlisted[0]].file.name}")
 
     @property
     def names(self) -> list[str]:
@@ -258,12 +333,26 @@ class SafetensorsReader:
         return jax.device_put(host, sharding)
 
     def extra_files(self) -> list[Path]:
-        """Files of the model directory that are not weights (config, tokenizer, ...)."""
+        """Files of the model directory that are not weights (config, tokenizer, ...): regular
+        files, and links that resolve to regular files inside the directory; a link leading
+        out of it is skipped with a :class:`~jaxmerge.errors.JaxmergeWarning`."""
         if not self.path.is_dir():
             return []
         weights = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
-        return [f for f in sorted(self.path.iterdir())
-                if f.is_file() and f.name != INDEX_NAME and not f.name.endswith(weights)]
+        folder, files = self.path.resolve(), []
+        for f in sorted(self.path.iterdir()):
+            if f.name == INDEX_NAME or f.name.endswith(weights) or not f.is_file():
+                continue
+            if f.is_symlink() and folder not in f.resolve().parents:
+                warnings.warn(f"{f} links outside {self.path}: not copied", JaxmergeWarning, stacklevel=2)
+                continue
+            files.append(f)
+        return files
+
+    def files(self) -> list[Path]:
+        """Every file this checkpoint reads, resolved (links followed)."""
+        index = [self.path / INDEX_NAME] if self.path.is_dir() and (self.path / INDEX_NAME).exists() else []
+        return sorted({f.resolve() for f in [*(i.file for i in self.tensors.values()), *index, *self.extra_files()]})
 
 
 class SafetensorsWriter:
@@ -273,8 +362,9 @@ class SafetensorsWriter:
     into shards of at most ``max_shard_size`` bytes (a new shard starts when the next
     tensor would overflow the current one; a tensor larger than the limit gets a shard of
     its own). Creating the writer creates every shard file with its header, at its full
-    size; :meth:`write` then puts each tensor's bytes in its place, in any order, and
-    :meth:`close` flushes the files and, for several shards, writes
+    size, but with a header length of zero, so that no reader takes a partial shard for a
+    whole one; :meth:`write` then puts each tensor's bytes in its place, in any order, and
+    :meth:`close` flushes the files, writes their header lengths and, for several shards, writes
     ``model.safetensors.index.json``. One shard is named ``model.safetensors``, several
     ``model-0000i-of-0000n.safetensors``.
 
@@ -331,7 +421,7 @@ class SafetensorsWriter:
             f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         self.total_size = sum(sizes)
         self.plan: dict[str, tuple[int, int, int]] = {}  # name -> (shard, absolute offset, nbytes)
-        self._handles = []
+        self._handles, self._header_lengths = [], []
         try:
             self._open(shards)
         except BaseException:
@@ -349,7 +439,8 @@ class SafetensorsWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)
             handle = open(self.directory / file_name, "wb")
-            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            handle.write(struct.pack("<Q", 0) + encoded)  # a zero length until close: unloadable while partial
+            self._header_lengths.append(len(encoded))
             start = 8 + len(encoded)
             for name, _, _ in entries:
                 begin, end = header[name]["data_offsets"]
@@ -368,8 +459,12 @@ class SafetensorsWriter:
         if data.nbytes != nbytes:
             raise JaxmergeError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
         handle = self._handles[shard]
-        handle.seek(offset)
-        handle.write(memoryview(data.reshape(-1).view(np.uint8)))
+        try:
+            handle.seek(offset)
+            handle.write(memoryview(data.reshape(-1).view(np.uint8)))
+        except OSError as error:
+            raise CheckpointError(f"{self.directory / self.file_names[shard]}: cannot write tensor {name!r} "
+                                  f"({error.strerror or error})") from None
 
     def abort(self) -> None:
         """Close the files without finishing them (the caller removes the directory)."""
@@ -378,7 +473,11 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         """Flush and close the shards, and write the index when there are several."""
-        for handle in self._handles:
+        for handle, length in zip(self._handles, self._header_lengths):
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the header says it is whole
+            handle.seek(0)
+            handle.write(struct.pack("<Q", length))
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()

@@ -17,16 +17,19 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import glob
 import math
 import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
@@ -34,7 +37,7 @@ from jaxmerge._driver import run
 from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
-from jaxmerge.errors import CheckpointError, JaxmergeError
+from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 from jaxmerge.merging.method import MergePlan
 
 FORMATS = ("safetensors", "orbax")
@@ -95,13 +98,19 @@ def _inside(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 
 
-def _check_destination(output: Path, inputs: Sequence[Path], force: bool) -> None:
+def _check_destination(output: Path, inputs: Sequence[Path], force: bool, read: Sequence[Path] = ()) -> None:
+    """Refuse an output that overlaps an input directory or holds a file the merge reads
+    (``read``: resolved, so a link into the output counts), or exists unless ``force``."""
     resolved = output.resolve()
     for source in inputs:
         if _inside(resolved, source.resolve()) or _inside(source.resolve(), resolved):
             raise CheckpointError(f"the output {output} would overlap the input {source}; choose another directory")
+    for file in read:
+        if _inside(file, resolved):
+            raise CheckpointError(f"the output {output} holds {file}, which this merge reads (replacing the output "
+                                  "would destroy it); choose another directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise CheckpointError(f"the output {output} exists and is not empty; pass force=True (--force) to replace it")
+        raise CheckpointError(f"the output {output} exists and is not empty; replace it with --force (force=True)")
 
 
 def _load(reader, name: str, dtype, sharding) -> jax.Array | np.ndarray:
@@ -122,16 +131,34 @@ def _load(reader, name: str, dtype, sharding) -> jax.Array | np.ndarray:
 
 
 def staging_path(output: Path) -> Path:
-    """A fresh sibling of ``output`` to build it in (no leading dot: Orbax's partial saves
-    do not finalise into hidden directories). Across processes every one must use the same
-    path, so it is then fixed, and process 0 clears what a killed run may have left."""
+    """A fresh sibling of ``output`` to build it in, named after this process (no leading dot:
+    Orbax's partial saves do not finalise into hidden directories). Staging directories of
+    ``output`` left by processes that no longer run (a ``kill -9``) are removed first, each
+    named in a :class:`~jaxmerge.errors.JaxmergeWarning`. Across processes every one must use
+    the same path, so it is then fixed, and process 0 clears what a killed run may have left."""
     if jax.process_count() == 1:
-        return output.with_name(f"{output.name}.jaxmerge-tmp-{uuid.uuid4().hex[:8]}")
+        for stale in output.parent.glob(f"{glob.escape(output.name)}.jaxmerge-tmp-*"):
+            pid = stale.name.rsplit(".jaxmerge-tmp-", 1)[1].split("-")[0]
+            if stale.is_dir() and not stale.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+                warnings.warn(f"removed {stale}, left by an interrupted merge (process {pid})", JaxmergeWarning,
+                              stacklevel=3)
+        return output.with_name(f"{output.name}.jaxmerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging = output.with_name(f"{output.name}.jaxmerge-tmp")
     if jax.process_index() == 0:
         shutil.rmtree(staging, ignore_errors=True)
     _barrier("jaxmerge-staging")
     return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _barrier(name: str) -> None:
@@ -308,7 +335,7 @@ class WriterSink:
     def write(self, i: int, merged) -> None:
         name = self.names[i]
         if merged.dtype != self.out_types[name]:
-            merged = merged.astype(self.out_types[name])
+            merged = _narrowed(merged, self.out_types[name], name)
         self.writer.write(name, merged)
         self.bar.update(merged.size * merged.dtype.itemsize)
         if self.log is not None and jax.process_index() == 0:
@@ -316,6 +343,18 @@ class WriterSink:
 
     def close(self) -> None:
         """Nothing to finish: the writer is closed once every group is written."""
+
+
+def _narrowed(array, dtype: np.dtype, name: str):
+    """``array`` cast to ``dtype``, refusing a cast that turns finite values into infinities
+    (float16's range ends at 65504)."""
+    cast = array.astype(dtype)
+    if np.issubdtype(dtype, np.floating) and is_float(array.dtype) and not bool(jax.numpy.isfinite(cast).all()):
+        if bool(jax.numpy.isfinite(array).all()):
+            largest = float(jax.numpy.abs(array).max())
+            raise CheckpointError(f"tensor {name!r} holds {largest:.6g}, beyond the range of {dtype} "
+                                  f"(largest {float(ml_dtypes.finfo(dtype).max):.6g}); write float32 or bfloat16")
+    return cast
 
 
 class _StatisticsStore:
@@ -453,7 +492,7 @@ def _rows(abstract: jax.ShapeDtypeStruct, name: str, vocabulary) -> jax.ShapeDty
 
 
 def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options: StreamOptions = StreamOptions(),
-                  extra_files: dict[str, str | None] | None = None) -> Path:
+                  extra_files: dict[str, str | None] | None = None, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Merge groups of tensors of checkpoints on disk into one output checkpoint, tensor by tensor.
 
     Each :class:`Group` is merged as :func:`stream_merge` merges its models, under its own
@@ -468,6 +507,7 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
       options: how to read and write (:class:`StreamOptions`).
       extra_files: ``{file name: text}`` to write into the output too, replacing a copied file
         (None: leave that file out).
+      inputs: other files the merge reads (e.g. its config), which the output must not hold.
 
     Returns:
       The output path.
@@ -488,6 +528,8 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
         raise JaxmergeError("nothing to merge: no group of tensors")
     planned = [_Planned(group, open_reader, options) for group in groups]
     names = [n for p in planned for n in p.names]
+    if not names:
+        raise JaxmergeError("nothing to merge: the models hold no tensors")
     if len(set(names)) != len(names):
         raise JaxmergeError(f"the output tensor {next(n for n in names if names.count(n) > 1)!r} comes from two slices")
     reference = planned[0].reference
@@ -496,7 +538,8 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
         raise JaxmergeError(f"output_format must be one of {FORMATS}, got {output_format!r}")
     if jax.process_count() > 1 and output_format != "orbax":
         raise JaxmergeError("a merge across several processes writes an Orbax checkpoint: pass output_format='orbax'")
-    _check_destination(output, list(opened), options.force)
+    read = [f for reader in opened.values() for f in reader.files()] + [Path(f).resolve() for f in inputs]
+    _check_destination(output, list(opened), options.force, read)
     out_types = {n: _out_type(p.stored[n], options) for p in planned for n in p.names}
     shapes = {n: leaf_spec(leaf).shape for p in planned for n, leaf in zip(p.names, p.spec.leaves)}
 

@@ -152,14 +152,31 @@ def _dtype(value, key: str) -> str | None:
     return DTYPES[str(value)]
 
 
+def _cycle(value, where: str = "the config", enclosing: frozenset = frozenset()) -> str | None:
+    """Where ``value`` contains itself (YAML aliases can make a value its own member), or None."""
+    if isinstance(value, (dict, list)):
+        if id(value) in enclosing:
+            return where
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if (found := _cycle(item, f"{where}[{key!r}]", enclosing | {id(value)})) is not None:
+                return found
+    return None
+
+
 def _read(path: Path) -> tuple[dict, str]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a YAML config is text)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if (where := _cycle(raw)) is not None:
+        raise ConfigError(f"{path}: {where} contains itself (a YAML alias to an enclosing value)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping with merge_method and models or slices")
     if "modules" in raw:

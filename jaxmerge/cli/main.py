@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
 
-import numpy as np
-
-from jaxmerge.errors import ConfigError
+from jaxmerge.errors import ConfigError, JaxmergeWarning
 
 MERGE_EXAMPLE = """\
 example config (mergekit's format):
@@ -48,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("config", metavar="CONFIG.yaml", help="the merge config")
     merge.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
     merge.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
-    merge.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (DARE, DELLA); default 0")
-    merge.add_argument("--max-shard-size", default="5GB",
+    merge.add_argument("--random-seed", type=_seed, default=0,
+                       help="seed of the random methods (DARE, DELLA), 0 to 2**63 - 1; default 0")
+    merge.add_argument("--max-shard-size", default="5GB", type=_size,
                        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     merge.add_argument("--output-format", choices=("safetensors", "orbax"),
                        help="default: the format of the base (or first) model")
@@ -70,6 +72,27 @@ def _parser() -> argparse.ArgumentParser:
                                               "(defaults, ranges, per-model or global) and references.")
     listing.add_argument("method", nargs="?", help="show only this method")
     return parser
+
+
+def _size(text: str) -> str:
+    from jaxmerge.checkpoints.safetensors import parse_size
+    from jaxmerge.errors import JaxmergeError
+
+    try:
+        parse_size(text)
+    except JaxmergeError:
+        raise argparse.ArgumentTypeError(f"a size in bytes, or like 5GB or 500MB, got {text!r}") from None
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
 
 
 def parse_mesh(text: str):
@@ -120,7 +143,9 @@ def _merge(args) -> None:
     vocab_rows = None if vocabulary is None else vocabulary.rows
     if (model_config := output_config(config, reference, config.out_dtype or config.dtype, vocab_rows)) is not None:
         extra_files["config.json"] = model_config
-    output = stream_groups(groups, args.output, options=options, extra_files=extra_files)
+    read = [args.config, *(m / name for m in models for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "chat_template.jinja") if (m / name).exists())]
+    output = stream_groups(groups, args.output, options=options, extra_files=extra_files, inputs=read)
     print(f"wrote {output}")
 
 
@@ -141,10 +166,12 @@ def _methods(args) -> None:
 
 
 def _inspect(args) -> None:
+    import numpy as np
+
     from jaxmerge.checkpoints.stream import open_checkpoint
 
     reader = open_checkpoint(args.path)
-    rows = [(name, *reader.shape_dtype(name)) for name in reader.names]
+    rows = [(name if name.isprintable() else ascii(name)[1:-1], *reader.shape_dtype(name)) for name in reader.names]
     width = max([len(name) for name, _, _ in rows] + [6])
     print(f"{'tensor':<{width}}  {'shape':<20}dtype")
     for name, shape, dtype in rows:
@@ -154,18 +181,51 @@ def _inspect(args) -> None:
     print(f"{len(rows)} tensors, {params:,} parameters, {nbytes:,} bytes ({nbytes / 2 ** 30:.2f} GiB), {reader.format}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that the output is cleaned up as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def _warn(message, category, filename, lineno, file=None, line=None):
+    text = str(message) if issubclass(category, JaxmergeWarning) else f"{category.__name__}: {message}"
+    print(f"jaxmerge: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; exit status 0 on success, 2 on a bad config or checkpoint, 130 on Ctrl-C."""
-    args = _parser().parse_args(argv)
+    """Run the command; exit status 0 on success, 2 on a bad config or checkpoint, 128 + n on
+    signal n (130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP), the output cleaned up in each case."""
+    handlers = {}
     try:
-        {"merge": _merge, "inspect": _inspect, "methods": _methods}[args.command](args)
-    except (ValueError, TypeError, OSError) as error:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                handlers[signum] = signal.signal(signum, _terminate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", JaxmergeWarning)
+            warnings.showwarning = _warn
+            args = _parser().parse_args(argv)
+            {"merge": _merge, "inspect": _inspect, "methods": _methods}[args.command](args)
+    except (ValueError, TypeError, OSError, RecursionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, RecursionError):
+            message = "the input nests too deeply to read"
         print(f"jaxmerge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxmerge: interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"jaxmerge: {signal.Signals(stop.signum).name} received; no output was left behind", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
 
 

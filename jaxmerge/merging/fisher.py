@@ -66,7 +66,13 @@ def _fisher_scales(fishers: Sequence, spec: TreeSpec, how) -> jax.Array:
 
 
 def _nonnegative(fisher, j: int, path: str):
-    if not isinstance(fisher, jax.core.Tracer) and (lowest := float(np.asarray(fisher).min())) < 0:
+    """``fisher``, refused (when concrete) if it holds NaN, infinities or negative values."""
+    if isinstance(fisher, jax.core.Tracer):
+        return fisher
+    values = np.asarray(fisher, np.float32)
+    if not np.isfinite(values).all():
+        raise JaxmergeError(f"fishers[{j}] has NaN or infinite values at {path!r}")
+    if values.size and (lowest := float(values.min())) < 0:
         raise JaxmergeError(f"fishers[{j}] has negative values at {path!r} (min {lowest:g}); a Fisher is a mean "
                             "of squares")
     return fisher

@@ -126,6 +126,13 @@ def _solve(path: str, views: tuple[Callable, Callable], kernels: Sequence[jax.Ar
     """One merged kernel, warning (outside jit) when the ridge had to be added; ``stacklevel``
     points the warning at the user's call."""
     to_matrix, from_matrix = views
+    for j, gram in enumerate(grams):
+        if not isinstance(gram, jax.core.Tracer):
+            values = np.asarray(gram, np.float32)
+            if not np.isfinite(values).all():
+                raise JaxmergeError(f"grams[{j}] has NaN or infinite values at {path!r}")
+            if (np.diagonal(values) < 0).any():
+                raise JaxmergeError(f"grams[{j}] has a negative diagonal entry at {path!r}; a Gram X^T X has none")
     solution, singular = regmean_kernel([to_matrix(w) for w in kernels], list(grams), _hyper.scalar_arg(alpha),
                                         _hyper.scalar_arg(ridge))
     if not isinstance(singular, jax.core.Tracer) and bool(singular):

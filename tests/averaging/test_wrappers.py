@@ -159,11 +159,16 @@ def test_errors():
         (lambda: jaxmerge.scale_ema_decay(1.5, 2), r"decay must be in \[0, 1\)"),
         (lambda: jaxmerge.checkpoint_merge_weights("step", 3), r"schedule must be one of"),
         (lambda: jaxmerge.checkpoint_merge_weights(lambda x: x, 3), r"the schedule must be non-increasing"),
+        (lambda: jaxmerge.ema(optax.sgd(0.1), float("nan")), r"decay must be in \[0, 1\), got nan"),
+        (lambda: jaxmerge.ema(optax.sgd(0.1), 0.9, dtype=jnp.int32), r"dtype must be a floating dtype"),
+        (lambda: jaxmerge.swa(optax.sgd(0.1), dtype="int8"), r"dtype must be a floating dtype"),
     ]:
         with pytest.raises(ValueError, match=message):
             call()
     with pytest.raises(TypeError, match="ema wraps an optax.GradientTransformation, got float"):
         jaxmerge.ema(0.9, 0.9)
+    with pytest.raises(TypeError, match="decay must be a real number, got '0.9'"):
+        jaxmerge.ema(optax.sgd(0.1), "0.9")
 
 
 def test_post_hoc_ema_rejects_mismatched_snapshots():

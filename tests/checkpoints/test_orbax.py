@@ -52,7 +52,7 @@ def test_leaf_by_leaf_writer(tmp_path):
 
 def test_refuses_to_overwrite_and_replaces_with_force(tmp_path):
     checkpoints.save(tmp_path / "ckpt", _tree(jnp.float32))
-    with pytest.raises(CheckpointError, match="exists and is not empty; pass force=True"):
+    with pytest.raises(CheckpointError, match="exists and is not empty; replace it with --force"):
         checkpoints.save(tmp_path / "ckpt", _tree(jnp.float16))
     checkpoints.save(tmp_path / "ckpt", _tree(jnp.float16), force=True)
     assert checkpoints.load(tmp_path / "ckpt")["params"]["embed"].dtype == jnp.float16

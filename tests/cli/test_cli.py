@@ -14,6 +14,7 @@ import yaml
 import jaxmerge
 from jaxmerge import checkpoints
 from jaxmerge.cli.main import main
+from jaxmerge.errors import CheckpointError
 from tests.checkpoints.hf import llama_tensors, write_model
 
 
@@ -188,8 +189,8 @@ PAUSED_MERGE = Path(__file__).with_name("paused_merge.py")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, models, sig):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, models, sig, capsys):
     before = {name: _digest(tmp_path / name) for name in ("base", "tune0", "tune1")}
     config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "base"), parameters={"density": 0.5},
                      models=[{"model": str(tmp_path / f"tune{i}"), "parameters": {"weight": 1.0}} for i in (0, 1)])
@@ -199,13 +200,23 @@ def test_killing_the_merge_leaves_no_output_and_inputs_unchanged(tmp_path, model
     with process.stderr:
         lines = iter(process.stderr.readline, "")
         assert any(line.strip() == "paused" for line in lines)  # 5 tensors written, the merge held there
+        (staging,) = tmp_path.glob("out.jaxmerge-tmp-*")
+        with pytest.raises(CheckpointError, match="corrupt"):  # a partial shard does not load
+            checkpoints.load(staging)
         process.send_signal(sig)
         process.wait(timeout=60)
-    assert process.returncode == (130 if sig == signal.SIGINT else -sig)
+        message = process.stderr.read()
+    assert process.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
     assert not (tmp_path / "out").exists()
     assert {name: _digest(tmp_path / name) for name in ("base", "tune0", "tune1")} == before
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
+        assert "no output was left behind" in message
         assert not list(tmp_path.glob("*jaxmerge-tmp*"))
+        return
+    assert staging.exists()  # what kill -9 leaves, the next merge of that output removes and names
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    assert f"removed {staging}, left by an interrupted merge (process {process.pid})" in capsys.readouterr().err
+    assert not staging.exists() and (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_console_script_help():

@@ -79,6 +79,9 @@ def test_errors_name_the_argument_and_path():
     negative = jax.tree.map(lambda f: -f if f.dtype == jnp.float32 else f, fishers[0])
     with pytest.raises(ValueError, match=r"fishers\[0\] has negative values at 'extra/0'"):
         jaxmerge.fisher_merge(models, [negative, fishers[1]])
+    poisoned = jax.tree.map(lambda f: jnp.full_like(f, jnp.nan) if f.dtype == jnp.float32 else f, fishers[1])
+    with pytest.raises(ValueError, match=r"fishers\[1\] has NaN or infinite values at 'extra/0'"):
+        jaxmerge.fisher_merge(models, [fishers[0], poisoned])
     with pytest.raises(ValueError, match=r"fishers must be a list with one statistics tree per model \(2\), got 1"):
         jaxmerge.fisher_merge(models, fishers[:1])
     with pytest.raises(ValueError, match=r"weights of models\[1\] must be in \[0, inf\), got -1.0"):

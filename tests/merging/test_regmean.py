@@ -71,6 +71,16 @@ def test_singular_gram_warns_and_uses_the_ridge():
     assert np.all(np.isfinite(merged["w"]))
 
 
+@pytest.mark.parametrize("poison, message", [(np.nan, "has NaN or infinite values at 'w'"),
+                                             (-1.0, "has a negative diagonal entry at 'w'")])
+def test_nan_or_negative_grams_are_refused(poison, message):
+    models, data = _linear_models(n=2)
+    grams = [{"w": {"gram": jnp.asarray(x.T @ x)}} for x in data]
+    grams[1]["w"]["gram"] = grams[1]["w"]["gram"].at[0, 0].set(poison)
+    with pytest.raises(ValueError, match=r"grams\[1\] " + message):
+        jaxmerge.regmean(models, grams)
+
+
 def test_linear_override_and_errors():
     models, data = _linear_models(n=2)
     grams = [{"w": {"gram": jnp.asarray(x.T @ x)}} for x in data]
