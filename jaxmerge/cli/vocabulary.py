@@ -96,40 +96,44 @@ class VocabularyRemap:
         return result
 
     def _defaults(self, tables: dict, permuted: dict, present: dict, forced: np.ndarray) -> jnp.ndarray:
-        """The default row of every token that is forced or missing from some model (zeros elsewhere)."""
+        """The default row of every token that is forced or missing from some model (zeros
+        elsewhere), gathered in one scatter per source."""
         first = next(iter(tables.values()))
         defaults = jnp.zeros((len(forced), *first.shape[1:]), first.dtype)
         count = sum(p.astype(np.int64) for p in present.values())
         needed = forced | (count < len(tables))
+        rows: dict[tuple, list] = {}  # (table kind, model) -> [(output id, row id)]
         average = []
         for token, i in self.vocabulary.tokens.items():
             if not needed[i]:
                 continue
             if token in self.tokens:
-                row = self._configured(token, i, self.tokens[token][0], tables, permuted, present)
+                source = self._configured(token, i, self.tokens[token][0], tables, present)
+                if source is not None:
+                    rows.setdefault(source[:2], []).append((i, source[2]))
             elif count[i] == 1:
-                row = next(permuted[m][i] for m in tables if present[m][i])
-            elif count[i] == 0:
-                continue
-            elif self.base in tables and present[self.base][i]:
-                row = permuted[self.base][i]
-            else:
+                rows.setdefault(("permuted", next(m for m in tables if present[m][i])), []).append((i, i))
+            elif count[i] > 1 and self.base in tables and present[self.base][i]:
+                rows.setdefault(("permuted", self.base), []).append((i, i))
+            elif count[i] > 1:
                 average.append(i)
-                continue
-            defaults = defaults.at[i].set(row)
+        for (kind, model), pairs in rows.items():
+            ids, sources = (np.array(column) for column in zip(*pairs))
+            defaults = defaults.at[ids].set((permuted if kind == "permuted" else tables)[model][sources])
         if average:
-            total = jnp.zeros((len(average), *first.shape[1:]), first.dtype)
+            ids = np.array(average)
+            total = jnp.zeros((len(ids), *first.shape[1:]), first.dtype)
             for m in tables:
-                mask = present[m][average].reshape((-1,) + (1,) * (total.ndim - 1))
-                total = total + jnp.where(mask, permuted[m][np.array(average)], 0)
-            divisor = count[average].reshape((-1,) + (1,) * (total.ndim - 1)).astype(np.float32)
-            defaults = defaults.at[np.array(average)].set(total / divisor.astype(first.dtype))
+                total = total + jnp.where(present[m][ids].reshape((-1,) + (1,) * (total.ndim - 1)), permuted[m][ids], 0)
+            divisor = count[ids].reshape((-1,) + (1,) * (total.ndim - 1)).astype(np.float32)
+            defaults = defaults.at[ids].set(total / divisor.astype(first.dtype))
         return defaults
 
-    def _configured(self, token: str, i: int, source: TokenSource, tables: dict, permuted: dict, present: dict):
-        """The row ``tokenizer.tokens[token].source`` gives."""
+    def _configured(self, token: str, i: int, source: TokenSource, tables: dict, present: dict):
+        """Where ``tokenizer.tokens[token].source`` takes the row from: ``('permuted' | 'table',
+        model, row)``, or None for zeros."""
         if source.kind == "zero":
-            return jnp.zeros(next(iter(tables.values())).shape[1:], next(iter(tables.values())).dtype)
+            return None
         where = f"tokenizer.tokens[{token!r}]"
         if source.kind is None:
             raise ConfigError(f"{where} has no source, and some model lacks the token (or it is forced)")
@@ -139,7 +143,7 @@ class VocabularyRemap:
         if source.kind == "model":
             if not present[model][i]:
                 raise ConfigError(f"{where}: its source {source.model} has no such token")
-            return permuted[model][i]
+            return "permuted", model, i
         token_id = source.token_id
         if token_id is None:
             own = self.vocabulary.original.get(model, {})
@@ -149,4 +153,4 @@ class VocabularyRemap:
         if not 0 <= token_id < tables[model].shape[0]:
             raise ConfigError(f"{where}: token_id {token_id} is out of range for {source.model} "
                               f"({tables[model].shape[0]} rows)")
-        return tables[model][token_id]
+        return "table", model, token_id
