@@ -117,7 +117,7 @@ def _merge(args) -> None:
     from jaxmerge.cli.chat_templates import resolve_template
     from jaxmerge.cli.config import load_config
     from jaxmerge.cli.slices import output_config, plan_groups
-    from jaxmerge.cli.tokenizer import build_vocabulary, tokenizer_files
+    from jaxmerge.cli.tokenizer import TOKENIZER_FILES, build_vocabulary, tokenizer_files
 
     if args.distributed:
         import jax
@@ -143,8 +143,7 @@ def _merge(args) -> None:
     vocab_rows = None if vocabulary is None else vocabulary.rows
     if (model_config := output_config(config, reference, config.out_dtype or config.dtype, vocab_rows)) is not None:
         extra_files["config.json"] = model_config
-    read = [args.config, *(m / name for m in models for name in ("tokenizer.json", "tokenizer_config.json",
-                                                                  "chat_template.jinja") if (m / name).exists())]
+    read = [args.config, *(m / name for m in models for name in TOKENIZER_FILES if (m / name).exists())]
     output = stream_groups(groups, args.output, options=options, extra_files=extra_files, inputs=read)
     print(f"wrote {output}")
 

@@ -19,7 +19,7 @@ from jaxmerge._hyper import Levels
 from jaxmerge._layers import LayerStack, position
 from jaxmerge.checkpoints.stream import Group, open_checkpoint
 from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
-from jaxmerge.cli.tokenizer import Vocabulary, vocab_size_key
+from jaxmerge.cli.tokenizer import Vocabulary, config_value, vocab_size_key
 from jaxmerge.cli.vocabulary import VocabularyRemap
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import MergePlan
@@ -168,8 +168,5 @@ def output_config(config: MergeConfig, reference: Path, out_dtype: str | None, v
         values[key] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in config.slices)
     if vocab_rows is not None:
         *parents, key = vocab_size_key(values)
-        section = values
-        for part in parents:
-            section = section[part]
-        section[key] = vocab_rows
+        config_value(values, tuple(parents))[key] = vocab_rows
     return json.dumps(values, indent=2) + "\n"

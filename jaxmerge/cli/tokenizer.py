@@ -50,12 +50,17 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def config_value(config: dict, key: tuple[str, ...]):
+    """The value at ``key`` (a path of nested keys) in a config, or None."""
+    for part in key:
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def vocab_size_key(config: dict) -> tuple[str, ...]:
     """Where a model's ``config.json`` keeps its vocabulary size (``text_config`` for multimodal models)."""
     for key in _VOCAB_SIZE_KEYS:
-        value = config
-        for part in key:
-            value = value.get(part) if isinstance(value, dict) else None
+        value = config_value(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
             return key
     return _VOCAB_SIZE_KEYS[0]
@@ -66,9 +71,8 @@ def configured_vocab_size(model: Path) -> int | None:
     path = model / "config.json"
     if not path.is_file():
         return None
-    value = read_json(path)
-    for part in vocab_size_key(value):
-        value = value.get(part) if isinstance(value, dict) else None
+    config = read_json(path)
+    value = config_value(config, vocab_size_key(config))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

@@ -40,6 +40,11 @@ VOCABULARY_TENSORS = frozenset({
     "lm_head.linear.bias", "vocab_projector.weight", "vocab_projector.bias"})
 
 
+def _per_row(values: np.ndarray, ndim: int) -> np.ndarray:
+    """One value per row, shaped to broadcast against an ``ndim``-dimensional table of rows."""
+    return values.reshape((-1,) + (1,) * (ndim - 1))
+
+
 class VocabularyRemap:
     """Rewrites the vocabulary tensors of one slice's models onto the output vocabulary.
 
@@ -87,7 +92,7 @@ class VocabularyRemap:
         defaults = self._defaults(tables, permuted, present, forced)
         result = {}
         for m in tables:
-            keep = (present[m] & ~forced).reshape((-1,) + (1,) * (defaults.ndim - 1))
+            keep = _per_row(present[m] & ~forced, defaults.ndim)
             rows = jnp.where(keep, permuted[m], defaults)
             if self.rows > rows.shape[0]:
                 mean = jnp.mean(rows.astype(jnp.float32), axis=0).astype(dtype)
@@ -124,8 +129,8 @@ class VocabularyRemap:
             ids = np.array(average)
             total = jnp.zeros((len(ids), *first.shape[1:]), first.dtype)
             for m in tables:
-                total = total + jnp.where(present[m][ids].reshape((-1,) + (1,) * (total.ndim - 1)), permuted[m][ids], 0)
-            divisor = count[ids].reshape((-1,) + (1,) * (total.ndim - 1)).astype(np.float32)
+                total = total + jnp.where(_per_row(present[m][ids], total.ndim), permuted[m][ids], 0)
+            divisor = _per_row(count[ids], total.ndim).astype(np.float32)
             defaults = defaults.at[ids].set(total / divisor.astype(first.dtype))
         return defaults
 
