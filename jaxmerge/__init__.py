@@ -11,6 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"checkpoints": "jaxmerge.checkpoints", "federated": "jaxmerge.federated",
+               "lora": "jaxmerge.lora",
                "sparsify": "jaxmerge.merging.sparsify"}
 _MODULES = {  # the module that defines each public name
     "jaxmerge._hyper": ["layer_positions", "per_model"],
