@@ -1,0 +1,86 @@
+"""PEFT itself against jaxmerge.lora, when a Python with PEFT, transformers and torch is given in
+``$PEFT_PYTHON`` (they are not test dependencies). Adapters made by PEFT on a small Llama are
+merged by both: factor-level and ``cat`` types agree bit for bit, ``*svd`` types in ``B @ A``
+(the singular vectors' signs are LAPACK's choice); DARE's draws differ by design."""
+
+import json
+import os
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmerge import lora
+
+PEFT_PYTHON = os.environ.get("PEFT_PYTHON")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(PEFT_PYTHON is None, reason="$PEFT_PYTHON is not set")]
+
+SCRIPT = """
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+
+root, spec = sys.argv[1], json.loads(sys.argv[2])
+config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)
+for i, adapter in enumerate(spec["adapters"]):
+    torch.manual_seed(i)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(**adapter))
+    for name, p in model.named_parameters():
+        if "lora" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(f"{root}/a{i}")
+model = PeftModel.from_pretrained(LlamaForCausalLM(config), f"{root}/a0", adapter_name="a0")
+names = [f"a{i}" for i in range(len(spec["adapters"]))]
+for name in names[1:]:
+    model.load_adapter(f"{root}/{name}", adapter_name=name)
+for j, merge in enumerate(spec["merges"]):
+    model.add_weighted_adapter(names, merge.pop("weights"), f"m{j}", **merge)
+    model.save_pretrained(f"{root}/out", selected_adapters=[f"m{j}"])
+"""
+ADAPTERS = [{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+            {"r": 4, "lora_alpha": 2, "target_modules": ["q_proj", "k_proj"]},
+            {"r": 4, "lora_alpha": 4, "use_rslora": True, "target_modules": ["q_proj", "k_proj", "down_proj"]}]
+WEIGHTS = [0.7, -0.4, 1.3]
+MERGES = [{"combination_type": "linear"}, {"combination_type": "cat"},
+          {"combination_type": "ties", "density": 0.5},
+          {"combination_type": "ties", "density": 0.3, "majority_sign_method": "frequency"},
+          {"combination_type": "magnitude_prune", "density": 0.6},
+          {"combination_type": "svd"}, {"combination_type": "svd", "svd_rank": 6},
+          {"combination_type": "ties_svd", "density": 0.5},
+          {"combination_type": "magnitude_prune_svd", "density": 0.5, "svd_rank": 2},
+          {"combination_type": "dare_linear", "density": 0.5}, {"combination_type": "dare_ties_svd", "density": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    spec = {"adapters": ADAPTERS, "merges": [{"weights": WEIGHTS, **m} for m in MERGES]}
+    subprocess.run([PEFT_PYTHON, "-c", SCRIPT, str(root), json.dumps(spec)], check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return root
+
+
+@pytest.mark.parametrize("j", range(len(MERGES)))
+def test_add_weighted_adapter_matches_peft(root, j):
+    merge = MERGES[j]
+    adapters = [lora.load_adapter(root / f"a{i}") for i in range(len(ADAPTERS))]
+    ours = lora.add_weighted_adapter(adapters, WEIGHTS, key=jax.random.key(0), **merge)
+    peft = lora.load_adapter(root / "out" / f"m{j}")
+    for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out"):
+        assert ours.config[field] == peft.config[field], field
+    assert sorted(ours.config["target_modules"]) == sorted(peft.config["target_modules"])
+    assert sorted(ours.layers) == sorted(peft.layers) and sorted(ours.extras) == sorted(peft.extras)
+    kind = merge["combination_type"]
+    for module, theirs in peft.layers.items():
+        mine = ours.layers[module]
+        assert mine.a.shape == theirs.a.shape and mine.b.shape == theirs.b.shape
+        if kind.startswith("dare"):
+            continue
+        if kind.endswith("svd"):
+            expected = np.asarray(peft.delta(module))
+            np.testing.assert_allclose(np.asarray(ours.delta(module)), expected, atol=1e-5 * np.abs(expected).max())
+        else:
+            np.testing.assert_array_equal(np.asarray(mine.a), np.asarray(theirs.a))
+            np.testing.assert_array_equal(np.asarray(mine.b), np.asarray(theirs.b))
