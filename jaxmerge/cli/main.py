@@ -1,4 +1,5 @@
-"""The ``jaxmerge`` command: ``merge`` a YAML config into a checkpoint, ``inspect`` a checkpoint."""
+"""The ``jaxmerge`` command: ``merge`` a YAML config into a checkpoint, ``inspect`` a checkpoint,
+``extract-lora``, ``merge-adapters`` and ``apply-adapter`` for LoRA adapters."""
 
 from __future__ import annotations
 
@@ -76,7 +77,62 @@ def _parser() -> argparse.ArgumentParser:
                                   description="List every merge method a config may name, with its parameters "
                                               "(defaults, ranges, per-model or global) and references.")
     listing.add_argument("method", nargs="?", help="show only this method")
+    _lora_parsers(commands)
     return parser
+
+
+def _lora_parsers(commands) -> None:
+    extract = commands.add_parser("extract-lora", help="extract a LoRA adapter from a fine-tuned model",
+                                  description="Extract a PEFT LoRA adapter from a fine-tuned model and its base by "
+                                              "truncated SVD of each linear layer's update (as mergekit-extract-lora).")
+    extract.add_argument("--model", required=True, help="the fine-tuned model")
+    extract.add_argument("--base-model", required=True, help="its base model")
+    extract.add_argument("--out-path", required=True, help="the adapter directory to create")
+    extract.add_argument("--max-rank", type=_positive_int, default=128, help="largest rank of a layer (default 128)")
+    extract.add_argument("--sv-epsilon", type=float, default=0.0,
+                         help="keep only singular values above this (default 0: up to --max-rank)")
+    extract.add_argument("--no-distribute-scale", action="store_true",
+                         help="put the singular values into lora_A alone (default: sqrt into both factors)")
+    extract.add_argument("--embed-lora", action="store_true",
+                         help="extract the embeddings as LoRA too (default: saved in full)")
+    extract.add_argument("-i", "--include-regex", action="append", default=[], help="only modules matching this")
+    extract.add_argument("-e", "--exclude-regex", action="append", default=[], help="skip modules matching this")
+    extract.add_argument("--force", action="store_true", help="replace the output if it exists and is not empty")
+    extract.add_argument("-v", "--verbose", action="store_true", help="print each module's rank and retained energy")
+    combine = commands.add_parser("merge-adapters", help="merge LoRA adapters into one (PEFT's add_weighted_adapter)",
+                                  description="Merge PEFT LoRA adapters into one with PEFT's combination types.")
+    combine.add_argument("output", metavar="OUTPUT_DIR", help="the adapter directory to create")
+    combine.add_argument("adapters", metavar="ADAPTER", nargs="+", help="the adapters' directories")
+    combine.add_argument("--weights", type=float, nargs="+", help="one per adapter (default: 1 each)")
+    combine.add_argument("--combination-type", default="svd",
+                         help="cat, linear, ties, dare_linear, dare_ties, magnitude_prune, or an svd type: svd, "
+                              "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd (default svd)")
+    combine.add_argument("--svd-rank", type=_positive_int, help="rank of the svd types (default: the largest rank)")
+    combine.add_argument("--svd-clamp", type=float, help="quantile to clamp the svd factors to")
+    combine.add_argument("--density", type=float, help="fraction kept by ties, dare and magnitude_prune types")
+    combine.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total")
+    combine.add_argument("--random-seed", type=_seed, default=0, help="seed of the dare types (default 0)")
+    combine.add_argument("--force", action="store_true", help="replace the output if it exists and is not empty")
+    apply = commands.add_parser("apply-adapter", help="apply a LoRA adapter to its base model",
+                                description="Write the base model with a PEFT LoRA adapter applied (W + weight * "
+                                            "scaling * B @ A), tensor by tensor.")
+    apply.add_argument("base", metavar="BASE", help="the base model")
+    apply.add_argument("adapter", metavar="ADAPTER", help="the adapter directory")
+    apply.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
+    apply.add_argument("--weight", type=float, default=1.0, help="the adapter's weight; -1 removes it (default 1)")
+    apply.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
+    apply.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    apply.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _size(text: str) -> str:
@@ -190,6 +246,49 @@ def _methods(args) -> None:
             print(f"    arXiv {', '.join(record.references)}")
 
 
+def _extract_lora(args) -> None:
+    from jaxmerge.checkpoints.stream import _load, open_checkpoint
+    from jaxmerge.lora import extract_lora, save_adapter
+
+    base, tuned = open_checkpoint(args.base_model), open_checkpoint(args.model)
+    missing = sorted(set(tuned.names) - set(base.names))
+    if missing:
+        raise ConfigError(f"the base model {args.base_model} has no tensor {missing[0]!r} of {args.model}")
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    adapter, energy = extract_lora(lambda name: _load(base, name, None, None), lambda name: _load(tuned, name, None, None),
+                                   names=tuned.names, shapes={n: base.shape_dtype(n)[0] for n in base.names},
+                                   max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
+                                   distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
+                                   include=args.include_regex, exclude=args.exclude_regex,
+                                   base_model_name_or_path=args.base_model, log=log)
+    output = save_adapter(args.out_path, adapter, force=args.force, inputs=[args.model, args.base_model])
+    lowest = min(energy, key=energy.get)
+    print(f"wrote {output}: {len(adapter.layers)} LoRA modules, rank up to {adapter.config['r']}, "
+          f"{len(adapter.extras)} tensors in full; retained energy mean {sum(energy.values()) / len(energy):.4f}, "
+          f"lowest {energy[lowest]:.4f} ({lowest})")
+
+
+def _merge_adapters(args) -> None:
+    import jax
+
+    from jaxmerge.lora import add_weighted_adapter, load_adapter, save_adapter
+
+    weights = args.weights or [1.0] * len(args.adapters)
+    adapters = [load_adapter(path) for path in args.adapters]
+    merged = add_weighted_adapter(adapters, weights, args.combination_type, svd_rank=args.svd_rank,
+                                  svd_clamp=args.svd_clamp, density=args.density,
+                                  majority_sign_method=args.majority_sign_method, key=jax.random.key(args.random_seed))
+    print(f"wrote {save_adapter(args.output, merged, force=args.force, inputs=args.adapters)}")
+
+
+def _apply_adapter(args) -> None:
+    from jaxmerge.checkpoints.stream import StreamOptions
+    from jaxmerge.lora import apply_adapter
+
+    options = StreamOptions(out_dtype=args.out_dtype, force=args.force, progress=not args.no_progress)
+    print(f"wrote {apply_adapter(args.base, args.adapter, args.output, weight=args.weight, options=options)}")
+
+
 def _inspect(args) -> None:
     import numpy as np
 
@@ -235,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", JaxmergeWarning)
             warnings.showwarning = _warn
             args = _parser().parse_args(argv)
-            {"merge": _merge, "inspect": _inspect, "methods": _methods}[args.command](args)
+            {"merge": _merge, "inspect": _inspect, "methods": _methods, "extract-lora": _extract_lora,
+             "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter}[args.command](args)
     except (ValueError, TypeError, OSError, RecursionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, RecursionError):

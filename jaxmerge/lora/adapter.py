@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -231,25 +231,27 @@ def tensor_names(adapter: Adapter) -> dict[str, jax.Array]:
     return dict(sorted(tensors.items()))
 
 
-def save_adapter(path: str | os.PathLike, adapter: Adapter, *, force: bool = False) -> Path:
+def save_adapter(path: str | os.PathLike, adapter: Adapter, *, force: bool = False,
+                 inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Write ``adapter`` as a PEFT adapter directory, atomically (loadable by PEFT's ``from_pretrained``).
 
     Args:
       path: the directory to create.
       adapter: the adapter.
       force: replace an existing non-empty ``path``.
+      inputs: directories the adapter was made from, which ``path`` must not overlap.
 
     Returns:
       The absolute path written.
 
     Raises:
-      CheckpointError: ``path`` exists and is not empty, without ``force``.
+      CheckpointError: ``path`` exists and is not empty, without ``force``, or overlaps an input.
     """
     from jaxmerge.checkpoints.safetensors import SafetensorsWriter
     from jaxmerge.checkpoints.stream import _check_destination, staged
 
     output = Path(path).absolute()
-    _check_destination(output, [], force)
+    _check_destination(output, [Path(p) for p in inputs], force)
     tensors = tensor_names(adapter)
     with staged(output) as staging:
         staging.path.mkdir(parents=True)

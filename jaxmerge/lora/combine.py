@@ -100,6 +100,14 @@ def _sequential_sum(xs: Sequence[jax.Array]) -> jax.Array:
     return out
 
 
+def signed_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The thin SVD ``u, s, vh`` of ``x`` (batched over leading axes), each singular pair
+    signed so that the largest-magnitude entry of its left vector is positive."""
+    u, s, vh = jnp.linalg.svd(x, full_matrices=False)
+    flip = jnp.sign(jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=-2, keepdims=True), axis=-2))
+    return u * flip, s, vh * jnp.swapaxes(flip, -1, -2)
+
+
 @jax.jit(static_argnames=("rank", "clamp"))
 def truncate(delta: jax.Array, *, rank: int, clamp: float | None = None) -> LoraLayer:
     """Rank-``rank`` factors of a matrix by SVD, PEFT's ``svd`` step: ``B = U_r S_r``, ``A =
@@ -110,9 +118,7 @@ def truncate(delta: jax.Array, *, rank: int, clamp: float | None = None) -> Lora
     Singular vectors are defined up to sign, which LAPACK builds choose differently: each
     pair is signed so that the largest-magnitude entry of its left vector is positive, the
     same on every backend (PEFT's factors may differ by these signs; ``B @ A`` does not)."""
-    u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
-    flip = jnp.sign(jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=-2, keepdims=True), axis=-2))
-    u, vh = u * flip, vh * jnp.swapaxes(flip, -1, -2)  # each left vector's largest entry positive
+    u, s, vh = signed_svd(delta)
     kept = min(rank, s.shape[-1])
     b = u[..., :, :kept] * s[..., None, :kept]
     a = vh[..., :kept, :]

@@ -1,0 +1,134 @@
+"""Applying a LoRA adapter to its base model: ``W + weight * scaling * B @ A`` per adapted
+module (PEFT's ``merge_and_unload``), in memory or streamed tensor by tensor between
+checkpoints; ``weight=-1`` removes an applied adapter again.
+
+Base tensors are named as in the Hugging Face checkpoint: module ``m``'s weight is
+``m.weight``. Tensors the adapter saves in full (``modules_to_save``, under
+``base_model.model.<name>``) replace the base's; copies of base layers are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.lora.adapter import PREFIX, Adapter, check_plain, load_adapter
+
+
+def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array]]:
+    """``({base tensor name: module}, {base tensor name: replacement})`` of ``adapter``."""
+    check_plain(adapter, "the adapter")
+    modules = {f"{module}.weight": module for module in adapter.layers}
+    replaced = {}
+    for name, value in adapter.extras.items():
+        if ".base_layer." in name:
+            continue
+        if name.endswith(".lora_B.bias") or not name.startswith(PREFIX):
+            raise JaxmergeError(f"the adapter's tensor {name!r} is neither a LoRA factor nor a module saved in full; "
+                                "not supported")
+        replaced[name.removeprefix(PREFIX)] = value
+    return modules, replaced
+
+
+@jax.jit
+def _added(weight_tensor: jax.Array, delta: jax.Array, weight) -> jax.Array:
+    return (weight_tensor.astype(jnp.float32) + weight * delta).astype(weight_tensor.dtype)
+
+
+class _AdapterUpdate:
+    """A tensor's new value: the base's plus the module's update, the adapter's full copy, or
+    the base's unchanged."""
+
+    def __init__(self, adapter: Adapter, weight: float):
+        self.adapter, self.weight = adapter, weight
+        self.modules, self.replaced = _updates(adapter)
+
+    def __call__(self, name: str, tensor: jax.Array) -> jax.Array:
+        if name in self.replaced:
+            value = self.replaced[name]
+            if value.shape != tensor.shape:
+                raise JaxmergeError(f"the adapter saves {name!r} as {tuple(value.shape)}, the base holds "
+                                    f"{tuple(tensor.shape)}")
+            return value.astype(tensor.dtype)
+        if name not in self.modules:
+            return tensor
+        delta = self.adapter.delta(self.modules[name])
+        if delta.shape != tensor.shape:
+            raise JaxmergeError(f"the adapter's update of {self.modules[name]!r} is {tuple(delta.shape)}, the base "
+                                f"tensor {name!r} is {tuple(tensor.shape)}")
+        return _added(tensor, delta, jnp.float32(self.weight))
+
+    def missing(self, names) -> None:
+        absent = sorted((set(self.modules) | set(self.replaced)) - set(names))
+        if absent:
+            raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
+                                f"({len(absent)} missing)")
+
+    def leaf_fn(self, spec, statistics=None, model_names=None, positions=None):
+        """The streaming driver's leaf function (see :class:`~jaxmerge.checkpoints.stream.Group`)."""
+        names = [key[0] for key in spec.keys]
+        self.missing(names)
+        return lambda i, base, leaves: self(names[i], leaves[0])
+
+
+def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: float = 1.0) -> dict[str, jax.Array]:
+    """The base model with ``adapter`` applied: ``W + weight * scaling * B @ A`` per module.
+
+    Args:
+      params: the base model's tensors by Hugging Face name (``{name: array}``, as
+        :func:`jaxmerge.checkpoints.load` reads a safetensors checkpoint).
+      adapter: the adapter (:func:`~jaxmerge.lora.load_adapter`).
+      weight: the adapter's weight; ``-1`` removes it from a model it was applied to.
+
+    Returns:
+      A new dict of the same tensors, each in its dtype (sums taken in float32).
+
+    Raises:
+      JaxmergeError: a tensor the adapter changes is missing or of another shape (naming
+        it), or the adapter is DoRA or trains biases.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> layer = lora.LoraLayer(a=jnp.ones((1, 2)), b=jnp.ones((2, 1)))
+      >>> adapter = lora.Adapter({"q": layer}, lora.lora_config(1, 2, ["q"]))
+      >>> merged = lora.merge_adapter({"q.weight": jnp.zeros((2, 2))}, adapter)
+      >>> merged["q.weight"].tolist(), lora.merge_adapter(merged, adapter, weight=-1)["q.weight"].tolist()
+      ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
+    """
+    update = _AdapterUpdate(adapter, weight)
+    update.missing(params)
+    return {name: update(name, tensor) for name, tensor in params.items()}
+
+
+def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter, output: str | os.PathLike, *,
+                  weight: float = 1.0, options=None) -> Path:
+    """Write ``base`` with ``adapter`` applied to ``output``, one tensor at a time.
+
+    The output is built like a merge's (:func:`jaxmerge.checkpoints.stream_merge`): in a
+    staging directory renamed into place when complete, the base's config and tokenizer
+    files copied, refused if it would overlap an input.
+
+    Args:
+      base: the base checkpoint (safetensors or Orbax, Hugging Face tensor names).
+      adapter: a PEFT adapter directory, or an :class:`~jaxmerge.lora.Adapter`.
+      output: the directory to create.
+      weight: the adapter's weight (``-1`` removes it).
+      options: a :class:`~jaxmerge.checkpoints.StreamOptions` (dtypes, shard size, force).
+
+    Returns:
+      The output path.
+    """
+    from jaxmerge.checkpoints.stream import Group, StreamOptions, stream_groups
+
+    read = []
+    if not isinstance(adapter, Adapter):
+        read = [Path(adapter, name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
+        adapter = load_adapter(adapter)
+    group = Group(_AdapterUpdate(adapter, weight), (base,))
+    return stream_groups([group], output, options=options or StreamOptions(), inputs=read)

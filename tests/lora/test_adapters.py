@@ -1,0 +1,169 @@
+"""PEFT's adapter format, applying adapters to a base, extracting them, and the commands."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxmerge import checkpoints, lora
+from jaxmerge.cli.main import main
+from jaxmerge.errors import CheckpointError, JaxmergeError
+from tests.lora.helpers import SHAPES, random_adapter
+
+
+def _base(seed=9, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    tensors = {f"{m}.weight": rng.normal(size=shape).astype(dtype) for m, shape in SHAPES.items()}
+    tensors["model.embed_tokens.weight"] = rng.normal(size=(20, 10)).astype(dtype)
+    tensors["model.norm.weight"] = np.ones(10, dtype)
+    return tensors
+
+
+def test_save_and_load_round_trip_with_patterns_embeddings_and_extras(tmp_path):
+    adapter = random_adapter(0, r=4, alpha=8, rank_pattern={"v_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+                             dtype=jnp.bfloat16)
+    rng = np.random.default_rng(1)
+    embedding = lora.LoraLayer(jnp.asarray(rng.normal(size=(4, 20)), jnp.bfloat16),
+                               jnp.asarray(rng.normal(size=(10, 4)), jnp.bfloat16))
+    adapter = lora.Adapter({**adapter.layers, "model.embed_tokens": embedding}, adapter.config,
+                           frozenset({"model.embed_tokens"}), {"base_model.model.model.norm.weight": jnp.ones(10)})
+    path = lora.save_adapter(tmp_path / "a", adapter)
+    loaded = lora.load_adapter(path)
+    names = checkpoints.SafetensorsReader(path / "adapter_model.safetensors").names
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in names
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" in names
+    assert loaded.config == adapter.config and loaded.embeddings == adapter.embeddings
+    jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
+    assert loaded.scaling("model.layers.1.self_attn.q_proj") == 0.75
+    assert loaded.scaling("model.layers.0.self_attn.q_proj") == 2.0
+    a, b = (np.asarray(x, np.float32) for x in embedding)
+    np.testing.assert_allclose(np.asarray(loaded.delta("model.embed_tokens")), 2 * (b @ a).T, rtol=1e-5)
+    assert lora.Adapter(adapter.layers, {**adapter.config, "use_rslora": True}).scaling("model.x") == 4.0
+
+
+def test_adapter_is_a_pytree_under_jit():
+    adapter = random_adapter(0)
+    doubled = jax.jit(lambda a: jax.tree.map(lambda x: 2 * x, a))(adapter)
+    assert isinstance(doubled, lora.Adapter) and doubled.config == adapter.config
+    np.testing.assert_array_equal(doubled.layers["model.layers.0.self_attn.v_proj"].a,
+                                  2 * adapter.layers["model.layers.0.self_attn.v_proj"].a)
+
+
+def test_bad_adapter_directories_are_refused_by_name(tmp_path):
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        lora.load_adapter(tmp_path)
+    path = lora.save_adapter(tmp_path / "a", random_adapter(0))
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(CheckpointError, match="gives it rank 3"):
+        lora.load_adapter(path)
+    (path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="not a LoRA adapter"):
+        lora.load_adapter(path)
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        lora.save_adapter(path, random_adapter(0))
+
+
+def test_merge_adapter_adds_the_scaled_update_and_removes_it_again():
+    base, adapter = _base(), random_adapter(0, alpha=2)
+    merged = lora.merge_adapter(base, adapter, weight=0.5)
+    for module in SHAPES:
+        layer = adapter.layers[module]
+        expected = base[f"{module}.weight"] + 0.5 * 0.5 * (np.asarray(layer.b) @ np.asarray(layer.a))
+        np.testing.assert_allclose(np.asarray(merged[f"{module}.weight"]), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(merged["model.norm.weight"]), base["model.norm.weight"])
+    restored = lora.merge_adapter(merged, adapter, weight=-0.5)
+    for name in base:
+        np.testing.assert_allclose(np.asarray(restored[name]), base[name], atol=1e-5)
+    with pytest.raises(JaxmergeError, match="no tensor 'model.layers.0.self_attn.q_proj.weight'"):
+        lora.merge_adapter({"model.norm.weight": base["model.norm.weight"]}, adapter)
+
+
+def test_apply_adapter_streams_the_same_result_and_keeps_dtypes(tmp_path):
+    base = _base(dtype=ml_dtypes.bfloat16)
+    base_dir = checkpoints.save(tmp_path / "base", base, format="safetensors")
+    (base_dir / "config.json").write_text("{}")
+    adapter = random_adapter(0)
+    lora.save_adapter(tmp_path / "adapter", adapter)
+    assert main(["apply-adapter", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "out"), "--no-progress"]) == 0
+    written = checkpoints.load(tmp_path / "out")
+    expected = lora.merge_adapter({k: jnp.asarray(v) for k, v in base.items()}, adapter)
+    assert (tmp_path / "out" / "config.json").exists()
+    for name in base:
+        assert written[name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(written[name]), np.asarray(expected[name]))
+    assert main(["apply-adapter", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--force",
+                 "--no-progress"]) == 2
+    assert lora.load_adapter(tmp_path / "adapter").config == adapter.config  # the input survived
+
+
+def test_extraction_is_the_best_low_rank_approximation():
+    rng = np.random.default_rng(0)
+    base = _base()
+    tuned = {n: x + 0.1 * rng.normal(size=x.shape).astype(np.float32) for n, x in base.items()}
+    adapter, energy = lora.extract_lora(base, tuned, max_rank=3)
+    assert sorted(adapter.layers) == sorted(SHAPES) and adapter.config["r"] == adapter.config["lora_alpha"] == 3
+    assert adapter.config["modules_to_save"] == ["embed_tokens", "norm"]
+    for module in SHAPES:
+        delta = tuned[f"{module}.weight"] - base[f"{module}.weight"]
+        s = np.linalg.svd(delta, compute_uv=False)
+        error = np.linalg.norm(np.asarray(adapter.delta(module)) - delta)
+        np.testing.assert_allclose(error, np.sqrt((s[3:] ** 2).sum()), rtol=1e-4)  # Eckart-Young
+        np.testing.assert_allclose(energy[module], (s[:3] ** 2).sum() / (s ** 2).sum(), rtol=1e-5)
+        layer = adapter.layers[module]
+        np.testing.assert_allclose(np.linalg.norm(layer.a, axis=1), np.linalg.norm(layer.b, axis=0), rtol=1e-4)
+    applied = lora.merge_adapter(base, adapter)
+    np.testing.assert_array_equal(np.asarray(applied["model.norm.weight"]), tuned["model.norm.weight"])
+
+
+def test_extraction_options_threshold_embeddings_and_filters():
+    rng = np.random.default_rng(1)
+    base = _base()
+    low = rng.normal(size=(12, 2)) @ rng.normal(size=(2, 10))
+    tuned = {**base, "model.layers.0.self_attn.q_proj.weight": base["model.layers.0.self_attn.q_proj.weight"]
+             + low.astype(np.float32), "model.embed_tokens.weight": base["model.embed_tokens.weight"] + 1}
+    adapter, _ = lora.extract_lora(base, tuned, max_rank=8, sv_epsilon=1e-3, embed_lora=True,
+                                   exclude=["layers.1"], distribute_scale=False)
+    assert sorted(adapter.layers) == ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]
+    assert adapter.rank("model.layers.0.self_attn.q_proj") == 2 and adapter.rank("model.embed_tokens") == 1
+    assert adapter.embeddings == {"model.embed_tokens"}
+    np.testing.assert_allclose(np.asarray(adapter.delta("model.embed_tokens")), np.ones((20, 10)), atol=1e-5)
+    b = np.asarray(adapter.layers["model.layers.0.self_attn.q_proj"].b)
+    np.testing.assert_allclose(b.T @ b, np.eye(2), atol=1e-5)  # all of S in A
+    only_q, _ = lora.extract_lora(base, tuned, include=["q_proj"], exclude=["layers.1"], sv_epsilon=1e-3)
+    assert list(only_q.layers) == ["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(JaxmergeError, match="nothing to extract"):
+        lora.extract_lora(base, base, sv_epsilon=1e-3)
+
+
+def test_extract_merge_and_apply_from_the_command_line(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    base = _base()
+    paths = {"base": checkpoints.save(tmp_path / "base", base, format="safetensors")}
+    for i in range(2):
+        tuned = {n: x + 0.05 * rng.normal(size=x.shape).astype(np.float32) for n, x in base.items()}
+        paths[i] = checkpoints.save(tmp_path / f"ft{i}", tuned, format="safetensors")
+        assert main(["extract-lora", "--model", str(paths[i]), "--base-model", str(paths["base"]),
+                     "--out-path", str(tmp_path / f"lora{i}"), "--max-rank", "10", "-e", "embed|norm"]) == 0
+    assert "retained energy mean 1.0000" in capsys.readouterr().out  # full rank: exact
+    extracted = lora.load_adapter(tmp_path / "lora0")
+    tuned = checkpoints.load(paths[0])
+    for module in SHAPES:
+        np.testing.assert_allclose(np.asarray(lora.merge_adapter(base, extracted)[f"{module}.weight"]),
+                                   np.asarray(tuned[f"{module}.weight"]), atol=1e-5)
+    assert main(["merge-adapters", str(tmp_path / "merged"), str(tmp_path / "lora0"), str(tmp_path / "lora1"),
+                 "--weights", "0.5", "0.5", "--combination-type", "cat"]) == 0
+    merged = lora.load_adapter(tmp_path / "merged")
+    first = lora.load_adapter(tmp_path / "lora1")
+    for module in SHAPES:
+        np.testing.assert_allclose(np.asarray(merged.delta(module)),
+                                   0.5 * np.asarray(extracted.delta(module) + first.delta(module)), atol=1e-5)
+    assert main(["merge-adapters", str(tmp_path / "bad"), str(tmp_path / "lora0"), str(tmp_path / "lora1"),
+                 "--combination-type", "ties"]) == 2
+    assert "ties needs a density" in capsys.readouterr().err
+    assert main(["extract-lora", "--model", str(paths[0]), "--base-model", str(paths["base"]),
+                 "--out-path", str(paths[0]), "--force"]) == 2
+    assert "overlap" in capsys.readouterr().err
