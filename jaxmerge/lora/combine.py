@@ -46,6 +46,7 @@ from jaxmerge.merging.task_vectors import leaf_key
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = ("cat", *FACTOR_TYPES, *SVD_TYPES)
+SCALING_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")  # what a module's scaling reads
 _DENSE_KINDS = {"svd": "linear", **{t: t.removesuffix("_svd") for t in SVD_TYPES[1:]}}
 _PRUNING = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random", "dare_ties": "random"}
 _CONSENSUS = {"total": "total", "frequency": "frequency"}
@@ -194,7 +195,7 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
         else:
             layers[module] = _dense(module, holding, combination_type, density, majority_sign_method, module_key,
                                     new_rank, svd_clamp)
-    return Adapter(layers, _merged_config(adapters, layers, new_rank), embeddings, _merged_extras(adapters))
+    return Adapter(layers, merged_config(adapters, layers, new_rank), embeddings, merged_extras(adapters))
 
 
 def _check(adapters, weights, combination_type, density, majority_sign_method, key, svd_clamp) -> None:
@@ -266,9 +267,10 @@ def _dense(module: str, holding, kind: str, density, majority, key, rank: int, c
                      factors.b.reshape(b_shape).astype(reference.b.dtype))
 
 
-def _merged_config(adapters: Sequence[Adapter], layers: dict, new_rank: int) -> dict:
+def merged_config(adapters: Sequence[Adapter], layers: dict, new_rank: int, *, use_rslora: bool | None = None) -> dict:
     """The first adapter's config with PEFT's changes: ``r = lora_alpha = new_rank``, the
-    target modules united, no patterns (but for modules of another rank, kept loadable)."""
+    target modules united, no patterns (but for modules of another rank, kept loadable);
+    ``use_rslora`` replaces the first adapter's."""
     targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, str) for t in targets):
         target_modules = "|".join(f"({t})" for t in targets) if len(targets) > 1 else targets[0]
@@ -278,6 +280,8 @@ def _merged_config(adapters: Sequence[Adapter], layers: dict, new_rank: int) -> 
         raise JaxmergeError(f"the adapters' target_modules mix regular expressions and lists: {targets}")
     config = {**adapters[0].config, "r": new_rank, "lora_alpha": new_rank, "target_modules": target_modules,
               "rank_pattern": {}, "alpha_pattern": {}}
+    if use_rslora is not None:
+        config["use_rslora"] = use_rslora
     rslora = bool(config.get("use_rslora"))
     scaling = math.sqrt(new_rank) if rslora else 1.0
     for module, layer in layers.items():
@@ -293,7 +297,7 @@ def _anchored(module: str) -> str:
     return "^" + module.replace(".", r"\.")
 
 
-def _merged_extras(adapters: Sequence[Adapter]) -> dict:
+def merged_extras(adapters: Sequence[Adapter]) -> dict:
     """Copies of base layers from the first adapter holding them; a module saved in full
     (``modules_to_save``) from the one adapter holding it."""
     extras: dict = {}
