@@ -6,14 +6,15 @@ import inspect
 import pytest
 
 import jaxmerge
-from jaxmerge import checkpoints, federated, sparsify
+from jaxmerge import checkpoints, federated, lora, sparsify
 
 SPARSIFY = ["top_k_mask", "kth_largest_magnitude", "magnitude_mask", "breadcrumbs_mask", "band_mask", "random_mask",
             "della_mask", "della_probabilities", "rescale", "num_kept"]
 PUBLIC = ([(f"jaxmerge.{n}", getattr(jaxmerge, n)) for n in jaxmerge.__all__]
           + [(f"jaxmerge.checkpoints.{n}", getattr(checkpoints, n)) for n in checkpoints.__all__]
           + [(f"jaxmerge.sparsify.{n}", getattr(sparsify, n)) for n in SPARSIFY]
-          + [(f"jaxmerge.federated.{n}", getattr(federated, n)) for n in federated.__all__])
+          + [(f"jaxmerge.federated.{n}", getattr(federated, n)) for n in federated.__all__]
+          + [(f"jaxmerge.lora.{n}", getattr(lora, n)) for n in lora.__all__ if n != "COMBINATION_TYPES"])
 FUNCTIONS = [(name, obj) for name, obj in PUBLIC if inspect.isfunction(inspect.unwrap(obj))]
 
 
@@ -38,7 +39,7 @@ def test_merge_methods_cite_their_papers(name):
 
 def test_every_public_name_resolves_to_what_it_names():
     for name, obj in PUBLIC:
-        modules = ("jaxmerge.checkpoints", "jaxmerge.federated", "jaxmerge.sparsify")
+        modules = ("jaxmerge.checkpoints", "jaxmerge.federated", "jaxmerge.lora", "jaxmerge.sparsify")
         assert inspect.ismodule(obj) == (name in modules), name
         assert inspect.ismodule(obj) or obj.__name__ == name.rsplit(".", 1)[-1], name
 

@@ -44,6 +44,13 @@ class LoraLayer(NamedTuple):
         for a convolution.
       b: ``(out_features, r)``; ``(embedding_dim, r)`` for an embedding; ``(out, r, 1, 1)``
         for a convolution.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> layer = lora.LoraLayer(a=jnp.ones((2, 5)), b=jnp.ones((3, 2)))
+      >>> lora.delta_weight(layer, 0.5).tolist()[0]
+      [1.0, 1.0, 1.0, 1.0, 1.0]
     """
 
     a: jax.Array
@@ -66,6 +73,16 @@ class Adapter:
         ``lora_embedding_A/B``): their update is stored transposed, ``(B @ A).T``.
       extras: other tensors of the file under their full names (a copied base layer, or a
         module trained in full, ``modules_to_save``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> layer = lora.LoraLayer(a=jnp.ones((4, 8)), b=jnp.zeros((8, 4)))
+      >>> adapter = lora.Adapter({"model.q_proj": layer}, lora.lora_config(4, 16, ["q_proj"]))
+      >>> adapter.rank("model.q_proj"), adapter.scaling("model.q_proj")
+      (4, 4.0)
+      >>> jax.tree.map(lambda x: x.astype(jnp.bfloat16), adapter).layers["model.q_proj"].a.dtype
+      dtype(bfloat16)
     """
 
     layers: Mapping[str, LoraLayer]
@@ -111,8 +128,24 @@ def _pattern_value(patterns: Mapping, module: str, default):
 
 @jax.jit(static_argnames=("transposed",))
 def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.Array:
-    """``scaling * B @ A`` in float32, shaped like the base weight (a convolution's
-    ``(out, in, kh, kw)``); ``transposed`` for embeddings and ``fan_in_fan_out`` layers."""
+    """One module's update ``scaling * B @ A``, in float32.
+
+    Args:
+      layer: the module's factors.
+      scaling: the factor (:meth:`Adapter.scaling`).
+      transposed: transpose the result (embeddings, and ``fan_in_fan_out`` layers).
+
+    Returns:
+      The update shaped like the base weight: ``(out, in)``, or a convolution's ``(out, in,
+      kh, kw)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> layer = lora.LoraLayer(a=jnp.ones((1, 3)), b=jnp.ones((2, 1)))
+      >>> lora.delta_weight(layer, 2.0, transposed=True).shape
+      (3, 2)
+    """
     a, b = layer.a.astype(jnp.float32), layer.b.astype(jnp.float32)
     product = jnp.einsum("or,r...->o...", b.reshape(b.shape[:2]), a)
     if transposed:
@@ -122,6 +155,15 @@ def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.
 
 def lora_config(r: int, lora_alpha: float, target_modules, **fields) -> dict:
     """A minimal PEFT LoRA config (``adapter_config.json``), other fields set by keyword.
+
+    Args:
+      r: the rank.
+      lora_alpha: the scale numerator (``scaling = lora_alpha / r``).
+      target_modules: module names (a list) or a regular expression.
+      **fields: other fields (``use_rslora``, ``rank_pattern``, ``task_type``, ...).
+
+    Returns:
+      The config dict.
 
     Examples:
       >>> from jaxmerge import lora
@@ -246,6 +288,13 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, *, force: bool = Fal
 
     Raises:
       CheckpointError: ``path`` exists and is not empty, without ``force``, or overlaps an input.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> adapter = lora.Adapter({"q": lora.LoraLayer(jnp.ones((1, 2)), jnp.ones((2, 1)))}, lora.lora_config(1, 1, "q"))
+      >>> sorted(os.listdir(lora.save_adapter(tempfile.mkdtemp() + "/out", adapter)))
+      ['adapter_config.json', 'adapter_model.safetensors']
     """
     from jaxmerge.checkpoints.safetensors import SafetensorsWriter
     from jaxmerge.checkpoints.stream import _check_destination, staged

@@ -123,6 +123,17 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
 
     Returns:
       The output path.
+
+    Examples:
+      >>> import tempfile, pathlib, jax.numpy as jnp
+      >>> from jaxmerge import checkpoints, lora
+      >>> from jaxmerge.checkpoints import StreamOptions
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> base = checkpoints.save(tmp / "base", {"q.weight": jnp.zeros((2, 2))}, format="safetensors")
+      >>> adapter = lora.Adapter({"q": lora.LoraLayer(jnp.ones((1, 2)), jnp.ones((2, 1)))}, lora.lora_config(1, 1, "q"))
+      >>> out = lora.apply_adapter(base, adapter, tmp / "out", options=StreamOptions(progress=False))
+      >>> checkpoints.load(out)["q.weight"].tolist()
+      [[1.0, 1.0], [1.0, 1.0]]
     """
     from jaxmerge.checkpoints.stream import Group, StreamOptions, stream_groups
 

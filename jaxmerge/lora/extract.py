@@ -34,7 +34,15 @@ OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 
 class Extraction(NamedTuple):
     """An extracted adapter, with each module's retained energy ``sum(s_r^2) / sum(s^2)``
-    (the relative squared Frobenius error of ``B A`` is ``1 - energy``)."""
+    (the relative squared Frobenius error of ``B A`` is ``1 - energy``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> adapter, energy = lora.extract_lora({"q.weight": jnp.zeros((2, 2))}, {"q.weight": jnp.eye(2)}, max_rank=1)
+      >>> energy
+      {'q': 0.5}
+    """
 
     adapter: Adapter
     energy: dict[str, float]
@@ -48,10 +56,26 @@ def _spectrum(base: jax.Array, finetuned: jax.Array, *, transpose: bool, exact: 
 
 def extract_layer(base: jax.Array, finetuned: jax.Array, *, max_rank: int, sv_epsilon: float = 0.0,
                   distribute_scale: bool = True, transpose: bool = False) -> tuple[LoraLayer | None, float]:
-    """The LoRA factors of one weight's update and their retained energy (``None`` at rank 0).
+    """The LoRA factors of one weight's update and their retained energy.
 
-    ``transpose`` for an embedding (``(num_embeddings, dim)``), whose factors are PEFT's
-    ``lora_embedding_A`` ``(r, num_embeddings)`` and ``lora_embedding_B`` ``(dim, r)``.
+    Args:
+      base: the base weight, 2-d.
+      finetuned: the fine-tuned weight, of the same shape and dtype.
+      max_rank: the largest rank kept.
+      sv_epsilon: keep only singular values above this (0: no threshold).
+      distribute_scale: ``sqrt(S)`` into both factors (else ``S`` into ``A``).
+      transpose: for an embedding (``(num_embeddings, dim)``), whose factors are PEFT's
+        ``lora_embedding_A`` ``(r, num_embeddings)`` and ``lora_embedding_B`` ``(dim, r)``.
+
+    Returns:
+      ``(LoraLayer or None at rank 0, sum(s_r^2) / sum(s^2))``, the factors in ``finetuned``'s dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> layer, energy = lora.extract_layer(jnp.zeros((3, 2)), jnp.ones((3, 2)), max_rank=4, sv_epsilon=1e-6)
+      >>> layer.a.shape, layer.b.shape, round(energy, 6)
+      ((1, 2), (3, 1), 1.0)
     """
     u, s, vh = _spectrum(base, finetuned, transpose=transpose, exact=True)
     s_host = np.asarray(s)

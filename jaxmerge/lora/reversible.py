@@ -26,15 +26,27 @@ from jaxmerge.lora.combine import SCALING_FIELDS, merged_config
 
 class Residual(NamedTuple):
     """One factor's positions: ``basis`` ``(positions, r, p)`` and ``coefficients``
-    ``(positions, p, n)``; adapter ``i``'s factor is the mean plus ``basis @ coefficients[..., i]``."""
+    ``(positions, p, n)``; adapter ``i``'s factor is the mean plus ``basis @ coefficients[..., i]``.
+
+    Examples: see :func:`reversible_merge`.
+    """
 
     basis: jax.Array
     coefficients: jax.Array
 
 
 class ReversibleMerge(NamedTuple):
-    """The merged adapter (the mean of the scaled factors, scaling 1) and, per module, the
-    residuals of ``A`` (positions: its columns) and ``B`` (its rows)."""
+    """The merged adapter (the mean of the scaled factors, scaling 1), per module the
+    residuals of ``A`` (positions: its columns) and ``B`` (its rows), and the adapters' configs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> one = lora.Adapter({"q": lora.LoraLayer(jnp.ones((1, 2)), jnp.ones((3, 1)))}, lora.lora_config(1, 1, "q"))
+      >>> kept = lora.reversible_merge([one, one])
+      >>> kept.residuals["q"][0].basis.shape  # A's 2 columns, rank 1, basis 1
+      (2, 1, 1)
+    """
 
     merged: Adapter
     residuals: dict[str, tuple[Residual, Residual]]
@@ -108,7 +120,26 @@ def reversible_merge(adapters: Sequence[Adapter], *, basis_size: int = 1) -> Rev
 
 
 def recover(kept: ReversibleMerge, index: int) -> Adapter:
-    """Adapter ``index`` from a :func:`reversible_merge` (scaling folded into its factors)."""
+    """Adapter ``index`` back from a :func:`reversible_merge`.
+
+    Args:
+      kept: the reversible merge.
+      index: which adapter, as ordered when merged.
+
+    Returns:
+      The adapter, its scaling folded into its factors (its config's scaling is 1): the same
+      update, exactly when the basis held ``n - 1`` vectors.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge import lora
+      >>> def adapter(value):
+      ...     return lora.Adapter({"q": lora.LoraLayer(jnp.full((1, 2), value), jnp.ones((2, 1)))},
+      ...                         lora.lora_config(1, 1, "q"))
+      >>> kept = lora.reversible_merge([adapter(1.0), adapter(3.0)])
+      >>> kept.merged.delta("q").tolist()[0], lora.recover(kept, 1).delta("q").tolist()[0]
+      ([2.0, 2.0], [3.0, 3.0])
+    """
     layers = {}
     for module, layer in kept.merged.layers.items():
         a_rest, b_rest = kept.residuals[module]
