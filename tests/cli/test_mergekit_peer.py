@@ -115,3 +115,23 @@ def test_the_same_vocabulary_and_rows_as_mergekit(models, tmp_path, name):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=tensor)
     sizes = [json.loads((tmp_path / tool / "config.json").read_text())["vocab_size"] for tool in ("mergekit", "jaxmerge")]
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("options", [["--max-rank", "4"], ["--max-rank", "16", "--sv-epsilon", "0.05", "--embed-lora"]])
+def test_the_same_adapter_as_mergekit_extract_lora(root, tmp_path, options):
+    """Factors agree up to the signs of singular pairs (LAPACK's choice): compared as ``B @ A``."""
+    from jaxmerge import lora
+
+    extract = os.path.join(os.path.dirname(MERGEKIT), "mergekit-extract-lora")
+    inputs = ["--model", str(root / "m0"), "--base-model", str(root / "base")]
+    subprocess.run([extract, *inputs, "--out-path", str(tmp_path / "mergekit"), *options], check=False,
+                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert main(["extract-lora", *inputs, "--out-path", str(tmp_path / "jaxmerge"), *options]) == 0
+    theirs, ours = lora.load_adapter(tmp_path / "mergekit"), lora.load_adapter(tmp_path / "jaxmerge")
+    for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+        assert ours.config[field] == theirs.config[field], field
+    assert sorted(ours.config["modules_to_save"] or []) == sorted(theirs.config["modules_to_save"] or [])
+    assert sorted(ours.layers) == sorted(theirs.layers) and sorted(ours.extras) == sorted(theirs.extras)
+    for module in theirs.layers:
+        expected = np.asarray(theirs.delta(module))
+        np.testing.assert_allclose(np.asarray(ours.delta(module)), expected, atol=1e-5 * np.abs(expected).max())
