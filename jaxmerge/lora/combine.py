@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.errors import JaxmergeError
-from jaxmerge.lora.adapter import Adapter, LoraLayer, check_plain
+from jaxmerge.lora.adapter import Adapter, LoraLayer, check_plain, delta_weight
 from jaxmerge.merging.sparsify import random_mask, top_k_mask
 from jaxmerge.merging.task_vectors import leaf_key
 
@@ -49,7 +49,7 @@ COMBINATION_TYPES = ("cat", *FACTOR_TYPES, *SVD_TYPES)
 SCALING_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")  # what a module's scaling reads
 _DENSE_KINDS = {"svd": "linear", **{t: t.removesuffix("_svd") for t in SVD_TYPES[1:]}}
 _PRUNING = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random", "dare_ties": "random"}
-_CONSENSUS = {"total": "total", "frequency": "frequency"}
+_CONSENSUS = ("total", "frequency")
 
 
 def _prune(x: jax.Array, density, method: str | None, key) -> jax.Array:
@@ -178,9 +178,12 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     ranks = [_largest_rank(a) for a in adapters]
     if combination_type in FACTOR_TYPES and len(set(ranks)) > 1:
         raise JaxmergeError(f"{combination_type} needs adapters of one rank, got ranks {ranks}; use cat or an svd type")
-    new_rank = {"cat": sum(ranks)}.get(combination_type, ranks[0])
-    if combination_type in SVD_TYPES:
+    if combination_type == "cat":
+        new_rank = sum(ranks)
+    elif combination_type in SVD_TYPES:
         new_rank = svd_rank or max(ranks)
+    else:
+        new_rank = ranks[0]
     modules = list(dict.fromkeys(m for a in adapters for m in a.layers))
     embeddings = frozenset(m for a in adapters for m in a.embeddings)
     layers = {}
@@ -198,9 +201,10 @@ def add_weighted_adapter(adapters: Sequence[Adapter], weights: Sequence[float], 
     return Adapter(layers, merged_config(adapters, layers, new_rank), embeddings, merged_extras(adapters))
 
 
-def _check(adapters, weights, combination_type, density, majority_sign_method, key, svd_clamp) -> None:
+def check_adapters(adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
+    """Refuse no adapters, anything but plain LoRA adapters, and weights not one finite number each."""
     if not adapters:
-        raise JaxmergeError("add_weighted_adapter needs at least one adapter")
+        raise JaxmergeError("merging adapters needs at least one adapter")
     for i, adapter in enumerate(adapters):
         if not isinstance(adapter, Adapter):
             raise JaxmergeError(f"adapters[{i}] is a {type(adapter).__name__}, not a jaxmerge.lora.Adapter")
@@ -209,14 +213,23 @@ def _check(adapters, weights, combination_type, density, majority_sign_method, k
         raise JaxmergeError(f"{len(weights)} weights for {len(adapters)} adapters")
     if not all(math.isfinite(float(w)) for w in weights):
         raise JaxmergeError(f"weights must be finite, got {list(weights)}")
+
+
+def check_key(kind: str, key) -> None:
+    """Refuse a random (DARE) merge without its key."""
+    if _PRUNING.get(kind.removesuffix("_svd")) == "random" and key is None:
+        raise JaxmergeError(f"{kind} drops at random: pass key=jax.random.key(seed)")
+
+
+def _check(adapters, weights, combination_type, density, majority_sign_method, key, svd_clamp) -> None:
+    check_adapters(adapters, weights)
     if combination_type not in COMBINATION_TYPES:
         raise JaxmergeError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
     base_type = combination_type.removesuffix("_svd")
     if base_type in _PRUNING and len(adapters) > 1:
         if density is None or not 0 <= density:
             raise JaxmergeError(f"{combination_type} needs a density >= 0 (a fraction to keep), got {density!r}")
-        if _PRUNING[base_type] == "random" and key is None:
-            raise JaxmergeError(f"{combination_type} drops at random: pass key=jax.random.key(seed)")
+        check_key(combination_type, key)
     if majority_sign_method not in _CONSENSUS:
         raise JaxmergeError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     if svd_clamp is not None and not 0 <= svd_clamp <= 1:
@@ -253,8 +266,6 @@ def _factor_level(module: str, holding, kind: str, density, majority, key) -> Lo
 
 
 def _dense(module: str, holding, kind: str, density, majority, key, rank: int, clamp) -> LoraLayer:
-    from jaxmerge.lora.adapter import delta_weight
-
     deltas = [delta_weight(h.layers[module], h.scaling(module)) for h, _ in holding]  # B @ A orientation
     weights = np.asarray([w for _, w in holding], np.float32)
     merged = combine_tensors(deltas, weights, key, kind=_DENSE_KINDS[kind],

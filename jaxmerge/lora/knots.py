@@ -18,8 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.errors import JaxmergeError
-from jaxmerge.lora.adapter import Adapter, LoraLayer, check_plain, delta_weight
-from jaxmerge.lora.combine import combine_tensors, merged_config, merged_extras, signed_svd
+from jaxmerge.lora.adapter import Adapter, LoraLayer, delta_weight
+from jaxmerge.lora.combine import (
+    check_adapters,
+    check_key,
+    combine_tensors,
+    merged_config,
+    merged_extras,
+    signed_svd,
+)
 from jaxmerge.merging.task_vectors import leaf_key
 
 KNOTS_MERGES = ("ties", "linear", "dare_ties", "dare_linear")
@@ -49,7 +56,8 @@ def knots(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *
       The merged :class:`~jaxmerge.lora.Adapter`, of rank ``min(out, sum r_i)`` per module.
 
     Raises:
-      JaxmergeError: an unknown ``merge``, a missing ``key``, or DoRA adapters.
+      JaxmergeError: an unknown ``merge``, a missing ``key``, no adapters, DoRA adapters, or
+        weights not one finite number per adapter.
 
     Notes:
       The reference code trims each adapter's blocks over the whole model at once; here each
@@ -67,13 +75,9 @@ def knots(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *
     """
     if merge not in KNOTS_MERGES:
         raise JaxmergeError(f"merge must be one of {KNOTS_MERGES}, got {merge!r}")
-    if merge.startswith("dare") and key is None:
-        raise JaxmergeError(f"{merge} drops at random: pass key=jax.random.key(seed)")
-    for i, adapter in enumerate(adapters):
-        check_plain(adapter, f"adapters[{i}]")
-    weights = np.ones(len(adapters), np.float32) if weights is None else np.asarray(weights, np.float32)
-    if weights.shape != (len(adapters),):
-        raise JaxmergeError(f"{weights.size} weights for {len(adapters)} adapters")
+    check_key(merge, key)
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    check_adapters(adapters, weights)
     layers = {}
     for module in dict.fromkeys(m for a in adapters for m in a.layers):
         holding = [(a, w) for a, w in zip(adapters, weights) if module in a.layers]
