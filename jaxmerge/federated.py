@@ -14,6 +14,10 @@ averaged with weights ``num_examples`` (FedAvg, arXiv 1602.05629); with ``'unkno
 participating client's change is scaled by an online estimate of the inverse of its
 participation rate, the mean of its observed participation intervals (FedAU, arXiv
 2306.03401), and summed with weights ``num_examples / sum(num_examples)`` over all clients.
+
+For data-parallel replicas that communicate rarely: :func:`diloco` (local steps, then an
+all-reduce and an outer optimizer step) and :func:`noloco` (local steps, then averaging with a
+random partner).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import optax
 from jaxmerge._tree import PyTree
 from jaxmerge.errors import JaxmergeError
 
-__all__ = ["DilocoState", "ParticipationState", "Server", "ServerState", "aggregate", "diloco", "participation_state",
-           "participation_weights", "run_clients", "sample_clients", "server"]
+__all__ = ["DilocoState", "ParticipationState", "Server", "ServerState", "aggregate", "diloco", "noloco",
+           "participation_state", "participation_weights", "run_clients", "sample_clients", "server"]
 
 Participation = Literal["known", "unknown"]
 
@@ -315,13 +319,13 @@ def sample_clients(key: jax.Array, num_clients: int, num_sampled: int) -> jax.Ar
 
 
 class DilocoState(NamedTuple):
-    """State of :func:`diloco`.
+    """State of :func:`diloco` and :func:`noloco`.
 
     Attributes:
       count: inner steps taken.
       anchor: the params every replica started its current ``every`` steps from (the same on
         every replica).
-      outer_state: the outer optimizer's state.
+      outer_state: the outer optimizer's state (:func:`noloco`'s momentum).
       inner_state: the inner optimizer's state (each replica's own).
 
     Examples:
@@ -388,30 +392,139 @@ def diloco(inner: optax.GradientTransformation, every: int, axis_name: str,
       >>> jax.vmap(two_steps, axis_name="replicas")(grads).tolist()  # -0.2 and -0.6, averaged
       [[-0.4000000059604645], [-0.4000000059604645]]
     """
-    _check_count("every", every, "steps")
     outer = optax.sgd(1.0) if outer is None else outer
 
+    def synchronise(local, anchor, outer_state):
+        mean = jax.lax.pmean(local, axis_name)
+        step, new_outer_state = outer.update(jax.tree.map(jnp.subtract, anchor, mean), outer_state, anchor)
+        new_anchor = optax.apply_updates(anchor, step)
+        return new_anchor, new_outer_state
+
+    return _local_steps(inner, every, outer.init, lambda count, *trees: synchronise(*trees), "diloco")
+
+
+def noloco(inner: optax.GradientTransformation, every: int, axis_name: str, *, key: jax.Array,
+           outer_lr: float = 0.7, momentum: float = 0.5) -> optax.GradientTransformation:
+    """Local steps on each replica, then averaging with one random partner instead of all replicas.
+
+    Like :func:`diloco`, each replica takes ``every`` steps of ``inner`` alone from its anchor
+    ``phi_i`` (the params of its last synchronisation) to ``theta_i``. Then the replicas are
+    paired at random, and replica ``i`` and its partner ``j`` exchange ``delta = theta - phi``
+    and ``phi`` (one ``lax.ppermute``: no all-reduce) and each takes NoLoCo's modified Nesterov
+    step::
+
+        m_i   <- momentum * m_i + outer_lr * (delta_i + delta_j) / 2
+                                + outer_lr * ((phi_i + phi_j) / 2 - phi_i)
+        phi_i <- phi_i + m_i,    theta_i <- phi_i
+
+    The last term pulls the pair's anchors together, so replicas that never all-reduce stay
+    close; summed over replicas it cancels, and the replicas' mean anchor moves exactly as
+    DiLoCo's with ``outer=optax.sgd(outer_lr, momentum=momentum)`` on the mean change. As in
+    the authors' code, one rate ``outer_lr`` scales both terms; the defaults are their
+    configuration's. The pairing of a synchronisation is one of the ``n - 1`` perfect matchings
+    of a round-robin schedule over the ``n`` replicas (so every partner is equally likely), drawn
+    from ``key`` folded with the step count: every replica draws the same pairing without
+    communicating, and the run is reproducible. The replica axis must have an even size. Under
+    ``shard_map``, start each replica's params as varying over ``axis_name``, as for
+    :func:`diloco`.
+
+    Args:
+      inner: each replica's optimizer.
+      every: inner steps between synchronisations, at least 1.
+      axis_name: the replicas' axis: a mesh axis inside ``jax.shard_map``, or ``vmap``'s
+        ``axis_name``.
+      key: the key the pairings are drawn from (the same on every replica).
+      outer_lr: the outer rate (the paper's step size of both terms).
+      momentum: the outer momentum.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``; its state is a
+      :class:`DilocoState` whose ``outer_state`` is the momentum ``m`` (a pytree like params).
+
+    Raises:
+      JaxmergeError: ``every`` is not a whole number of at least 1; when traced, the replica
+        axis has an odd size.
+
+    References:
+      Kolehmainen et al., "NoLoCo: No-all-reduce Low Communication Training Method for Large
+      Models", arXiv 2506.10911.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxmerge import federated
+      >>> tx = federated.noloco(optax.sgd(0.1), every=1, axis_name="replicas", key=jax.random.key(0),
+      ...                       outer_lr=1.0, momentum=0.0)
+      >>> def one_step(grad):
+      ...     params = jnp.zeros(1)
+      ...     updates, _ = tx.update(grad, tx.init(params), params)
+      ...     return optax.apply_updates(params, updates)
+      >>> jax.vmap(one_step, axis_name="replicas")(jnp.asarray([[1.0], [3.0]])).tolist()  # two replicas: partners
+      [[-0.20000000298023224], [-0.20000000298023224]]
+    """
+
+    def synchronise(count, local, anchor, velocity):
+        exchange = _partner_exchange(axis_name, jax.random.fold_in(key, count))
+        delta = jax.tree.map(jnp.subtract, local, anchor)
+        partner_delta, partner_anchor = exchange((delta, anchor))
+        half = lambda a, b: (a + b) / 2  # noqa: E731
+
+        def step(m, d, pd, a, pa):
+            return momentum * m + outer_lr * half(d, pd) + outer_lr * (half(a, pa) - a)
+        velocity = jax.tree.map(step, velocity, delta, partner_delta, anchor, partner_anchor)
+        return jax.tree.map(jnp.add, anchor, velocity), velocity
+
+    return _local_steps(inner, every, lambda params: jax.tree.map(jnp.zeros_like, params), synchronise, "noloco")
+
+
+def _local_steps(inner: optax.GradientTransformation, every: int, outer_init: Callable[[PyTree], PyTree],
+                 synchronise: Callable, name: str) -> optax.GradientTransformation:
+    """``every`` steps of ``inner`` from an anchor, then ``synchronise(count, local, anchor,
+    outer_state) -> (anchor, outer_state)``, after which every replica continues from the new
+    anchor (up to the rounding of ``params + (anchor - params)``, within an ulp)."""
+    _check_count("every", every, "steps")
+
     def init(params):
-        return DilocoState(jnp.zeros((), jnp.int32), params, outer.init(params), inner.init(params))
+        return DilocoState(jnp.zeros((), jnp.int32), params, outer_init(params), inner.init(params))
 
     def update(grads, state, params=None):
         if params is None:
-            raise JaxmergeError("diloco needs params: call update(grads, state, params)")
+            raise JaxmergeError(f"{name} needs params: call update(grads, state, params)")
         updates, inner_state = inner.update(grads, state.inner_state, params)
         local = optax.apply_updates(params, updates)
         count = state.count + 1
 
-        def synchronise(local, anchor, outer_state):
-            mean = jax.lax.pmean(local, axis_name)
-            step, new_outer_state = outer.update(jax.tree.map(jnp.subtract, anchor, mean), outer_state, anchor)
-            new_anchor = optax.apply_updates(anchor, step)
+        def synchronised(local, anchor, outer_state):
+            new_anchor, new_outer_state = synchronise(count, local, anchor, outer_state)
             return _typed_like((new_anchor, new_anchor, new_outer_state), (local, anchor, outer_state))
 
-        local, anchor, outer_state = jax.lax.cond(count % every == 0, synchronise, lambda *a: a, local, state.anchor,
+        local, anchor, outer_state = jax.lax.cond(count % every == 0, synchronised, lambda *a: a, local, state.anchor,
                                                   state.outer_state)
         return jax.tree.map(jnp.subtract, local, params), DilocoState(count, anchor, outer_state, inner_state)
 
     return optax.GradientTransformation(init, update)
+
+
+def _round_robin_pairings(num_replicas: int) -> list[list[tuple[int, int]]]:
+    """The ``num_replicas - 1`` perfect matchings of the circle method, each as the
+    ``(source, destination)`` pairs of a ``lax.ppermute`` that swaps partners: together they
+    hold every pair of replicas exactly once (``num_replicas`` even)."""
+    last = num_replicas - 1
+    pairings = []
+    for r in range(last):
+        pairs = [(r, last)] + [((r + k) % last, (r - k) % last) for k in range(1, num_replicas // 2)]
+        pairings.append(pairs + [(b, a) for a, b in pairs])
+    return pairings
+
+
+def _partner_exchange(axis_name: str, key: jax.Array) -> Callable[[PyTree], PyTree]:
+    """A function that swaps a pytree with this replica's partner in a pairing drawn from ``key``."""
+    num_replicas = jax.lax.axis_size(axis_name)
+    if num_replicas % 2:
+        raise JaxmergeError(f"noloco pairs replicas: the axis {axis_name!r} must have an even size, got {num_replicas}")
+    pairings = _round_robin_pairings(num_replicas)
+    index = jax.random.randint(key, (), 0, len(pairings))
+    branches = [lambda tree, perm=perm: jax.lax.ppermute(tree, axis_name, perm) for perm in pairings]
+    return lambda tree: jax.lax.switch(index, branches, tree)
 
 
 def _check_count(name: str, value, unit: str) -> None:

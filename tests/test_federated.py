@@ -220,10 +220,11 @@ def test_diloco_replicas_drift_between_synchronisations_and_agree_after_them():
         assert (spread < 1e-6) if (t + 1) % 3 == 0 else (spread > 1e-3), (t, spread)
 
 
-def test_diloco_on_a_mesh_of_replicas_equals_the_vmapped_simulation(standard_promotion):
+@pytest.mark.parametrize("tx", [
+    federated.diloco(optax.adam(0.05), every=2, axis_name="replicas", outer=optax.sgd(0.7, momentum=0.9, nesterov=True)),
+    federated.noloco(optax.adam(0.05), every=2, axis_name="replicas", key=jax.random.key(1))], ids=["diloco", "noloco"])
+def test_local_steps_on_a_mesh_of_replicas_equal_the_vmapped_simulation(tx, standard_promotion):
     batches = _replica_batches()
-    tx = federated.diloco(optax.adam(0.05), every=2, axis_name="replicas",
-                          outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
     simulated = jax.vmap(lambda b: _train_replica(tx, b), axis_name="replicas")(batches)
     mesh = jax.make_mesh((4,), ("replicas",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4])
     spec = jax.sharding.PartitionSpec("replicas")
@@ -236,9 +237,71 @@ def test_diloco_on_a_mesh_of_replicas_equals_the_vmapped_simulation(standard_pro
     np.testing.assert_allclose(sharded, simulated, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("replicas", [2, 4, 8])
+def test_round_robin_pairings_pair_every_replica_with_each_other_once(replicas):
+    pairings = federated._round_robin_pairings(replicas)
+    assert len(pairings) == replicas - 1
+    seen = []
+    for perm in pairings:
+        partner = dict(perm)
+        assert sorted(partner) == list(range(replicas)) and all(partner[partner[i]] == i != partner[i] for i in partner)
+        seen += [frozenset(p) for p in perm if p[0] < p[1]]
+    assert sorted(map(sorted, seen)) == [[i, j] for i in range(replicas) for j in range(i + 1, replicas)]
+
+
+def test_noloco_of_two_replicas_is_diloco_with_heavy_ball_momentum():
+    batches = _replica_batches(replicas=2)
+    noloco = federated.noloco(optax.sgd(0.1), every=2, axis_name="replicas", key=jax.random.key(3), outer_lr=0.6,
+                              momentum=0.4)
+    diloco = federated.diloco(optax.sgd(0.1), every=2, axis_name="replicas", outer=optax.sgd(0.6, momentum=0.4))
+    got, expected = (jax.vmap(lambda b, tx=tx: _train_replica(tx, b), axis_name="replicas")(batches)
+                     for tx in (noloco, diloco))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def _noloco_reference(batches, key, every, lr, outer_lr, momentum):
+    """NumPy: each replica's SGD steps; every ``every`` steps, the pairing drawn as noloco draws it
+    and the paper's outer step for each pair."""
+    xs, ys = (np.asarray(a, np.float64) for a in batches)
+    replicas, steps = xs.shape[:2]
+    local, anchor, velocity = (np.zeros((replicas, xs.shape[-1])) for _ in range(3))
+    history = []
+    for t in range(steps):
+        for i in range(replicas):
+            residual = xs[i, t] @ local[i] - ys[i, t]
+            local[i] -= lr * 2 * xs[i, t].T @ residual / len(residual)
+        if (t + 1) % every == 0:
+            index = int(jax.random.randint(jax.random.fold_in(key, t + 1), (), 0, replicas - 1))
+            partner = dict(federated._round_robin_pairings(replicas)[index])
+            delta = local - anchor
+            pair = np.array([partner[i] for i in range(replicas)])
+            velocity = (momentum * velocity + outer_lr * (delta + delta[pair]) / 2
+                        + outer_lr * ((anchor + anchor[pair]) / 2 - anchor))
+            anchor = anchor + velocity
+            local = anchor.copy()
+        history.append(local.copy())
+    return np.stack(history, axis=1)
+
+
+def test_noloco_matches_a_numpy_reference_of_the_paper():
+    batches, key = _replica_batches(replicas=4, steps=8), jax.random.key(11)
+    tx = federated.noloco(optax.sgd(0.05), every=2, axis_name="replicas", key=key)
+    got = np.asarray(jax.vmap(lambda b: _train_replica(tx, b), axis_name="replicas")(batches))
+    np.testing.assert_allclose(got, _noloco_reference(batches, key, 2, 0.05, 0.7, 0.5), rtol=1e-4, atol=1e-6)
+    assert np.ptp(got[:, -1], axis=0).max() > 1e-4  # no all-reduce: the replicas differ after synchronising
+
+
+def test_noloco_refuses_an_odd_number_of_replicas():
+    tx = federated.noloco(optax.sgd(0.1), every=1, axis_name="replicas", key=jax.random.key(1))
+    with pytest.raises(JaxmergeError, match="axis 'replicas' must have an even size, got 3"):
+        jax.vmap(lambda b: _train_replica(tx, b), axis_name="replicas")(_replica_batches(replicas=3))
+
+
 def test_every_must_be_a_positive_whole_number():
     with pytest.raises(JaxmergeError, match="every"):
         federated.diloco(optax.sgd(0.1), every=0, axis_name="replicas")
+    with pytest.raises(JaxmergeError, match="every"):
+        federated.noloco(optax.sgd(0.1), every=1.5, axis_name="replicas", key=jax.random.key(0))
 
 
 def test_server_state_restored_from_orbax_continues_bit_identically(tmp_path, standard_promotion):
