@@ -554,20 +554,32 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
     out_types = {n: _out_type(p.stored[n], options) for p in planned for n in p.names}
     shapes = {n: leaf_spec(leaf).shape for p in planned for n, leaf in zip(p.names, p.spec.leaves)}
 
-    with staged(output) as staging:
-        if output_format == "safetensors":
-            staging.path.mkdir(parents=True)
-            staging.writer = SafetensorsWriter(staging.path, [(n, shapes[n], out_types[n]) for n in names],
-                                               options.max_shard_size)
-        else:
-            staging.path.parent.mkdir(parents=True, exist_ok=True)
-            treedef = reference.treedef if names == reference.names else jax.tree.structure(dict.fromkeys(names, 0))
-            staging.writer = OrbaxWriter(staging.path, treedef, names)
+    treedef = reference.treedef if names == reference.names else None
+    with _written(output, [(n, shapes[n], out_types[n]) for n in names], output_format, reference, extra_files,
+                  options.max_shard_size, treedef) as writer:
         total = sum(math.prod(shapes[n]) * out_types[n].itemsize for n in names)
         with tqdm(total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr,
                   disable=not options.progress or jax.process_index() != 0) as bar:
             for p in planned:
-                run(p.spec, p.leaf_fn, p.source, WriterSink(staging.writer, p.names, out_types, bar, options.log))
+                run(p.spec, p.leaf_fn, p.source, WriterSink(writer, p.names, out_types, bar, options.log))
+    return output
+
+
+@contextlib.contextmanager
+def _written(output: Path, tensors: Sequence[tuple[str, tuple, np.dtype]], output_format: str, reference,
+             extra_files: dict[str, str | None] | None, max_shard_size: int | str, treedef=None) -> Iterator[Any]:
+    """A writer of ``tensors`` (name, shape, dtype) into a staging directory of ``output``;
+    when the block ends, the reference's non-weight files and ``extra_files`` are added and
+    the directory is committed (removed instead if the block raises)."""
+    names = [name for name, _, _ in tensors]
+    with staged(output) as staging:
+        if output_format == "safetensors":
+            staging.path.mkdir(parents=True)
+            staging.writer = SafetensorsWriter(staging.path, tensors, max_shard_size)
+        else:
+            staging.path.parent.mkdir(parents=True, exist_ok=True)
+            staging.writer = OrbaxWriter(staging.path, treedef or jax.tree.structure(dict.fromkeys(names, 0)), names)
+        yield staging.writer
         staging.writer.close()
         if jax.process_index() == 0:
             for extra in reference.extra_files():
@@ -576,6 +588,47 @@ def stream_groups(groups: Sequence[Group], output: str | os.PathLike, *, options
             for file_name, text in (extra_files or {}).items():
                 if text is not None:
                     (staging.path / file_name).write_text(text, encoding="utf-8")
+
+
+def stream_tensors(tensors: Sequence[tuple[str, tuple, Any]], compute: Callable[[str], Any],
+                   output: str | os.PathLike, *, checkpoints: Sequence[str | os.PathLike],
+                   options: StreamOptions = StreamOptions(), extra_files: dict[str, str | None] | None = None,
+                   inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write tensors computed one at a time into a new checkpoint, with a merge's safety rules.
+
+    For outputs that are not leafwise merges (e.g. experts stacked into one tensor): the
+    output is built in a staging directory and renamed into place when complete, refused if
+    it would overlap a file read, and gets the first checkpoint's non-weight files.
+
+    Args:
+      tensors: ``(name, shape, dtype)`` of every output tensor, in the order written.
+      compute: ``compute(name)`` returns that tensor (cast to its dtype if it is not).
+      output: the directory to create.
+      checkpoints: the checkpoints ``compute`` reads; the first is the reference whose
+        format and non-weight files the output takes.
+      options: ``force``, ``max_shard_size``, ``output_format``, ``progress`` and ``log`` are used.
+      extra_files: ``{file name: text}`` written into the output, replacing a copied file.
+      inputs: other files read (e.g. a config).
+
+    Returns:
+      The output path.
+    """
+    output = Path(output).absolute()
+    opened = {Path(c): open_checkpoint(c) for c in checkpoints}
+    reference = opened[Path(checkpoints[0])]
+    read = [f for reader in opened.values() for f in reader.files()] + [Path(f).resolve() for f in inputs]
+    _check_destination(output, list(opened), options.force, read)
+    tensors = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in tensors]
+    with _written(output, tensors, options.output_format or reference.format, reference, extra_files,
+                  options.max_shard_size) as writer:
+        for name, shape, dtype in tqdm(tensors, desc="writing", unit="tensor", file=sys.stderr,
+                                       disable=not options.progress):
+            value = compute(name)
+            if tuple(value.shape) != shape:
+                raise JaxmergeError(f"{name!r} was computed as {tuple(value.shape)}, planned as {shape}")
+            writer.write(name, value if value.dtype == dtype else _narrowed(value, dtype, name))
+            if options.log is not None:
+                options.log(f"wrote {name} {shape} {dtype}")
     return output
 
 

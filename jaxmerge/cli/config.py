@@ -132,7 +132,7 @@ class MergeConfig:
     chat_template: str | None = None
 
 
-def _resolve(path: str, config_dir: Path, where: str) -> Path:
+def resolve_model(path: str, config_dir: Path, where: str) -> Path:
     """A model's directory: the path, else relative to the config, else a Hugging Face id in the local cache."""
     candidate = Path(path).expanduser()
     for option in (candidate, config_dir / candidate):
@@ -144,7 +144,7 @@ def _resolve(path: str, config_dir: Path, where: str) -> Path:
                       f"cache ({cache_dir()}); jaxmerge downloads nothing")
 
 
-def _dtype(value, key: str) -> str | None:
+def parse_dtype(value, key: str) -> str | None:
     if value is None:
         return None
     if str(value) not in DTYPES:
@@ -164,7 +164,8 @@ def _cycle(value, where: str = "the config", enclosing: frozenset = frozenset())
     return None
 
 
-def _read(path: Path) -> tuple[dict, str]:
+def read_yaml(path: Path) -> tuple[dict, str]:
+    """A YAML config's mapping and text, or a :class:`ConfigError` naming the file."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
     try:
@@ -178,7 +179,12 @@ def _read(path: Path) -> tuple[dict, str]:
     if (where := _cycle(raw)) is not None:
         raise ConfigError(f"{path}: {where} contains itself (a YAML alias to an enclosing value)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config is a mapping with merge_method and models or slices")
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    return raw, text
+
+
+def _read(path: Path) -> tuple[dict, str]:
+    raw, text = read_yaml(path)
     if "modules" in raw:
         raise ConfigError(f"{path}: 'modules' configs (models of several modules) are not supported")
     if sum(key in raw for key in ("models", "slices")) != 1:
@@ -193,7 +199,7 @@ class _Reader:
         self.path, self.method, self.ignored = path, method, []
 
     def model(self, value, where: str) -> Path:
-        return _resolve(str(value), self.path.parent, where)
+        return resolve_model(str(value), self.path.parent, where)
 
     def parameters(self, parameters, where: str, per_model: bool) -> dict:
         """The parameters a method takes at this level; the others are reported and ignored."""
@@ -332,7 +338,7 @@ def load_config(path: str | Path) -> MergeConfig:
         slices = _slices(reader, raw["slices"])
     return MergeConfig(record, base, slices, "slices" in raw,
                        reader.parameters(raw.get("parameters"), "parameters", per_model=False),
-                       _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), text,
+                       parse_dtype(raw.get("dtype"), "dtype"), parse_dtype(raw.get("out_dtype"), "out_dtype"), text,
                        reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path))
 
 
