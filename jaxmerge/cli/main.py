@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                                               "(defaults, ranges, per-model or global) and references.")
     listing.add_argument("method", nargs="?", help="show only this method")
     _lora_parsers(commands)
+    _moe_parser(commands)
     return parser
 
 
@@ -123,6 +124,21 @@ def _lora_parsers(commands) -> None:
     apply.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     apply.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     apply.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _moe_parser(commands) -> None:
+    moe = commands.add_parser("moe", help="build a mixture of experts from dense models (a mergekit-moe config)",
+                              description="Build a Mixtral, Qwen2-MoE or Qwen3-MoE checkpoint from a mergekit-moe "
+                                          "config, tensor by tensor.")
+    moe.add_argument("config", metavar="CONFIG", help="the mergekit-moe YAML config")
+    moe.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
+    moe.add_argument("--random-seed", type=_seed, default=0,
+                     help="seed of random routers, experts' noise and random merges (default 0)")
+    moe.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same",
+                     action="store_true", help="build it even if every expert is the same model")
+    moe.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    moe.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    moe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _positive_int(text: str) -> int:
@@ -289,6 +305,15 @@ def _apply_adapter(args) -> None:
     print(f"wrote {apply_adapter(args.base, args.adapter, args.output, weight=args.weight, options=options)}")
 
 
+def _moe(args) -> None:
+    from jaxmerge.checkpoints.stream import StreamOptions
+    from jaxmerge.moe import build_moe, load_moe_config
+
+    config = load_moe_config(args.config, allow_all_same=args.allow_all_same)
+    options = StreamOptions(force=args.force, progress=not args.no_progress, max_shard_size=args.max_shard_size)
+    print(f"wrote {build_moe(config, args.output, seed=args.random_seed, options=options, inputs=[args.config])}")
+
+
 def _inspect(args) -> None:
     import numpy as np
 
@@ -335,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _warn
             args = _parser().parse_args(argv)
             {"merge": _merge, "inspect": _inspect, "methods": _methods, "extract-lora": _extract_lora,
-             "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter}[args.command](args)
+             "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter, "moe": _moe}[args.command](args)
     except (ValueError, TypeError, OSError, RecursionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, RecursionError):

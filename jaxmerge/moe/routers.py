@@ -1,0 +1,139 @@
+"""Router initialisation from prompts, as mergekit-moe does it: each expert's router row in
+each layer is the normalised representation of its positive prompts minus that of its
+negative prompts.
+
+``cheap_embed``: the sum of the prompts' token embeddings (padding masked out), normalised,
+the same in every layer. ``hidden`` (``hidden_last``): each layer's input hidden state at the
+last token, averaged over the prompts; ``hidden_avg``: averaged over every position (padding
+included, as mergekit does). Prompts are tokenized as ``bos_token + prompt`` without other
+special tokens and padded on the left with the BOS token (else EOS). ``random``: standard
+normal rows; ``uniform_random``: uniform in ``±1/sqrt(hidden)`` (``torch.nn.Linear``'s
+initialisation), both drawn from an explicit key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.moe.transformer import hidden_states
+
+
+class PromptTokenizer:
+    """A base model's ``tokenizer.json`` (via the ``tokenizers`` package) with its BOS token,
+    batching prompts as mergekit-moe does.
+
+    Args:
+      model: the model directory (``tokenizer.json``, and ``tokenizer_config.json`` for
+        ``bos_token`` / ``eos_token``).
+    """
+
+    def __init__(self, model: str | Path):
+        from tokenizers import Tokenizer
+
+        model = Path(model)
+        if not (model / "tokenizer.json").is_file():
+            raise JaxmergeError(f"{model} has no tokenizer.json, which the gate mode needs to read its prompts")
+        self.tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+        settings = _read_json(model / "tokenizer_config.json")
+        self.bos = _token(settings.get("bos_token"))
+        pad = self.bos or _token(settings.get("eos_token"))
+        self.pad_id = 0 if pad is None else self.tokenizer.token_to_id(pad) or 0
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """``(input_ids, attention_mask)``, each ``(len(prompts), longest)``, padded on the left."""
+        encoded = [self.tokenizer.encode((self.bos or "") + p, add_special_tokens=False).ids for p in prompts]
+        longest = max(len(ids) for ids in encoded)
+        ids = np.full((len(encoded), longest), self.pad_id, np.int32)
+        mask = np.zeros((len(encoded), longest), np.int32)
+        for row, tokens in enumerate(encoded):
+            if tokens:
+                ids[row, -len(tokens):], mask[row, -len(tokens):] = tokens, 1
+        return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def cheap_embedding(embeddings: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The normalised sum of the prompts' token embeddings, ``(hidden,)`` (float32)."""
+    total = jnp.einsum("bl,blh->h", attention_mask.astype(jnp.float32), embeddings[input_ids].astype(jnp.float32))
+    return total / jnp.maximum(jnp.linalg.norm(total), 1e-8)
+
+
+def prompt_hidden_states(params: Mapping[str, jax.Array], config: Mapping, input_ids: jax.Array,
+                         attention_mask: jax.Array, *, average: bool = False) -> jax.Array:
+    """Each layer's input hidden state over the prompts, ``(layers, hidden)`` (float32): at the
+    last position, or (``average``) the mean over positions, then the mean over prompts."""
+    inputs, _ = hidden_states(params, config, input_ids, attention_mask)
+    per_prompt = inputs.mean(axis=2) if average else inputs[:, :, -1]
+    return per_prompt.astype(jnp.float32).mean(axis=1)
+
+
+def _normalised(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def gate_vectors(mode: str, prompts: Sequence[tuple[Sequence[str], Sequence[str]]], *, layers: int, hidden: int,
+                 key: jax.Array | None = None, embed: Callable[[Sequence[str]], jax.Array] | None = None) -> jax.Array:
+    """Router rows ``(layers, experts, hidden)`` (float32) for every expert.
+
+    Args:
+      mode: ``random``, ``uniform_random``, ``cheap_embed``, ``hidden`` / ``hidden_last`` or
+        ``hidden_avg``.
+      prompts: per expert, ``(positive_prompts, negative_prompts)``.
+      layers: the number of decoder layers.
+      hidden: the hidden size.
+      key: the key of the random modes.
+      embed: for the prompt modes, ``embed(prompts) -> (layers, hidden)``: the prompts'
+        representation in each layer (see :func:`prompt_embedder`).
+
+    Returns:
+      The rows, each expert's normalised (prompt modes).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> rows = gate_vectors("cheap_embed", [(["a"], []), (["b"], ["a"])], layers=2, hidden=2,
+      ...                     embed=lambda ps: jnp.asarray([[1.0, 0.0]] * 2) if ps == ["a"] else jnp.ones((2, 2)))
+      >>> rows[0].tolist()
+      [[1.0, 0.0], [0.0, 1.0]]
+    """
+    shape = (layers, len(prompts), hidden)
+    if mode in ("random", "uniform_random"):
+        if key is None:
+            raise JaxmergeError(f"gate_mode {mode!r} needs a key")
+        if mode == "random":
+            return jax.random.normal(key, shape, jnp.float32)
+        scale = (1.0 / hidden) ** 0.5
+        return jax.random.uniform(key, shape, jnp.float32, -scale, scale)
+    rows = []
+    for positive, negative in prompts:
+        row = embed(list(positive))
+        if negative:
+            row = row - embed(list(negative))
+        rows.append(_normalised(row))
+    return jnp.stack(rows, axis=1)
+
+
+def prompt_embedder(mode: str, tokenizer: PromptTokenizer, params: Mapping[str, jax.Array],
+                    config: Mapping) -> Callable[[Sequence[str]], jax.Array]:
+    """``embed(prompts) -> (layers, hidden)`` for a prompt mode, from the base model's tensors."""
+    layers = config["num_hidden_layers"]
+    if mode == "cheap_embed":
+        table = params["model.embed_tokens.weight"]
+        return lambda prompts: jnp.broadcast_to(cheap_embedding(table, *tokenizer(prompts)), (layers, table.shape[1]))
+    if mode in ("hidden", "hidden_last", "hidden_avg"):
+        forward = jax.jit(lambda p, ids, mask: prompt_hidden_states(p, config, ids, mask, average=mode == "hidden_avg"))
+        return lambda prompts: forward(params, *tokenizer(prompts))
+    raise JaxmergeError(f"gate_mode {mode!r} does not route by prompts")
