@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 import jaxmerge
-from jaxmerge import checkpoints, federated, lora, sparsify
+from jaxmerge import checkpoints, federated, lora, moe, sparsify
 
 SPARSIFY = ["top_k_mask", "kth_largest_magnitude", "magnitude_mask", "breadcrumbs_mask", "band_mask", "random_mask",
             "della_mask", "della_probabilities", "rescale", "num_kept"]
@@ -14,7 +14,8 @@ PUBLIC = ([(f"jaxmerge.{n}", getattr(jaxmerge, n)) for n in jaxmerge.__all__]
           + [(f"jaxmerge.checkpoints.{n}", getattr(checkpoints, n)) for n in checkpoints.__all__]
           + [(f"jaxmerge.sparsify.{n}", getattr(sparsify, n)) for n in SPARSIFY]
           + [(f"jaxmerge.federated.{n}", getattr(federated, n)) for n in federated.__all__]
-          + [(f"jaxmerge.lora.{n}", getattr(lora, n)) for n in lora.__all__ if n != "COMBINATION_TYPES"])
+          + [(f"jaxmerge.lora.{n}", getattr(lora, n)) for n in lora.__all__ if n != "COMBINATION_TYPES"]
+          + [(f"jaxmerge.moe.{n}", getattr(moe, n)) for n in moe.__all__ if n != "LAYOUTS"])
 FUNCTIONS = [(name, obj) for name, obj in PUBLIC if inspect.isfunction(inspect.unwrap(obj))]
 
 

@@ -16,8 +16,9 @@ References:
 from jaxmerge.moe.build import ExpertScaling, Output, moe_from_dense, plan_moe
 from jaxmerge.moe.config import Expert, MoeConfig, load_moe_config
 from jaxmerge.moe.layouts import LAYOUTS, Layout, select_layout
+from jaxmerge.moe.reduce import merge_experts
 from jaxmerge.moe.routers import PromptTokenizer, gate_vectors, prompt_embedder
 from jaxmerge.moe.write import build_moe
 
 __all__ = ["LAYOUTS", "Expert", "ExpertScaling", "Layout", "MoeConfig", "Output", "PromptTokenizer", "build_moe",
-           "gate_vectors", "load_moe_config", "moe_from_dense", "plan_moe", "prompt_embedder", "select_layout"]
+           "gate_vectors", "load_moe_config", "merge_experts", "moe_from_dense", "plan_moe", "prompt_embedder", "select_layout"]

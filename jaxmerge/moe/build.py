@@ -25,7 +25,12 @@ BASE, SHARED = "base", "shared"  # model keys besides the experts' indices
 @dataclasses.dataclass(frozen=True)
 class ExpertScaling:
     """mergekit-moe's per-expert options: Gaussian noise of standard deviation ``noise_scale``
-    added to each MLP tensor, and ``residual_scale`` multiplying ``down_proj``."""
+    added to each MLP tensor, and ``residual_scale`` multiplying ``down_proj``.
+
+    Examples:
+      >>> ExpertScaling(residual_scale=0.5).noise_scale is None
+      True
+    """
 
     noise_scale: float | None = None
     residual_scale: float | None = None
@@ -34,7 +39,14 @@ class ExpertScaling:
 @dataclasses.dataclass(frozen=True)
 class Output:
     """One output tensor: ``combine(*arrays)`` of the ``inputs`` (``(model, tensor name)``,
-    model ``'base'``, an expert's index or ``'shared'``)."""
+    model ``'base'``, an expert's index or ``'shared'``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out = Output("model.norm.weight", (("base", "model.norm.weight"),), lambda t: t)
+      >>> out.combine(jnp.ones(2)).tolist()
+      [1.0, 1.0]
+    """
 
     name: str
     inputs: tuple[tuple, ...]
@@ -72,6 +84,18 @@ def plan_moe(layout: Layout, source_config: Mapping, available: Callable[[str], 
 
     Returns:
       The outputs, in mergekit-moe's order.
+
+    Raises:
+      JaxmergeError: routers of the wrong shape, a required base tensor missing, or noise
+        without a key.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge.moe import LAYOUTS
+      >>> config = {"model_type": "llama", "hidden_size": 2, "num_attention_heads": 1, "num_hidden_layers": 1}
+      >>> outputs = plan_moe(LAYOUTS[0], config, lambda name: True, [ExpertScaling()] * 2, jnp.zeros((1, 2, 2)))
+      >>> [o.name for o in outputs][-3:]
+      ['model.layers.0.mlp.experts.gate_up_proj', 'model.layers.0.mlp.experts.down_proj', 'model.layers.0.mlp.gate.weight']
     """
     layers, count = source_config["num_hidden_layers"], len(scalings)
     if routers.shape[:2] != (layers, count):

@@ -25,6 +25,11 @@ class Expert:
       negative_prompts: prompts that should not.
       noise_scale: standard deviation of Gaussian noise added to its MLP tensors.
       residual_scale: factor of its ``down_proj`` tensors.
+
+    Examples:
+      >>> from pathlib import Path
+      >>> Expert(Path("math-model"), positive_prompts=("solve",)).negative_prompts
+      ()
     """
 
     source_model: Path
@@ -51,6 +56,11 @@ class MoeConfig:
       non_expert_merge: ``{"method": name, "parameters": {...}}``: merge the experts'
         non-MLP tensors with this method around the base instead of copying the base's.
       text: the config file's text.
+
+    Examples:
+      >>> from pathlib import Path
+      >>> MoeConfig(Path("base"), (Expert(Path("a")), Expert(Path("b")))).gate_mode
+      'hidden'
     """
 
     base_model: Path
@@ -116,6 +126,17 @@ def load_moe_config(path: str | Path, *, allow_all_same: bool = False) -> MoeCon
         experts than ``experts_per_token``, an expert without positive prompts (unless
         ``gate_mode`` is ``random``), the same prompts for every expert, the same model for
         every expert.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> for name in ("base", "a", "b"):
+      ...     (tmp / name).mkdir()
+      >>> text = "{base_model: base, gate_mode: random, experts: [{source_model: a}, {source_model: b}]}"
+      >>> _ = (tmp / "moe.yaml").write_text(text)
+      >>> config = load_moe_config(tmp / "moe.yaml")
+      >>> config.gate_mode, [e.source_model.name for e in config.experts], config.experts_per_token
+      ('random', ['a', 'b'], 2)
     """
     path = Path(path)
     raw, text = read_yaml(path)

@@ -54,6 +54,11 @@ class Layout:
       shared: the number of shared experts it takes (``None``: any is refused but zero).
       stacked: experts stacked into ``gate_up_proj`` / ``down_proj`` (else one module each).
       expert_count_key: the config key of the number of experts.
+
+    Examples:
+      >>> from jaxmerge.moe import LAYOUTS
+      >>> [(layout.name, layout.model_type) for layout in LAYOUTS][0]
+      ('Mixtral', 'mixtral')
     """
 
     name: str
@@ -145,11 +150,25 @@ def _layer_types(config: Mapping) -> list[str]:
 
 def select_layout(architecture: str | None, model_types: list[str], shared_experts: int, shared_prompts: bool,
                   gate_mode: str) -> Layout:
-    """mergekit-moe's choice: the layouts whose name starts with ``architecture``, Mixtral
-    first, then the first that supports the models.
+    """mergekit-moe's choice of output architecture: among the layouts whose name starts with
+    ``architecture`` (any case), the first that takes the models, Mixtral first.
+
+    Args:
+      architecture: the config's ``architecture`` (None: any).
+      model_types: the ``model_type`` of the base and of every expert.
+      shared_experts: the number of shared experts.
+      shared_prompts: whether the shared experts have prompts.
+      gate_mode: the config's gate mode.
+
+    Returns:
+      The :class:`Layout`.
 
     Raises:
-      ValueError: no layout matches, each reason given.
+      ValueError: no layout takes the models, each layout's reason given.
+
+    Examples:
+      >>> select_layout(None, ["qwen3"] * 3, 0, False, "random").name
+      'Qwen3 MoE'
     """
     candidates = [layout for layout in LAYOUTS
                   if architecture is None or layout.name.lower().startswith(architecture.lower())]

@@ -32,6 +32,17 @@ class PromptTokenizer:
     Args:
       model: the model directory (``tokenizer.json``, and ``tokenizer_config.json`` for
         ``bos_token`` / ``eos_token``).
+
+    Examples:
+      >>> import json, pathlib, tempfile
+      >>> from tokenizers import Tokenizer, models, pre_tokenizers
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> words = Tokenizer(models.WordLevel({"<pad>": 0, "a": 1, "b": 2}, unk_token="<pad>"))
+      >>> words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+      >>> words.save(str(tmp / "tokenizer.json"))
+      >>> ids, mask = PromptTokenizer(tmp)(["a", "b a"])  # no bos_token: none prepended, padded with id 0
+      >>> ids.tolist(), mask.tolist()
+      ([[0, 1], [2, 1]], [[0, 1], [1, 1]])
     """
 
     def __init__(self, model: str | Path):
@@ -128,7 +139,32 @@ def gate_vectors(mode: str, prompts: Sequence[tuple[Sequence[str], Sequence[str]
 
 def prompt_embedder(mode: str, tokenizer: PromptTokenizer, params: Mapping[str, jax.Array],
                     config: Mapping) -> Callable[[Sequence[str]], jax.Array]:
-    """``embed(prompts) -> (layers, hidden)`` for a prompt mode, from the base model's tensors."""
+    """The prompts' representation in every layer for a prompt gate mode.
+
+    Args:
+      mode: ``cheap_embed`` (the normalised sum of token embeddings, the same in every layer),
+        ``hidden`` / ``hidden_last`` or ``hidden_avg`` (each layer's input hidden state).
+      tokenizer: the base model's :class:`PromptTokenizer`.
+      params: the base model's tensors (float32 recommended; ``cheap_embed`` needs only the
+        embeddings).
+      config: the base model's ``config.json``.
+
+    Returns:
+      ``embed(prompts) -> (layers, hidden)``.
+
+    Raises:
+      JaxmergeError: ``mode`` does not route by prompts.
+
+    Examples:
+      >>> import json, pathlib, tempfile, jax.numpy as jnp
+      >>> from tokenizers import Tokenizer, models
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> Tokenizer(models.WordLevel({"<s>": 0, "a": 1}, unk_token="<s>")).save(str(tmp / "tokenizer.json"))
+      >>> embed = prompt_embedder("cheap_embed", PromptTokenizer(tmp), {"model.embed_tokens.weight": jnp.eye(2)},
+      ...                         {"num_hidden_layers": 2})
+      >>> embed(["a"]).tolist()
+      [[0.0, 1.0], [0.0, 1.0]]
+    """
     layers = config["num_hidden_layers"]
     if mode == "cheap_embed":
         table = params["model.embed_tokens.weight"]

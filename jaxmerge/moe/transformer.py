@@ -53,7 +53,12 @@ def rope_frequencies(config: Mapping, head_dim: int) -> jax.Array:
 def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    return _broadcast(weight, x) * normed.astype(x.dtype)
+
+
+def _broadcast(vector: jax.Array, like: jax.Array) -> jax.Array:
+    """A per-feature vector shaped to multiply or add to ``like`` along its last axis."""
+    return vector.reshape((1,) * (like.ndim - 1) + vector.shape)
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -65,7 +70,7 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def _linear(params: Params, name: str, x: jax.Array) -> jax.Array:
     out = x @ params[f"{name}.weight"].T
     bias = params.get(f"{name}.bias")
-    return out if bias is None else out + bias
+    return out if bias is None else out + _broadcast(bias, out)
 
 
 def _attention(params: Params, config: Mapping, prefix: str, x: jax.Array, mask: jax.Array,
@@ -168,20 +173,61 @@ def hidden_states(params: Params, config: Mapping, input_ids: jax.Array,
     return jnp.stack(inputs), _rms_norm(x, params["model.norm.weight"], eps)
 
 
+def random_params(config: Mapping, key: jax.Array, *, scale: float = 0.2) -> dict[str, jax.Array]:
+    """Random dense tensors of the shapes ``config`` describes (Llama, Mistral, Qwen2 with
+    attention biases, Qwen3 with query and key norms; norms are ones), for examples and tests.
+
+    Args:
+      config: a ``config.json`` dict with ``hidden_size``, ``intermediate_size``,
+        ``num_attention_heads``, ``num_hidden_layers`` and ``vocab_size``.
+      key: the random key.
+      scale: the standard deviation of the matrices.
+
+    Returns:
+      ``{Hugging Face name: float32 array}``.
+
+    Examples:
+      >>> import jax
+      >>> config = {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+      ...           "vocab_size": 6}
+      >>> random_params(config, jax.random.key(0))["model.layers.0.mlp.up_proj.weight"].shape
+      (8, 4)
+    """
+    hidden, heads, kind = config["hidden_size"], config["num_attention_heads"], config.get("model_type", "llama")
+    head_dim, kv = _head_dim(config), _setting(config, "num_key_value_heads", heads)
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "lm_head.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        shapes.update({f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
+                       f"{prefix}.self_attn.k_proj.weight": (kv * head_dim, hidden),
+                       f"{prefix}.self_attn.v_proj.weight": (kv * head_dim, hidden),
+                       f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
+                       f"{prefix}.mlp.gate_proj.weight": (config["intermediate_size"], hidden),
+                       f"{prefix}.mlp.up_proj.weight": (config["intermediate_size"], hidden),
+                       f"{prefix}.mlp.down_proj.weight": (hidden, config["intermediate_size"])})
+        if kind == "qwen2":
+            shapes.update({f"{prefix}.self_attn.{p}_proj.bias": (n * head_dim,) for p, n in (("q", heads), ("k", kv),
+                                                                                             ("v", kv))})
+    params = {name: scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+              for i, (name, shape) in enumerate(sorted(shapes.items()))}
+    norms = ["model.norm.weight"] + [f"model.layers.{i}.{n}_layernorm.weight" for i in range(config["num_hidden_layers"])
+                                     for n in ("input", "post_attention")]
+    params.update({name: jnp.ones(hidden, jnp.float32) for name in norms})
+    if kind == "qwen3":
+        params.update({f"model.layers.{i}.self_attn.{p}_norm.weight": jnp.ones(head_dim, jnp.float32)
+                       for i in range(config["num_hidden_layers"]) for p in "qk"})
+    return params
+
+
 def logits(params: Params, config: Mapping, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """The next-token logits ``(batch, length, vocab)`` (``lm_head``, or the embeddings when tied).
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> config = {"hidden_size": 4, "num_attention_heads": 2, "num_hidden_layers": 1}
-      >>> names = ["q", "k", "v", "o"]
-      >>> params = {"model.embed_tokens.weight": jnp.eye(5, 4), "model.norm.weight": jnp.ones(4),
-      ...           **{f"model.layers.0.self_attn.{p}_proj.weight": jnp.eye(4) for p in names},
-      ...           **{f"model.layers.0.mlp.{p}_proj.weight": jnp.ones((4, 4)) for p in ["gate", "up", "down"]},
-      ...           "model.layers.0.input_layernorm.weight": jnp.ones(4),
-      ...           "model.layers.0.post_attention_layernorm.weight": jnp.ones(4)}
-      >>> logits(params, config, jnp.asarray([[0, 1, 2]])).shape
-      (1, 3, 5)
+      >>> import jax, jax.numpy as jnp
+      >>> config = {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+      ...           "vocab_size": 6}
+      >>> logits(random_params(config, jax.random.key(0)), config, jnp.asarray([[0, 1, 2]])).shape
+      (1, 3, 6)
     """
     final = hidden_states(params, config, input_ids, attention_mask)[1]
     return final @ params.get("lm_head.weight", params["model.embed_tokens.weight"]).T

@@ -86,6 +86,24 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
     Raises:
       JaxmergeError: no output architecture takes the models (each reason given), a tensor is
         missing (named with its model), or the prompts cannot be read.
+
+    Examples:
+      >>> import json, pathlib, tempfile, jax
+      >>> from jaxmerge import checkpoints
+      >>> from jaxmerge.checkpoints import StreamOptions
+      >>> from jaxmerge.moe import load_moe_config
+      >>> from jaxmerge.moe.transformer import random_params
+      >>> tmp = pathlib.Path(tempfile.mkdtemp())
+      >>> config = {"model_type": "llama", "hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 2,
+      ...           "num_hidden_layers": 1, "vocab_size": 6}
+      >>> for i, name in enumerate(["base", "a", "b"]):
+      ...     path = checkpoints.save(tmp / name, random_params(config, jax.random.key(i)), format="safetensors")
+      ...     _ = (path / "config.json").write_text(json.dumps(config))
+      >>> text = "{base_model: base, gate_mode: random, experts: [{source_model: a}, {source_model: b}]}"
+      >>> _ = (tmp / "moe.yaml").write_text(text)
+      >>> out = build_moe(load_moe_config(tmp / "moe.yaml"), tmp / "moe", options=StreamOptions(progress=False))
+      >>> checkpoints.load(out)["model.layers.0.mlp.experts.gate_up_proj"].shape
+      (2, 16, 4)
     """
     from jaxmerge.checkpoints.stream import StreamOptions, open_checkpoint, stream_tensors
 
