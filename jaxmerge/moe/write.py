@@ -59,9 +59,10 @@ def _dense_merge(spec: dict | None, seed: int):
         raise JaxmergeError(f"non_expert_merge: {record.name} needs statistics per model; choose a method without")
 
     def merge(base, experts):
-        weights = kwargs.get("weights")
-        per_model = {} if weights is None or isinstance(weights, list) else {"weights": [weights] * len(experts)}
-        return record.merge(experts, base=None if record.base in ("none", "pair") else base, **kwargs, **per_model)
+        arguments = dict(kwargs)
+        if arguments.get("weights") is not None and not isinstance(arguments["weights"], list):
+            arguments["weights"] = [arguments["weights"]] * len(experts)  # one weight for every expert
+        return record.merge(experts, base=None if record.base in ("none", "pair") else base, **arguments)
     return merge
 
 
@@ -119,7 +120,7 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
     readers = {model: open_checkpoint(path) for model, path in models.items()}
     key = jax.random.key(seed)
     routers, shared_routers = _routers(config, base_config, readers[BASE], jax.random.fold_in(key, 0))
-    scale = lambda e: ExpertScaling(e.noise_scale, e.residual_scale)  # noqa: E731
+    scale = lambda e: ExpertScaling(e.noise_scale, e.residual_scale)
     outputs = plan_moe(layout, base_config, set(readers[BASE].names).__contains__, [scale(e) for e in config.experts],
                        routers, shared=scale(config.shared_experts[0]) if config.shared_experts else None,
                        shared_routers=shared_routers, key=jax.random.fold_in(key, 1),
