@@ -79,7 +79,8 @@ def _token(value) -> str | None:
 
 def cheap_embedding(embeddings: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """The normalised sum of the prompts' token embeddings, ``(hidden,)`` (float32)."""
-    total = jnp.einsum("bl,blh->h", attention_mask.astype(jnp.float32), embeddings[input_ids].astype(jnp.float32))
+    tokens = embeddings[input_ids].astype(jnp.float32) * attention_mask.astype(jnp.float32)[..., None]
+    total = tokens.sum(axis=1).sum(axis=0)  # over positions, then prompts, as mergekit-moe sums
     return total / jnp.maximum(jnp.linalg.norm(total), 1e-8)
 
 

@@ -35,6 +35,8 @@ def _routers(config: MoeConfig, base_config: dict, reader, key: jax.Array) -> tu
         embed = prompt_embedder(config.gate_mode, PromptTokenizer(config.base_model), params, base_config)
     gates = gate_vectors(config.gate_mode, [(e.positive_prompts, e.negative_prompts) for e in gated],
                          layers=base_config["num_hidden_layers"], hidden=base_config["hidden_size"], key=key, embed=embed)
+    if config.gate_mode.startswith("hidden") and _out_dtype(config, base_config) is None:
+        gates = gates.astype(jnp.bfloat16)  # the dtype mergekit-moe runs the model in, which its routers keep
     count = len(config.experts)
     return gates[:, :count], (gates[:, count:] if gates.shape[1] > count else None)
 
