@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"checkpoints": "jaxmerge.checkpoints", "federated": "jaxmerge.federated",
-               "lora": "jaxmerge.lora",
+               "lora": "jaxmerge.lora", "moe": "jaxmerge.moe",
                "sparsify": "jaxmerge.merging.sparsify"}
 _MODULES = {  # the module that defines each public name
     "jaxmerge._hyper": ["layer_positions", "per_model"],
@@ -30,6 +30,7 @@ _MODULES = {  # the module that defines each public name
     "jaxmerge.averaging.power_ema": ["post_hoc_ema", "power_ema", "power_ema_snapshot"],
     "jaxmerge.averaging.swa": ["swa", "update_batch_stats"],
     "jaxmerge.averaging.wsm": ["checkpoint_merge_weights"],
+    "jaxmerge.checks": ["checked"],
     "jaxmerge.errors": ["CheckpointError", "ConfigError", "JaxmergeError"],
     "jaxmerge.merging": ["MergePlan", "methods", "plan"],
     "jaxmerge.merging.arcee_fusion": ["arcee_fusion"],

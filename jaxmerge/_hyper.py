@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jaxmerge._layers import LayerStack
 from jaxmerge._tree import TreeSpec, flatten_with_keys, path_str
@@ -58,10 +59,18 @@ def _is_plain(value) -> bool:
             or isinstance(value, (bool, str, bytes, complex)))
 
 
+def runtime_check(ok: jax.Array, message: str, *values) -> None:
+    """Fail with ``message`` (followed by ``values``) when ``ok`` is False at run time, under
+    :func:`jaxmerge.checked`; a no-op otherwise (``checkify.debug_check``)."""
+    text = message.replace("{", "{{").replace("}", "}}") + " {}" * len(values)
+    checkify.debug_check(ok, text, *values)
+
+
 def scalar(value, where: str):
     """``value`` as a Python float after checking it is one finite real number.
 
-    Traced values (inside ``jax.jit``) are returned as they are, checked for shape only.
+    Traced values (inside ``jax.jit``) are returned as they are, checked for shape now and for
+    finiteness at run time under :func:`jaxmerge.checked` (a no-op otherwise).
 
     Raises:
       TypeError: not a real scalar. JaxmergeError: NaN or infinite. Both name ``where``.
@@ -69,6 +78,7 @@ def scalar(value, where: str):
     if isinstance(value, jax.core.Tracer):
         if value.shape != ():
             raise TypeError(f"{where} must be a scalar, got a traced array of shape {value.shape}")
+        runtime_check(jnp.isfinite(value), f"{where} must be a finite number, got", value)
         return value
     arr = np.asarray(value)
     if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == jnp.bfloat16) \
@@ -94,14 +104,21 @@ class Range:
 
     def __call__(self, v: float) -> str | None:
         """The problem with ``v``, or None if it lies in the interval."""
+        return f"must be in {self}" if self.outside(v) else None
+
+    def outside(self, v):
+        """Whether ``v`` (a float, or a traced array elementwise) lies outside the interval."""
         below = v <= self.lo if self.lo_open else v < self.lo
         above = v >= self.hi if self.hi_open else v > self.hi
-        return f"must be in {self}" if below or above else None
+        return below | above
 
 
 def checked(value, where: str, check: Range | None = None):
-    """``value`` as a checked scalar (a float; a tracer passes unchecked beyond its shape)."""
+    """``value`` as a checked scalar: a float, or a tracer checked for shape now and for its
+    range at run time under :func:`jaxmerge.checked`."""
     value = scalar(value, where)
+    if check is not None and isinstance(value, jax.core.Tracer):
+        runtime_check(~check.outside(value), f"{where} must be in {check}, got", value)
     problem = check(value) if check is not None and isinstance(value, float) else None
     if problem:
         raise JaxmergeError(f"{where} {problem}, got {value!r}")
@@ -333,11 +350,14 @@ def vector(values: Sequence) -> np.ndarray | jax.Array:
 
 
 def check_nonzero_sums(weights: list, name: str, spec: TreeSpec) -> None:
-    """Raise if a concrete per-leaf weight vector sums to zero (normalisation would divide by 0)."""
+    """Raise if a concrete per-leaf weight vector sums to zero (normalisation would divide by 0);
+    a traced one is checked at run time under :func:`jaxmerge.checked`."""
     for path, w in zip(spec.paths, weights):
+        message = f"{name} sum to 0 at {path!r}, so they cannot be normalized; pass normalize=False or change them"
         if isinstance(w, np.ndarray) and w.sum(dtype=np.float64) == 0:
-            raise JaxmergeError(f"{name} sum to 0 at {path!r}, so they cannot be normalized; "
-                                "pass normalize=False or change the weights")
+            raise JaxmergeError(message)
+        if isinstance(w, jax.core.Tracer):
+            runtime_check(w.sum() != 0, message)
 
 
 def resolve(value, name: str, spec: TreeSpec, check: Range | None = None) -> list:

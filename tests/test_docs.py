@@ -40,7 +40,7 @@ def test_merge_methods_cite_their_papers(name):
 
 def test_every_public_name_resolves_to_what_it_names():
     for name, obj in PUBLIC:
-        modules = ("jaxmerge.checkpoints", "jaxmerge.federated", "jaxmerge.lora", "jaxmerge.sparsify")
+        modules = ("jaxmerge.checkpoints", "jaxmerge.federated", "jaxmerge.lora", "jaxmerge.moe", "jaxmerge.sparsify")
         assert inspect.ismodule(obj) == (name in modules), name
         assert inspect.ismodule(obj) or obj.__name__ == name.rsplit(".", 1)[-1], name
 

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmerge._driver import run
+from jaxmerge._signals import raise_if_received
 from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
 from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
@@ -220,6 +221,7 @@ def staged(output: Path) -> Iterator[Staging]:
     staging = Staging(output)
     try:
         yield staging
+        raise_if_received()
         _commit(staging.path, output)
     except BaseException:
         if staging.writer is not None:
@@ -344,6 +346,7 @@ class WriterSink:
         self.writer, self.names, self.out_types, self.bar, self.log = writer, names, out_types, bar, log
 
     def write(self, i: int, merged) -> None:
+        raise_if_received()
         name = self.names[i]
         if merged.dtype != self.out_types[name]:
             merged = _narrowed(merged, self.out_types[name], name)
@@ -623,6 +626,7 @@ def stream_tensors(tensors: Sequence[tuple[str, tuple, Any]], compute: Callable[
                   options.max_shard_size) as writer:
         for name, shape, dtype in tqdm(tensors, desc="writing", unit="tensor", file=sys.stderr,
                                        disable=not options.progress):
+            raise_if_received()
             value = compute(name)
             if tuple(value.shape) != shape:
                 raise JaxmergeError(f"{name!r} was computed as {tuple(value.shape)}, planned as {shape}")

@@ -12,6 +12,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 
+from jaxmerge import _signals
 from jaxmerge.errors import ConfigError, JaxmergeWarning
 
 MERGE_EXAMPLE = """\
@@ -330,18 +331,6 @@ def _inspect(args) -> None:
     print(f"{len(rows)} tensors, {params:,} parameters, {nbytes:,} bytes ({nbytes / 2 ** 30:.2f} GiB), {reader.format}")
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so that the output is cleaned up as on Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum, frame):
-    raise Terminated(signum)
-
-
 def _warn(message, category, filename, lineno, file=None, line=None):
     text = str(message) if issubclass(category, JaxmergeWarning) else f"{category.__name__}: {message}"
     print(f"jaxmerge: warning: {text}", file=sys.stderr)
@@ -353,12 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {}
     try:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                handlers[signum] = signal.signal(signum, _terminate)
+            handlers = _signals.install()
         with warnings.catch_warnings():
             warnings.simplefilter("always", JaxmergeWarning)
             warnings.showwarning = _warn
             args = _parser().parse_args(argv)
+            _signals.raise_if_received()
             {"merge": _merge, "inspect": _inspect, "methods": _methods, "extract-lora": _extract_lora,
              "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter, "moe": _moe}[args.command](args)
     except (ValueError, TypeError, OSError, RecursionError) as error:
@@ -370,12 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxmerge: interrupted; no output was left behind", file=sys.stderr)
         return 130
-    except Terminated as stop:
+    except _signals.Terminated as stop:
         print(f"jaxmerge: {signal.Signals(stop.signum).name} received; no output was left behind", file=sys.stderr)
         return 128 + stop.signum
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        _signals.restore(handlers)
     return 0
 
 

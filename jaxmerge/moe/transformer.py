@@ -11,6 +11,8 @@ prompts on the left). Masked-out attention rows get a uniform softmax instead of
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Mapping
 
@@ -154,8 +156,16 @@ def hidden_states(params: Params, config: Mapping, input_ids: jax.Array,
     """
     if _setting(config, "hidden_act", "silu") != "silu":
         raise JaxmergeError(f"hidden_act {config['hidden_act']!r} is not supported by the forward pass (silu is)")
-    batch, length = input_ids.shape
-    attention_mask = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+    rope_frequencies(config, _head_dim(config))  # refuses an unsupported rope type before tracing
+    attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    return _forward(dict(params), json.dumps(dict(config), sort_keys=True), input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _forward(params: dict, config_json: str, input_ids: jax.Array, attention_mask: jax.Array):
+    """:func:`hidden_states`, compiled once per config (given as JSON, a hashable static argument)."""
+    config = json.loads(config_json)
+    length = input_ids.shape[1]
     mask = jnp.tril(jnp.ones((length, length), bool))[None] & attention_mask[:, None, :]
     angles = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_frequencies(config, _head_dim(config))[None]
     x = params["model.embed_tokens.weight"][input_ids]
