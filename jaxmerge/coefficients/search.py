@@ -1,0 +1,197 @@
+"""Merge hyperparameters and checkpoint coefficients found by search: grid, random or CMA-ES
+(from evosax), each population of candidates merged and evaluated in one ``jax.vmap``-ed,
+jitted call, so that the search needs no checkpoint on disk and no Python loop over candidates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxmerge._tree import PyTree
+from jaxmerge.errors import JaxmergeError
+
+Strategy = Literal["grid", "random", "cmaes"]
+
+
+class SearchResult(NamedTuple):
+    """The best candidate a search found, and every candidate it evaluated.
+
+    Attributes:
+      best: the best hyperparameters (``{name: float}``), or coefficients (an array).
+      best_score: its score.
+      candidates: every candidate evaluated, ``(count, dims)``, in the search's units.
+      scores: their scores, ``(count,)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> SearchResult({"t": 0.5}, 1.0, np.zeros((1, 1)), np.ones(1)).best
+      {'t': 0.5}
+    """
+
+    best: dict | jax.Array
+    best_score: float
+    candidates: np.ndarray
+    scores: np.ndarray
+
+
+def _batched(objective: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], np.ndarray]:
+    run = jax.jit(jax.vmap(objective))
+    return lambda points: np.asarray(run(jnp.asarray(points, jnp.float32)))
+
+
+def _cma_es(objective, mean: np.ndarray, std: float, population: int, generations: int, key: jax.Array,
+            progress: bool, transform=lambda x: x) -> tuple[np.ndarray, np.ndarray]:
+    """Maximise ``objective`` over ``transform(x)`` with evosax's CMA-ES; every candidate and score."""
+    try:
+        from evosax.algorithms import CMA_ES
+    except ImportError:
+        raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
+    strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
+    params = strategy.default_params.replace(std_init=std)
+    key, start = jax.random.split(key)
+    state = strategy.init(start, jnp.asarray(mean, jnp.float32), params)
+    seen, scores = [], []
+    for generation in tqdm(range(generations), desc="CMA-ES", disable=not progress):
+        ask, tell = jax.random.split(jax.random.fold_in(key, generation))
+        candidates, state = strategy.ask(ask, state, params)
+        points = np.asarray(transform(candidates))
+        values = objective(points)
+        state, _ = strategy.tell(tell, candidates, -jnp.asarray(values), state, params)  # evosax minimises
+        seen.append(points)
+        scores.append(values)
+    return np.concatenate(seen), np.concatenate(scores)
+
+
+def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array],
+           space: Mapping[str, tuple[float, float]], *, strategy: Strategy = "cmaes", budget: int = 64,
+           population: int = 16, key: jax.Array | None = None, progress: bool = False) -> SearchResult:
+    """The hyperparameters in ``space`` that maximise ``evaluate(merge(**hyperparameters))``.
+
+    Candidates are evaluated ``population`` at a time in one jitted ``jax.vmap`` call, so
+    ``merge`` must accept traced hyperparameters (every jaxmerge method does for its numbers:
+    ``lambda_``, ``density``, ``t``, weights) and ``evaluate`` must be written in JAX.
+
+    Args:
+      merge: ``merge(**hyperparameters) -> params``, e.g.
+        ``lambda lambda_, density: jaxmerge.ties(base, models, density=density, lambda_=lambda_)``.
+      evaluate: ``evaluate(params) -> score`` (higher is better), e.g. validation accuracy.
+      space: ``{name: (low, high)}``, the range of each hyperparameter.
+      strategy: ``'grid'`` (``floor(budget ** (1/dims))`` points per dimension, ends
+        included), ``'random'`` (uniform) or ``'cmaes'`` (evosax's CMA-ES on the unit cube
+        mapped onto the ranges, candidates clipped to them; ``budget // population``
+        generations from the middle of the space).
+      budget: the number of candidates to evaluate (about).
+      population: candidates per vmapped call (and CMA-ES's population size).
+      key: the random key of ``'random'`` and ``'cmaes'``.
+      progress: show a progress bar.
+
+    Returns:
+      A :class:`SearchResult` (candidates in the hyperparameters' units, columns in sorted
+      name order).
+
+    Raises:
+      JaxmergeError: an empty space or range, a budget below 1, an unknown strategy, or no key
+        for a random strategy.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> base, models = jnp.zeros(2), [jnp.asarray([1.0, 0.0]), jnp.asarray([0.0, 1.0])]
+      >>> target = jnp.asarray([0.6, 0.6])
+      >>> result = search(lambda lambda_: jaxmerge.task_arithmetic(base, models, lambda_=lambda_),
+      ...                 lambda merged: -jnp.sum((merged - target) ** 2), {"lambda_": (0.0, 1.0)},
+      ...                 strategy="grid", budget=11)
+      >>> round(result.best["lambda_"], 2)
+      0.6
+    """
+    names = sorted(space)
+    if not names or any(not high > low for low, high in (space[n] for n in names)):
+        raise JaxmergeError(f"space must map each name to a range (low, high) with high > low, got {dict(space)}")
+    if budget < 1 or population < 1:
+        raise JaxmergeError(f"budget and population must be at least 1, got {budget} and {population}")
+    low, high = (np.asarray([space[n][i] for n in names], np.float64) for i in (0, 1))
+    objective = _batched(lambda x: evaluate(merge(**{n: x[i] for i, n in enumerate(names)})))
+
+    def in_chunks(points):
+        return np.concatenate([objective(points[i:i + population]) for i in
+                               tqdm(range(0, len(points), population), desc=strategy, disable=not progress)])
+
+    if strategy == "grid":
+        per_axis = max(2, int(math.floor(budget ** (1 / len(names)) + 1e-9)))
+        axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(low, high)]
+        candidates = np.asarray(list(itertools.product(*axes)))
+        scores = in_chunks(candidates)
+    elif strategy in ("random", "cmaes"):
+        if key is None:
+            raise JaxmergeError(f"strategy {strategy!r} needs a key")
+        if strategy == "random":
+            candidates = low + (high - low) * np.asarray(jax.random.uniform(key, (budget, len(names))))
+            scores = in_chunks(candidates)
+        else:
+            candidates, scores = _cma_es(objective, np.full(len(names), 0.5), 0.3, population,
+                                         max(1, budget // population), key, progress,
+                                         transform=lambda x: low + (high - low) * np.clip(np.asarray(x), 0, 1))
+    else:
+        raise JaxmergeError(f"strategy must be 'grid', 'random' or 'cmaes', got {strategy!r}")
+    best = int(np.nanargmax(scores))
+    return SearchResult({n: float(candidates[best, i]) for i, n in enumerate(names)}, float(scores[best]),
+                        candidates, scores)
+
+
+def lcsc(checkpoints: Sequence[PyTree], evaluate: Callable[[PyTree], jax.Array], *, key: jax.Array,
+         generations: int = 20, population: int = 16, init: Sequence[float] | None = None, std: float = 0.1,
+         progress: bool = False) -> SearchResult:
+    """Linear Combination of Saved Checkpoints: coefficients ``c`` maximising
+    ``evaluate(sum_i c_i checkpoints[i])``, found by CMA-ES (evosax).
+
+    Args:
+      checkpoints: a training run's saved params (pytrees of the same structure).
+      evaluate: ``evaluate(params) -> score`` in JAX (higher is better), vmapped over a
+        population.
+      key: the random key.
+      generations: CMA-ES generations.
+      population: candidates per generation, evaluated in one vmapped call.
+      init: the starting coefficients (default: the uniform average, ``1/n`` each).
+      std: CMA-ES's starting step size.
+      progress: show a progress bar.
+
+    Returns:
+      A :class:`SearchResult` whose ``best`` is the coefficient vector; its params are
+      ``sum_i best[i] checkpoints[i]``. The coefficients are not constrained (they may be
+      negative, or not sum to 1).
+
+    Raises:
+      JaxmergeError: no checkpoints, or ``init`` of another length.
+
+    References:
+      Liu et al., "Linear Combination of Saved Checkpoints Makes Consistency and Diffusion
+      Models Better", arXiv 2404.02241.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> runs = [jnp.asarray([1.0, 0.0]), jnp.asarray([0.0, 1.0]), jnp.asarray([1.0, 1.0])]
+      >>> target = jnp.asarray([2.0, 0.5])
+      >>> found = lcsc(runs, lambda p: -jnp.sum((p - target) ** 2), key=jax.random.key(0), generations=40)
+      >>> found.best_score > -1e-3
+      True
+    """
+    if not checkpoints:
+        raise JaxmergeError("lcsc needs at least one checkpoint")
+    init = np.full(len(checkpoints), 1 / len(checkpoints)) if init is None else np.asarray(init, np.float64)
+    if init.shape != (len(checkpoints),):
+        raise JaxmergeError(f"init must have one coefficient per checkpoint ({len(checkpoints)}), got {init.shape}")
+
+    def combined(c):
+        return jax.tree.map(lambda *leaves: sum(c[i] * leaf for i, leaf in enumerate(leaves)).astype(leaves[0].dtype),
+                            *checkpoints)
+    candidates, scores = _cma_es(_batched(lambda c: evaluate(combined(c))), init, std, population, generations, key,
+                                 progress)
+    best = int(np.nanargmax(scores))
+    return SearchResult(jnp.asarray(candidates[best]), float(scores[best]), candidates, scores)
