@@ -10,7 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"checkpoints": "jaxmerge.checkpoints", "federated": "jaxmerge.federated",
+_SUBMODULES = {"checkpoints": "jaxmerge.checkpoints", "coefficients": "jaxmerge.coefficients",
+               "federated": "jaxmerge.federated",
                "lora": "jaxmerge.lora", "moe": "jaxmerge.moe",
                "sparsify": "jaxmerge.merging.sparsify"}
 _MODULES = {  # the module that defines each public name

@@ -13,6 +13,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAXMERGE_NO_COMPILATION_CACHE"] = "1"  # the command's cache stays out of the tests (one test turns it on)
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def standard_promotion():
+    """Standard dtype promotion for one test: optax.adam (and prodigy) mix Python floats with
+    int32 step counts, which strict promotion rejects; jaxmerge's own code runs strict."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield

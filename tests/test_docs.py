@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 import jaxmerge
-from jaxmerge import checkpoints, federated, lora, moe, sparsify
+from jaxmerge import checkpoints, coefficients, federated, lora, moe, sparsify
 
 SPARSIFY = ["top_k_mask", "kth_largest_magnitude", "magnitude_mask", "breadcrumbs_mask", "band_mask", "random_mask",
             "della_mask", "della_probabilities", "rescale", "num_kept"]
@@ -15,7 +15,8 @@ PUBLIC = ([(f"jaxmerge.{n}", getattr(jaxmerge, n)) for n in jaxmerge.__all__]
           + [(f"jaxmerge.sparsify.{n}", getattr(sparsify, n)) for n in SPARSIFY]
           + [(f"jaxmerge.federated.{n}", getattr(federated, n)) for n in federated.__all__]
           + [(f"jaxmerge.lora.{n}", getattr(lora, n)) for n in lora.__all__ if n != "COMBINATION_TYPES"]
-          + [(f"jaxmerge.moe.{n}", getattr(moe, n)) for n in moe.__all__ if n != "LAYOUTS"])
+          + [(f"jaxmerge.moe.{n}", getattr(moe, n)) for n in moe.__all__ if n != "LAYOUTS"]
+          + [(f"jaxmerge.coefficients.{n}", getattr(coefficients, n)) for n in coefficients.__all__])
 FUNCTIONS = [(name, obj) for name, obj in PUBLIC if inspect.isfunction(inspect.unwrap(obj))]
 
 
@@ -40,7 +41,8 @@ def test_merge_methods_cite_their_papers(name):
 
 def test_every_public_name_resolves_to_what_it_names():
     for name, obj in PUBLIC:
-        modules = ("jaxmerge.checkpoints", "jaxmerge.federated", "jaxmerge.lora", "jaxmerge.moe", "jaxmerge.sparsify")
+        modules = ("jaxmerge.checkpoints", "jaxmerge.coefficients", "jaxmerge.federated", "jaxmerge.lora", "jaxmerge.moe",
+                   "jaxmerge.sparsify")
         assert inspect.ismodule(obj) == (name in modules), name
         assert inspect.ismodule(obj) or obj.__name__ == name.rsplit(".", 1)[-1], name
 

@@ -8,14 +8,6 @@ from jaxmerge import federated
 from jaxmerge.errors import JaxmergeError
 
 
-@pytest.fixture
-def standard_promotion():
-    # optax.adam mixes Python floats with its int32 step count, which this suite's strict
-    # promotion rejects; jaxmerge's own code runs strict (the other tests)
-    with jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 def _problem(num_clients=4, per_client=8, dim=3, seed=0):
     """Least squares split over clients: params ``w``, data ``(x, y)`` per client."""
     rng = np.random.default_rng(seed)

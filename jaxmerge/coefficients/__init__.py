@@ -12,8 +12,7 @@
 
 from jaxmerge.coefficients.adamerging import AdaMergingResult, adamerging, prediction_entropy
 from jaxmerge.coefficients.linear import TaskVectors, combine, init_coefficients, task_vectors
-from jaxmerge.coefficients.pareto import (Quadratic, fit_quadratic, pareto_front, plot_pareto_front,
-                                          quadratic_surrogates)
+from jaxmerge.coefficients.pareto import Quadratic, fit_quadratic, pareto_front, plot_pareto_front, quadratic_surrogates
 from jaxmerge.coefficients.search import SearchResult, lcsc, search
 
 __all__ = ["AdaMergingResult", "Quadratic", "SearchResult", "TaskVectors", "adamerging", "combine", "fit_quadratic",

@@ -5,6 +5,7 @@ jitted call, so that the search needs no checkpoint on disk and no Python loop o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,20 @@ def _cma_es(objective, mean: np.ndarray, std: float, population: int, generation
         from evosax.algorithms import CMA_ES
     except ImportError:
         raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
+    with _evosax_numpy():
+        return _run_cma_es(CMA_ES, objective, mean, std, population, generations, key, progress, transform)
+
+
+def _evosax_numpy():
+    """evosax's code relies on JAX's standard dtype and rank promotion; a user's stricter
+    settings (``jax_numpy_dtype_promotion='strict'``) must not break it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.numpy_dtype_promotion("standard"))
+    stack.enter_context(jax.numpy_rank_promotion("allow"))
+    return stack
+
+
+def _run_cma_es(CMA_ES, objective, mean, std, population, generations, key, progress, transform):
     strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
     params = strategy.default_params.replace(std_init=std)
     key, start = jax.random.split(key)
@@ -124,7 +139,7 @@ def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array]
                                tqdm(range(0, len(points), population), desc=strategy, disable=not progress)])
 
     if strategy == "grid":
-        per_axis = max(2, int(math.floor(budget ** (1 / len(names)) + 1e-9)))
+        per_axis = max(2, math.floor(budget ** (1 / len(names)) + 1e-9))
         axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(low, high)]
         candidates = np.asarray(list(itertools.product(*axes)))
         scores = in_chunks(candidates)

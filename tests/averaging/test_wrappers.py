@@ -29,12 +29,8 @@ NAMES = list(WRAPPERS)
 
 
 @pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax.adam and prodigy mix Python floats with int32 step counts, which the strict
-    # promotion of this test suite rejects; jaxmerge's own code is strict-clean (see
-    # test_rules.py, which uses plain SGD under strict promotion).
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+def _standard(standard_promotion):
+    """Every wrapper test runs optax.adam or prodigy (test_rules.py runs plain SGD strictly)."""
 
 
 def _close(a, b, rtol=1e-6):
