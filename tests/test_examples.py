@@ -99,3 +99,15 @@ def test_federated_example_trains_every_server_and_fedau_corrects_skewed_partici
         assert all(len(r) == 3 and r[-1] > 0.85 for r in rows.values()), rows  # 10 classes: chance is 0.1
     skewed = tables["non-IID, skewed"]
     assert skewed["FedAU (unknown participation)"][-1] >= skewed["FedAvg"][-1], skewed  # after 40 rounds
+
+
+@pytest.mark.slow
+def test_learned_merging_example_tunes_learns_and_searches_better_coefficients():
+    merges, run = run_example("learned_merging.py").split("training run")
+    rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in merges.strip().splitlines()[1:]}
+    tuned = next(v for k, v in rows.items() if k.startswith("task arithmetic, tuned"))
+    assert tuned[-1] >= rows["task arithmetic, lambda 1"][-1]
+    assert rows["AdaMerging, layer-wise"][-1] > rows["task arithmetic, lambda 1"][-1]
+    assert all(0.8 < v[-1] <= 1 for v in rows.values()), rows
+    losses = {line[:36].strip(): float(line[36:].split()[0]) for line in run.strip().splitlines()[1:]}
+    assert losses["LCSC"] < losses["last checkpoint"], losses
