@@ -4,6 +4,7 @@
   functions of per-model or per-tensor coefficients (TIES masks fixed).
 * :func:`adamerging`: coefficients that minimise the merged model's prediction entropy on
   unlabeled inputs (AdaMerging, AdaMerging++).
+* :func:`dam`: per-feature coefficients of each model, distilled from the experts (DAM).
 * :func:`search`: any method's hyperparameters by grid, random or CMA-ES search, each
   population vmapped; :func:`lcsc`: coefficients of a run's saved checkpoints.
 * :func:`quadratic_surrogates`, :func:`pareto_front`: MAP's Pareto front of coefficients
@@ -11,10 +12,11 @@
 """
 
 from jaxmerge.coefficients.adamerging import AdaMergingResult, adamerging, prediction_entropy
+from jaxmerge.coefficients.dam import DamResult, dam, dam_coefficients, dam_merge, dam_regularizer, distillation_kl
 from jaxmerge.coefficients.linear import TaskVectors, combine, init_coefficients, task_vectors
 from jaxmerge.coefficients.pareto import Quadratic, fit_quadratic, pareto_front, plot_pareto_front, quadratic_surrogates
 from jaxmerge.coefficients.search import SearchResult, lcsc, search
 
-__all__ = ["AdaMergingResult", "Quadratic", "SearchResult", "TaskVectors", "adamerging", "combine", "fit_quadratic",
-           "init_coefficients", "lcsc", "pareto_front", "plot_pareto_front", "prediction_entropy",
+__all__ = ["AdaMergingResult", "DamResult", "Quadratic", "SearchResult", "TaskVectors", "adamerging", "combine", "dam",
+           "dam_coefficients", "dam_merge", "dam_regularizer", "distillation_kl", "fit_quadratic", "init_coefficients", "lcsc", "pareto_front", "plot_pareto_front", "prediction_entropy",
            "quadratic_surrogates", "search", "task_vectors"]
