@@ -157,3 +157,17 @@ def test_quadratic_surrogates_recover_quadratic_losses_and_the_front_is_non_domi
         assert not np.any(np.all(everything < point - 1e-12, axis=1))
     with pytest.raises(JaxmergeError, match="needs at least 6 points"):
         fit_quadratic(np.zeros((3, 2)), np.zeros(3))
+
+
+def test_combine_on_a_mesh_keeps_the_sharding_and_the_numbers():
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    place = lambda tree: jax.tree.map(lambda a: jax.device_put(a, sharding) if a.ndim == 2 else a, tree)
+    tv, placed = task_vectors(BASE, MODELS), task_vectors(place(BASE), [place(m) for m in MODELS])
+    c = jnp.asarray([0.2, 0.5, -0.3])
+    with jax.set_mesh(mesh):
+        merged = jax.jit(combine)(placed, c)
+        grads = jax.jit(jax.grad(lambda c: _loss(combine(placed, c))))(c)
+    assert merged["dense"]["kernel"].sharding.is_equivalent_to(sharding, 2)
+    np.testing.assert_allclose(merged["dense"]["kernel"], combine(tv, c)["dense"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(grads, jax.grad(lambda c: _loss(combine(tv, c)))(c), rtol=1e-5)
