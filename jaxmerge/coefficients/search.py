@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import jax
@@ -43,20 +46,52 @@ class SearchResult(NamedTuple):
     scores: np.ndarray
 
 
-def _batched(objective: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], np.ndarray]:
+def _batched(objective: Callable[[jax.Array], jax.Array]) -> Callable[[np.ndarray], np.ndarray]:
     run = jax.jit(jax.vmap(objective))
     return lambda points: np.asarray(run(jnp.asarray(points, jnp.float32)))
 
 
-def _cma_es(objective, mean: np.ndarray, std: float, population: int, generations: int, key: jax.Array,
-            progress: bool, transform=lambda x: x) -> tuple[np.ndarray, np.ndarray]:
-    """Maximise ``objective`` over ``transform(x)`` with evosax's CMA-ES; every candidate and score."""
-    try:
-        from evosax.algorithms import CMA_ES
-    except ImportError:
-        raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
-    with _evosax_numpy():
-        return _run_cma_es(CMA_ES, objective, mean, std, population, generations, key, progress, transform)
+class _Fixed:
+    """Rounds of candidates known up front (grid, random): ``population`` at a time."""
+
+    def __init__(self, points: np.ndarray, population: int):
+        self.points, self.population = points, population
+        self.rounds = -(-len(points) // population)
+
+    def start(self):
+        return None
+
+    def ask(self, r, state):
+        return self.points[r * self.population:(r + 1) * self.population], None, state
+
+    def tell(self, r, state, raw, values):
+        return state
+
+
+class _CmaEs:
+    """evosax's CMA-ES (it minimises: told the negated scores), candidates mapped by ``transform``."""
+
+    def __init__(self, mean: np.ndarray, std: float, population: int, generations: int, key: jax.Array,
+                 transform=lambda x: x):
+        try:
+            from evosax.algorithms import CMA_ES
+        except ImportError:
+            raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
+        self.strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
+        self.params = self.strategy.default_params.replace(std_init=std)
+        self.key, self.init_key = jax.random.split(key)
+        self.mean, self.rounds, self.transform = jnp.asarray(mean, jnp.float32), generations, transform
+
+    def start(self):
+        return self.strategy.init(self.init_key, self.mean, self.params)
+
+    def ask(self, r, state):
+        raw, state = self.strategy.ask(jax.random.fold_in(jax.random.fold_in(self.key, r), 0), state, self.params)
+        return np.asarray(self.transform(raw)), raw, state
+
+    def tell(self, r, state, raw, values):
+        key = jax.random.fold_in(jax.random.fold_in(self.key, r), 1)
+        return self.strategy.tell(key, raw, -jnp.asarray(values), state, self.params)[0]
 
 
 def _evosax_numpy():
@@ -68,26 +103,65 @@ def _evosax_numpy():
     return stack
 
 
-def _run_cma_es(CMA_ES, objective, mean, std, population, generations, key, progress, transform):
-    strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
-    params = strategy.default_params.replace(std_init=std)
-    key, start = jax.random.split(key)
-    state = strategy.init(start, jnp.asarray(mean, jnp.float32), params)
-    seen, scores = [], []
-    for generation in tqdm(range(generations), desc="CMA-ES", disable=not progress):
-        ask, tell = jax.random.split(jax.random.fold_in(key, generation))
-        candidates, state = strategy.ask(ask, state, params)
-        points = np.asarray(transform(candidates))
-        values = objective(points)
-        state, _ = strategy.tell(tell, candidates, -jnp.asarray(values), state, params)  # evosax minimises
-        seen.append(points)
-        scores.append(values)
-    return np.concatenate(seen), np.concatenate(scores)
+def _run(rounds, objective, population: int, dims: int, checkpoint: str | os.PathLike | None,
+         progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every round's candidates evaluated; after each round, with ``checkpoint``, the candidates,
+    scores and strategy state saved with Orbax, and a later call resumes after the last round
+    saved (drawing what the uninterrupted search would have drawn)."""
+    with _evosax_numpy():
+        state = rounds.start()
+        leaves, treedef = jax.tree.flatten(state)
+        size = rounds.rounds * population
+        record = {"next": jnp.zeros((), jnp.int32), "candidates": jnp.full((size, dims), jnp.nan, jnp.float32),
+                  "scores": jnp.full((size,), jnp.nan, jnp.float32), "state": leaves}
+        if checkpoint is not None:
+            record = _restore(Path(checkpoint), record)
+        state = jax.tree.unflatten(treedef, record["state"])
+        candidates, scores = np.array(record["candidates"]), np.array(record["scores"])
+        for r in tqdm(range(int(record["next"]), rounds.rounds), desc=desc, disable=not progress):
+            points, raw, state = rounds.ask(r, state)
+            values = objective(points)
+            state = rounds.tell(r, state, raw, values)
+            candidates[r * population:r * population + len(points)] = points
+            scores[r * population:r * population + len(points)] = values
+            if checkpoint is not None:
+                _save(Path(checkpoint), r + 1, {"next": jnp.asarray(r + 1, jnp.int32), "candidates": candidates,
+                                                "scores": scores, "state": jax.tree.leaves(state)})
+    done = ~np.isnan(scores) | ~np.isnan(candidates).any(1)
+    return candidates[done], scores[done]
+
+
+def _rounds_saved(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("round_*") if p.name[6:].isdigit()) if directory.is_dir() else []
+
+
+def _restore(directory: Path, fresh: dict) -> dict:
+    saved = _rounds_saved(directory)
+    if not saved:
+        return fresh
+    from orbax.checkpoint import v1 as ocp
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), fresh)
+    try:
+        return ocp.load(saved[-1], abstract)
+    except (ValueError, TypeError) as error:
+        raise JaxmergeError(f"{saved[-1]} is not a checkpoint of this search ({str(error).splitlines()[0]}); "
+                            "use another directory") from None
+
+
+def _save(directory: Path, round_: int, record: dict) -> None:
+    from orbax.checkpoint import v1 as ocp
+
+    older = _rounds_saved(directory)
+    ocp.save(directory / f"round_{round_:06d}", jax.tree.map(jnp.asarray, record))
+    for path in older:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array],
            space: Mapping[str, tuple[float, float]], *, strategy: Strategy = "cmaes", budget: int = 64,
-           population: int = 16, key: jax.Array | None = None, progress: bool = False) -> SearchResult:
+           population: int = 16, key: jax.Array | None = None, checkpoint: str | os.PathLike | None = None,
+           progress: bool = False) -> SearchResult:
     """The hyperparameters in ``space`` that maximise ``evaluate(merge(**hyperparameters))``.
 
     Candidates are evaluated ``population`` at a time in one jitted ``jax.vmap`` call, so
@@ -106,6 +180,9 @@ def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array]
       budget: the number of candidates to evaluate (about).
       population: candidates per vmapped call (and CMA-ES's population size).
       key: the random key of ``'random'`` and ``'cmaes'``.
+      checkpoint: a directory where the search is saved (Orbax) after each population; a search
+        started again with the same arguments resumes after the last one saved, with the
+        same result as an uninterrupted search.
       progress: show a progress bar.
 
     Returns:
@@ -133,28 +210,21 @@ def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array]
         raise JaxmergeError(f"budget and population must be at least 1, got {budget} and {population}")
     low, high = (np.asarray([space[n][i] for n in names], np.float64) for i in (0, 1))
     objective = _batched(lambda x: evaluate(merge(**{n: x[i] for i, n in enumerate(names)})))
-
-    def in_chunks(points):
-        return np.concatenate([objective(points[i:i + population]) for i in
-                               tqdm(range(0, len(points), population), desc=strategy, disable=not progress)])
-
     if strategy == "grid":
         per_axis = max(2, math.floor(budget ** (1 / len(names)) + 1e-9))
-        axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(low, high)]
-        candidates = np.asarray(list(itertools.product(*axes)))
-        scores = in_chunks(candidates)
+        rounds = _Fixed(np.asarray(list(itertools.product(*[np.linspace(lo, hi, per_axis)
+                                                            for lo, hi in zip(low, high)]))), population)
     elif strategy in ("random", "cmaes"):
         if key is None:
             raise JaxmergeError(f"strategy {strategy!r} needs a key")
         if strategy == "random":
-            candidates = low + (high - low) * np.asarray(jax.random.uniform(key, (budget, len(names))))
-            scores = in_chunks(candidates)
+            rounds = _Fixed(low + (high - low) * np.asarray(jax.random.uniform(key, (budget, len(names)))), population)
         else:
-            candidates, scores = _cma_es(objective, np.full(len(names), 0.5), 0.3, population,
-                                         max(1, budget // population), key, progress,
-                                         transform=lambda x: low + (high - low) * np.clip(np.asarray(x), 0, 1))
+            rounds = _CmaEs(np.full(len(names), 0.5), 0.3, population, max(1, budget // population), key,
+                            transform=lambda x: low + (high - low) * np.clip(np.asarray(x), 0, 1))
     else:
         raise JaxmergeError(f"strategy must be 'grid', 'random' or 'cmaes', got {strategy!r}")
+    candidates, scores = _run(rounds, objective, population, len(names), checkpoint, progress, strategy)
     best = int(np.nanargmax(scores))
     return SearchResult({n: float(candidates[best, i]) for i, n in enumerate(names)}, float(scores[best]),
                         candidates, scores)
@@ -162,7 +232,7 @@ def search(merge: Callable[..., PyTree], evaluate: Callable[[PyTree], jax.Array]
 
 def lcsc(checkpoints: Sequence[PyTree], evaluate: Callable[[PyTree], jax.Array], *, key: jax.Array,
          generations: int = 20, population: int = 16, init: Sequence[float] | None = None, std: float = 0.1,
-         progress: bool = False) -> SearchResult:
+         checkpoint: str | os.PathLike | None = None, progress: bool = False) -> SearchResult:
     """Linear Combination of Saved Checkpoints: coefficients ``c`` maximising
     ``evaluate(sum_i c_i checkpoints[i])``, found by CMA-ES (evosax).
 
@@ -175,6 +245,8 @@ def lcsc(checkpoints: Sequence[PyTree], evaluate: Callable[[PyTree], jax.Array],
       population: candidates per generation, evaluated in one vmapped call.
       init: the starting coefficients (default: the uniform average, ``1/n`` each).
       std: CMA-ES's starting step size.
+      checkpoint: a directory to save the search in after each generation, and resume from
+        (as :func:`search`).
       progress: show a progress bar.
 
     Returns:
@@ -206,7 +278,8 @@ def lcsc(checkpoints: Sequence[PyTree], evaluate: Callable[[PyTree], jax.Array],
     def combined(c):
         return jax.tree.map(lambda *leaves: sum(c[i] * leaf for i, leaf in enumerate(leaves)).astype(leaves[0].dtype),
                             *checkpoints)
-    candidates, scores = _cma_es(_batched(lambda c: evaluate(combined(c))), init, std, population, generations, key,
-                                 progress)
+    candidates, scores = _run(_CmaEs(init, std, population, generations, key),
+                              _batched(lambda c: evaluate(combined(c))), population, len(init), checkpoint, progress,
+                              "LCSC")
     best = int(np.nanargmax(scores))
     return SearchResult(jnp.asarray(candidates[best]), float(scores[best]), candidates, scores)

@@ -171,3 +171,28 @@ def test_combine_on_a_mesh_keeps_the_sharding_and_the_numbers():
     assert merged["dense"]["kernel"].sharding.is_equivalent_to(sharding, 2)
     np.testing.assert_allclose(merged["dense"]["kernel"], combine(tv, c)["dense"]["kernel"], rtol=1e-6)
     np.testing.assert_allclose(grads, jax.grad(lambda c: _loss(combine(tv, c)))(c), rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["random", "cmaes"])
+def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch, strategy):
+    from jaxmerge.coefficients import search as module
+
+    run = lambda **kw: search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)},  # noqa: E731
+                              strategy=strategy, budget=64, population=16, key=jax.random.key(4), **kw)
+    whole = run()
+    save, saved = module._save, []
+
+    def save_then_stop(directory, round_, record):
+        save(directory, round_, record)
+        saved.append(round_)
+        if round_ == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(module, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=tmp_path / "search")
+    monkeypatch.setattr(module, "_save", save)
+    resumed = run(checkpoint=tmp_path / "search")
+    assert saved == [1, 2] and [p.name for p in tmp_path.joinpath("search").iterdir()] == ["round_000004"]
+    np.testing.assert_array_equal(resumed.candidates, whole.candidates)
+    np.testing.assert_array_equal(resumed.scores, whole.scores)
+    assert resumed.best == whole.best
