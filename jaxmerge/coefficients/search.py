@@ -77,8 +77,9 @@ class _CmaEs:
             from evosax.algorithms import CMA_ES
         except ImportError:
             raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
-        self.strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
-        self.params = self.strategy.default_params.replace(std_init=std)
+        with _evosax_numpy():
+            self.strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
+            self.params = self.strategy.default_params.replace(std_init=std)
         self.key, self.init_key = jax.random.split(key)
         self.mean, self.rounds, self.transform = jnp.asarray(mean, jnp.float32), generations, transform
 
@@ -141,7 +142,8 @@ def _restore(directory: Path, fresh: dict) -> dict:
         return fresh
     from orbax.checkpoint import v1 as ocp
 
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), fresh)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=device), fresh)
     try:
         return ocp.load(saved[-1], abstract)
     except (ValueError, TypeError) as error:
