@@ -19,7 +19,7 @@ SIZES = (64, 512, 512, 10)
 x_train, y_train, x_test, y_test = digits()
 graphdef, first = init_mlp(seed=0, sizes=SIZES)
 _, second = init_mlp(seed=1, sizes=SIZES)
-models = [train(graphdef, params, x_train, y_train, steps=1500, learning_rate=1e-3, seed=seed)
+models = [train(graphdef, params, x_train, y_train, steps=500, learning_rate=1e-3, seed=seed)
           for seed, params in enumerate((first, second))]
 apply = logits_fn(graphdef)
 
