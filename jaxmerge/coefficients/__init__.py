@@ -13,10 +13,11 @@
 
 from jaxmerge.coefficients.adamerging import AdaMergingResult, adamerging, prediction_entropy
 from jaxmerge.coefficients.dam import DamResult, dam, dam_coefficients, dam_merge, dam_regularizer, distillation_kl
-from jaxmerge.coefficients.linear import TaskVectors, combine, init_coefficients, task_vectors
+from jaxmerge.coefficients.linear import TaskVectors, as_weights, combine, init_coefficients, task_vectors
 from jaxmerge.coefficients.pareto import Quadratic, fit_quadratic, pareto_front, plot_pareto_front, quadratic_surrogates
 from jaxmerge.coefficients.search import SearchResult, lcsc, search
 
-__all__ = ["AdaMergingResult", "DamResult", "Quadratic", "SearchResult", "TaskVectors", "adamerging", "combine", "dam",
+__all__ = ["AdaMergingResult", "DamResult", "Quadratic", "SearchResult", "TaskVectors", "adamerging", "as_weights",
+           "combine", "dam",
            "dam_coefficients", "dam_merge", "dam_regularizer", "distillation_kl", "fit_quadratic", "init_coefficients", "lcsc", "pareto_front", "plot_pareto_front", "prediction_entropy",
            "quadratic_surrogates", "search", "task_vectors"]

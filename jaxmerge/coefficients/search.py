@@ -79,7 +79,8 @@ class _CmaEs:
             raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
         with _evosax_numpy():
             self.strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
-            self.params = self.strategy.default_params.replace(std_init=std)
+            defaults = jax.jit(lambda: self.strategy.default_params)()  # one compiled kernel, not one per op
+            self.params = defaults.replace(std_init=jnp.float32(std))
         self.key, self.init_key = jax.random.split(key)
         self.mean, self.rounds, self.transform = jnp.asarray(mean, jnp.float32), generations, transform
 

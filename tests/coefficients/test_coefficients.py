@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jaxmerge
+from jaxmerge import coefficients
 from jaxmerge.coefficients import (
     Quadratic,
     adamerging,
@@ -179,7 +180,7 @@ def test_combine_on_a_mesh_keeps_the_sharding_and_the_numbers():
 def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch, strategy):
     module = importlib.import_module("jaxmerge.coefficients.search")  # the name search is the function
 
-    run = lambda **kw: search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)},  # noqa: E731
+    run = lambda **kw: search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)},
                               strategy=strategy, budget=64, population=16, key=jax.random.key(4), **kw)
     whole = run()
     save, saved = module._save, []
@@ -198,3 +199,33 @@ def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch,
     np.testing.assert_array_equal(resumed.candidates, whole.candidates)
     np.testing.assert_array_equal(resumed.scores, whole.scores)
     assert resumed.best == whole.best
+
+
+def test_dare_masks_are_drawn_once_and_rescale_the_kept_entries():
+    big = {"w": jnp.zeros(4000)}
+    models = [{"w": jnp.asarray(RNG.standard_normal(4000), jnp.float32)} for _ in range(2)]
+    tv = task_vectors(big, models, density=0.3, drop="random", key=jax.random.key(1))
+    again = task_vectors(big, models, density=0.3, drop="random", key=jax.random.key(1))
+    for v, w, m in zip(tv.vectors, again.vectors, models):
+        kept = np.asarray(v["w"]) != 0
+        assert 0.27 < kept.mean() < 0.33
+        np.testing.assert_allclose(np.asarray(v["w"])[kept], np.asarray(m["w"])[kept] / 0.3, rtol=1e-6)
+        np.testing.assert_array_equal(v["w"], w["w"])
+    assert not np.array_equal(np.asarray(tv.vectors[0]["w"]) != 0, np.asarray(tv.vectors[1]["w"]) != 0)
+    with pytest.raises(JaxmergeError, match="drop must be"):
+        task_vectors(big, models, density=0.3, drop="random")
+
+
+def test_learned_per_tensor_coefficients_apply_to_checkpoints_streamed(tmp_path):
+    from jaxmerge import checkpoints
+
+    base = {"a": jnp.asarray(RNG.standard_normal((3, 2)), jnp.float32), "b": jnp.zeros(4)}
+    models = [jax.tree.map(lambda x, i=i: x + i + 1.0, base) for i in range(2)]
+    c = {"a": jnp.asarray([0.2, 0.7]), "b": jnp.asarray([1.0, -0.5])}
+    paths = [checkpoints.save(tmp_path / name, tree, format="safetensors")
+             for name, tree in [("base", base), ("m0", models[0]), ("m1", models[1])]]
+    plan = jaxmerge.plan("task_arithmetic", weights=coefficients.as_weights(c))
+    out = checkpoints.stream_merge(plan, paths[1:], tmp_path / "out", base=paths[0],
+                                   options=checkpoints.StreamOptions(progress=False))
+    expected = combine(task_vectors(base, models), c)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), checkpoints.load(out), expected)
