@@ -3,7 +3,8 @@ and after permuting one to match the other (weight matching).
 
 Two MLPs (64-512-512-10) are trained from different random initialisations. Along the
 straight line between them the test loss rises (a barrier); after aligning the second
-model's hidden units to the first's, the line stays much lower. Writes rebasin.png.
+model's hidden units to the first's, by their weights or by the correlation of their
+activations on the training inputs, the line stays much lower. Writes rebasin.png.
 """
 
 import sys
@@ -34,7 +35,9 @@ def test_accuracy(params):
 
 spec = jaxmerge.mlp_permutation_spec(models[0])
 aligned = jaxmerge.align(spec, models[0], models[1])
-curves = {"naive": models[1], "weight matching": aligned}
+by_activations = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(
+    spec, apply, models[0], models[1], [x_train[i:i + 256] for i in range(0, len(x_train), 256)]), models[1])
+curves = {"naive": models[1], "weight matching": aligned, "activation matching": by_activations}
 
 print(f"{'interpolation':<18}{'loss barrier':>14}{'loss at t=0.5':>15}{'acc. at t=0.5':>15}")
 loss_curves = {}

@@ -1,6 +1,7 @@
 """Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
-matching, and applying permutations."""
+matching, activation matching, and applying permutations."""
 
+from jaxmerge.alignment.activations import activation_matching
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
 from jaxmerge.alignment.spec import (
     PermutationSpec,
@@ -12,6 +13,7 @@ from jaxmerge.alignment.spec import (
 
 __all__ = [
     "PermutationSpec",
+    "activation_matching",
     "align",
     "apply_permutation",
     "cnn_permutation_spec",

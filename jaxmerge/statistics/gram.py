@@ -45,19 +45,25 @@ def _symmetric_gram(flat: jax.Array) -> jax.Array:
     return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(count)] for i in range(count)])
 
 
+def flat_activation(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
+    """The activation as ``(rows, features)`` float32, its contracted axes flattened as features."""
+    moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
+    return moved.reshape(-1, math.prod(x.shape[d] for d in contract)).astype(jnp.float32)
+
+
 def _activation_gram(x: jax.Array, contract: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(X^T X, rows)`` with ``X`` the activation's contracted axes flattened as features."""
-    moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
-    features = math.prod(x.shape[d] for d in contract)
-    flat = moved.reshape(-1, features).astype(jnp.float32)
+    flat = flat_activation(x, contract)
     return _symmetric_gram(flat), jnp.asarray(flat.shape[0], jnp.float32)
 
 
 class _Capture:
-    """Evaluates a jaxpr, recording the Grams of kernel inputs and the order params are used."""
+    """Evaluates a jaxpr, recording the Grams of kernel inputs (or, with ``keep_activations``,
+    the inputs themselves, ``(rows, features)`` per use) and the order params are used."""
 
-    def __init__(self, only: frozenset | None):
-        self.only = only
+    def __init__(self, only: frozenset | None, keep_activations: bool = False):
+        self.only, self.keep_activations = only, keep_activations
+        self.activations: dict[int, list[jax.Array]] = {}
         self.grams: dict[int, tuple[jax.Array, jax.Array]] = {}
         self.computed: dict[tuple, tuple[jax.Array, jax.Array]] = {}  # one Gram per activation
         self.first_use: dict[int, int] = {}
@@ -67,6 +73,9 @@ class _Capture:
         if param not in self.kernel_order:
             self.kernel_order.append(param)
         if self.only is not None and param not in self.only:
+            return
+        if self.keep_activations:
+            self.activations.setdefault(param, []).append(flat_activation(activation, contract))
             return
         key = (id(activation_var), contract)
         if key not in self.computed:  # q, k and v projections share their input
@@ -114,11 +123,13 @@ class _Capture:
         return [env.read(v) for v in jaxpr.outvars]
 
 
-def capture(apply_fn: Callable, params: PyTree, batch, only: frozenset | None = None) -> _Capture:
-    """Run ``apply_fn(params, batch)`` once, recording kernel input Grams (of ``only``, if given)."""
+def capture(apply_fn: Callable, params: PyTree, batch, only: frozenset | None = None,
+            keep_activations: bool = False) -> _Capture:
+    """Run ``apply_fn(params, batch)`` once, recording kernel input Grams (of ``only``, if
+    given), or the inputs themselves with ``keep_activations``."""
     leaves, treedef = jax.tree.flatten(params)
     closed = jax.make_jaxpr(lambda *ls: apply_fn(jax.tree.unflatten(treedef, ls), batch))(*leaves)
-    recorder = _Capture(only)
+    recorder = _Capture(only, keep_activations)
     recorder.run(closed.jaxpr, closed.consts, leaves, list(range(len(leaves))))
     return recorder
 
@@ -127,6 +138,14 @@ def capture(apply_fn: Callable, params: PyTree, batch, only: frozenset | None = 
 def gram_sums(params: PyTree, batch, *, apply_fn: Callable, only: frozenset | None = None) -> dict:
     """``{param leaf index: (X^T X, rows)}`` of one batch, for every captured kernel."""
     return capture(apply_fn, params, batch, only).grams
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def kernel_inputs(params: PyTree, batch, *, apply_fn: Callable) -> dict:
+    """``{param leaf index: (rows, features)}``: every captured kernel's input on one batch
+    (the rows of all its uses, in order)."""
+    return {param: jnp.concatenate(rows) for param, rows in
+            capture(apply_fn, params, batch, keep_activations=True).activations.items()}
 
 
 def accumulate_grams(apply_fn: Callable, params: PyTree, data: Iterable, *, num_examples: int | None = None,

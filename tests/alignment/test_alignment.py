@@ -121,3 +121,16 @@ def test_natural_layer_order_and_specs_combine():
     spec = jaxmerge.mlp_permutation_spec(params)
     assert spec.axes[("Dense_10", "kernel")] == ("hidden_1", None)
     assert spec.axes[("Dense_2", "kernel")] == ("hidden_0", "hidden_1")
+
+
+def test_activation_matching_undoes_a_random_permutation_and_names_what_it_cannot_see():
+    module = MLP()
+    batches = [jnp.asarray(np.random.default_rng(i).standard_normal((64, 7)), jnp.float32) for i in range(2)]
+    variables = module.init(jax.random.key(0), batches[0])
+    spec = jaxmerge.mlp_permutation_spec(variables)
+    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, variables, seed=6), variables)
+    perm = jaxmerge.activation_matching(spec, module.apply, variables, scrambled, batches)
+    jax.tree.map(np.testing.assert_array_equal, jaxmerge.apply_permutation(spec, perm, scrambled), variables)
+    params, cnn_spec, _ = _cnn()
+    with pytest.raises(jaxmerge.JaxmergeError, match="no activations of the units of permutation"):
+        jaxmerge.activation_matching(cnn_spec, CNN().apply, params, params, [jnp.ones((2, 6, 6, 3))])

@@ -1,0 +1,112 @@
+"""Activation matching (Git Re-Basin): permutations of hidden units from the correlation of
+the two models' activations on the same data.
+
+The activations of permutation ``p``'s units are the inputs of a kernel whose contracted
+(input) axis the spec names ``p``: they are captured by tracing the forward pass, as
+:func:`jaxmerge.input_grams` does, so the model needs no changes. Each permutation is then
+solved on its own, as the linear assignment that maximises the summed correlation of matched
+units, ``corr(z_ref[:, i], z_model[:, pi(i)])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
+from jaxmerge.alignment.spec import PermutationSpec
+from jaxmerge.errors import JaxmergeError
+
+
+class _Moments:
+    """Running sums for the correlation of two sets of units."""
+
+    def __init__(self, size: int):
+        self.rows, self.a, self.b = 0, np.zeros(size), np.zeros(size)
+        self.aa, self.bb, self.ab = np.zeros(size), np.zeros(size), np.zeros((size, size))
+
+    def add(self, za: np.ndarray, zb: np.ndarray) -> None:
+        self.rows += len(za)
+        self.a += za.sum(0)
+        self.b += zb.sum(0)
+        self.aa += (za * za).sum(0)
+        self.bb += (zb * zb).sum(0)
+        self.ab += za.T @ zb
+
+    def correlation(self) -> np.ndarray:
+        mean_a, mean_b = self.a / self.rows, self.b / self.rows
+        std_a = np.sqrt(np.maximum(self.aa / self.rows - mean_a ** 2, 0.0))
+        std_b = np.sqrt(np.maximum(self.bb / self.rows - mean_b ** 2, 0.0))
+        covariance = self.ab / self.rows - np.outer(mean_a, mean_b)
+        return covariance / (np.outer(std_a, std_b) + 1e-12)
+
+
+def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, object], object], reference: PyTree,
+                        model: PyTree, data: Iterable) -> dict[str, np.ndarray]:
+    """Permutations of ``model``'s units whose activations best correlate with ``reference``'s.
+
+    Args:
+      spec: which axes of which leaves each permutation acts on (e.g.
+        :func:`~jaxmerge.mlp_permutation_spec`). Every permutation must name the input axis
+        of some kernel that multiplies an activation (a ``dot_general`` with the kernel's
+        contracted axes leading, as Flax's ``Dense`` and ``Linear`` are), which gives its
+        units' activations.
+      apply_fn: ``apply_fn(params, batch)``, the forward pass of both models.
+      reference: the parameter tree to match (it is not changed).
+      model: the parameter tree to permute, with ``reference``'s structure and shapes.
+      data: batches, each run through both models.
+
+    Returns:
+      ``{name: index array}`` to pass to :func:`~jaxmerge.apply_permutation` (on ``model``).
+
+    Raises:
+      JaxmergeError: the trees differ, no batch, or a permutation whose activations were
+        not captured (naming it).
+
+    References:
+      Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+      arXiv 2209.04836.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxmerge
+      >>> def apply(p, x):
+      ...     return jax.nn.relu(x @ p["l0"]["kernel"]) @ p["l1"]["kernel"]
+      >>> reference = {"l0": {"kernel": jax.random.normal(jax.random.key(0), (4, 3))},
+      ...              "l1": {"kernel": jax.random.normal(jax.random.key(1), (3, 2))}}
+      >>> spec = jaxmerge.mlp_permutation_spec(reference)
+      >>> model = jaxmerge.apply_permutation(spec, {"hidden_0": [2, 0, 1]}, reference)
+      >>> batches = [jax.random.normal(jax.random.key(2), (64, 4))]
+      >>> activation_matching(spec, apply, reference, model, batches)["hidden_0"].tolist()
+      [1, 2, 0]
+    """
+    import scipy.optimize  # imported here: it takes a while
+
+    from jaxmerge.statistics.gram import kernel_inputs
+
+    flatten_models([reference, model], names=["reference", "model"])
+    bound = spec.bind(reference)
+    keys = flatten_with_keys(reference)[0]
+    sources = {}  # permutation -> the first kernel whose input axis carries it
+    for index, key in enumerate(keys):
+        axes = spec.axes.get(key) or spec.axes.get(key[:-1])
+        if axes and len(axes) >= 2 and axes[0] is not None:  # a kernel (biases and norms have one axis)
+            sources.setdefault(axes[0], index)
+    moments = {name: _Moments(size) for name, size in bound.sizes.items()}
+    batches = 0
+    for batch in data:
+        inputs = [jax.device_get(kernel_inputs(params, batch, apply_fn=apply_fn)) for params in (reference, model)]
+        for name, index in sources.items():
+            if index in inputs[0] and inputs[0][index].shape[1] == bound.sizes[name]:
+                moments[name].add(np.asarray(inputs[0][index], np.float64), np.asarray(inputs[1][index], np.float64))
+        batches += 1
+    if not batches:
+        raise JaxmergeError("activation_matching needs at least one batch")
+    perm = {}
+    for name in spec.names:
+        if moments[name].rows == 0:
+            raise JaxmergeError(f"no activations of the units of permutation {name!r} were captured: no kernel "
+                                "multiplying an activation has its input axis named so in the spec")
+        perm[name] = scipy.optimize.linear_sum_assignment(moments[name].correlation(), maximize=True)[1]
+    return perm
