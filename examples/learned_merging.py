@@ -52,7 +52,7 @@ tuned_ties = coefficients.search(lambda lambda_: jaxmerge.ties(start, models, de
                                  mean_validation_accuracy, {"lambda_": (0.0, 1.5)}, strategy="grid", budget=16)
 searched = coefficients.search(lambda a, b, c: coefficients.combine(vectors, jnp.stack([a, b, c])),
                                mean_validation_accuracy, {n: (0.0, 1.5) for n in "abc"}, strategy="cmaes",
-                               budget=96, population=16, key=key)
+                               budget=64, population=16, key=key)
 unlabeled = [tuple(x for x, _ in TEST)] * 50  # every task's test inputs, 50 steps
 
 
@@ -114,7 +114,7 @@ def validation_loss(params):
 ema = run[0]
 for checkpoint in run[1:]:
     ema = jaxmerge.lerp(ema, checkpoint, 0.5)  # EMA over the checkpoints, decay 0.5
-found = coefficients.lcsc(run, lambda p: -validation_loss(p), key=key, generations=15, population=16,
+found = coefficients.lcsc(run, lambda p: -validation_loss(p), key=key, generations=12, population=16,
                           init=[0.0] * 9 + [1.0])
 lcsc_params = jax.tree.map(lambda *leaves: sum(c * leaf for c, leaf in zip(found.best, leaves)), *run)
 print(f"\n{'training run':<36}{'test loss':>10}{'test acc.':>10}")

@@ -39,14 +39,14 @@ by_activations = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(
     spec, apply, models[0], models[1], [x_train[i:i + 256] for i in range(0, len(x_train), 256)]), models[1])
 curves = {"naive": models[1], "weight matching": aligned, "activation matching": by_activations}
 
-print(f"{'interpolation':<18}{'loss barrier':>14}{'loss at t=0.5':>15}{'acc. at t=0.5':>15}")
+print(f"{'interpolation':<21}{'loss barrier':>14}{'loss at t=0.5':>15}{'acc. at t=0.5':>15}")
 loss_curves = {}
 for label, other in curves.items():
     ts, losses = jaxmerge.interpolation_curve(models[0], other, test_loss, num=11)
     loss_curves[label] = (ts, losses)
     midpoint = jaxmerge.lerp(models[0], other, 0.5)
-    print(f"{label:<18}{jaxmerge.barrier(ts, losses):>14.4f}{losses[5]:>15.4f}{test_accuracy(midpoint):>15.4f}")
-print(f"{'(endpoints)':<18}{'':>14}{f'{losses[0]:.4f} / {losses[-1]:.4f}':>15}")
+    print(f"{label:<21}{jaxmerge.barrier(ts, losses):>14.4f}{losses[5]:>15.4f}{test_accuracy(midpoint):>15.4f}")
+print(f"{'(endpoints)':<21}{'':>14}{f'{losses[0]:.4f} / {losses[-1]:.4f}':>15}")
 
 out = sys.argv[1] if len(sys.argv) > 1 else "rebasin.png"
 jaxmerge.plot_interpolation(loss_curves, out, ylabel="test loss", title="MLP on digits: A -> B")

@@ -25,3 +25,9 @@ def standard_promotion():
     int32 step counts, which strict promotion rejects; jaxmerge's own code runs strict."""
     with jax.numpy_dtype_promotion("standard"):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first: the workers then share out the many short tests that
+    remain, instead of one of them starting a long test near the end (longest first)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -74,8 +74,9 @@ def test_rebasin_example_removes_most_of_the_barrier(tmp_path):
                             cwd=EXAMPLES, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     barriers = {label: float(value) for label, value in
-                re.findall(r"^(naive|weight matching)\s+([0-9.]+)", result.stdout, re.M)}
+                re.findall(r"^(naive|weight matching|activation matching)\s+([0-9.]+)", result.stdout, re.M)}
     assert barriers["weight matching"] < barriers["naive"] / 5
+    assert barriers["activation matching"] < barriers["naive"] / 5
     assert (tmp_path / "curve.png").exists() and "computes the same function: True" in result.stdout
 
 

@@ -116,7 +116,7 @@ def _bowl(params):
     return -((params["a"] - 0.3) ** 2 + (params["b"] + 1.5) ** 2)
 
 
-@pytest.mark.parametrize("strategy,budget,tolerance", [("grid", 121, 0.1 + 1e-6), ("random", 256, 0.25), ("cmaes", 320, 1e-3)])
+@pytest.mark.parametrize("strategy,budget,tolerance", [("grid", 121, 0.1 + 1e-6), ("random", 256, 0.25), ("cmaes", 192, 1e-2)])
 def test_search_strategies_find_the_optimum_of_a_known_function(strategy, budget, tolerance):
     result = search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)}, strategy=strategy,
                     budget=budget, key=jax.random.key(1))
@@ -181,7 +181,7 @@ def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch,
     module = importlib.import_module("jaxmerge.coefficients.search")  # the name search is the function
 
     run = lambda **kw: search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)},
-                              strategy=strategy, budget=64, population=16, key=jax.random.key(4), **kw)
+                              strategy=strategy, budget=48, population=16, key=jax.random.key(4), **kw)
     whole = run()
     save, saved = module._save, []
 
@@ -195,7 +195,7 @@ def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch,
         run(checkpoint=tmp_path / "search")
     monkeypatch.setattr(module, "_save", save)
     resumed = run(checkpoint=tmp_path / "search")
-    assert saved == [1, 2] and [p.name for p in tmp_path.joinpath("search").iterdir()] == ["round_000004"]
+    assert saved == [1, 2] and [p.name for p in tmp_path.joinpath("search").iterdir()] == ["round_000003"]
     np.testing.assert_array_equal(resumed.candidates, whole.candidates)
     np.testing.assert_array_equal(resumed.scores, whole.scores)
     assert resumed.best == whole.best
