@@ -22,8 +22,8 @@ def run_examples(*specs: str) -> dict[str, str]:
     """Run example scripts (``name`` or ``name::argument``) one after the other in one Python
     process, each as ``__main__`` with its own globals, so that they share its start-up (the
     imports of JAX, Flax and scikit-learn); their outputs by name."""
-    result = subprocess.run([sys.executable, "-c", RUNNER, *specs], cwd=EXAMPLES, capture_output=True, text=True, check=False,
-                            timeout=900)
+    result = subprocess.run([sys.executable, "-c", RUNNER, *specs], cwd=EXAMPLES, capture_output=True, text=True,
+                            check=False, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     outputs = {}
     for part in result.stdout.split("<<< ")[1:]:
