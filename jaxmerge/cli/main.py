@@ -1,5 +1,6 @@
 """The ``jaxmerge`` command: ``merge`` a YAML config into a checkpoint, ``inspect`` a checkpoint,
-``extract-lora``, ``merge-adapters`` and ``apply-adapter`` for LoRA adapters."""
+``extract-lora``, ``merge-adapters`` and ``apply-adapter`` for LoRA adapters, ``moe`` to build
+a mixture of experts from a mergekit-moe config."""
 
 from __future__ import annotations
 
