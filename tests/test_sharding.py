@@ -52,8 +52,8 @@ def _check(out, expected, sharded_like, exact):
         assert out[name].sharding.is_equivalent_to(sharded_like[name].sharding, out[name].ndim), name
 
 
-@AXIS_TYPES
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("axis_type,jit", [(AxisType.Explicit, False), (AxisType.Auto, True)],
+                         ids=["explicit-eager", "auto-jit"])
 @pytest.mark.parametrize("name", list(TIES))
 def test_tied_magnitudes_are_broken_alike_on_any_sharding(name, jit, axis_type):
     """Every method's sharded run is checked in tests/merging/test_conformance.py; here, many equal

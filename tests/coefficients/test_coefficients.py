@@ -181,7 +181,7 @@ def test_an_interrupted_search_resumes_where_it_was_saved(tmp_path, monkeypatch,
     module = importlib.import_module("jaxmerge.coefficients.search")  # the name search is the function
 
     run = lambda **kw: search(lambda a, b: {"a": a, "b": b}, _bowl, {"a": (-1.0, 1.0), "b": (-2.0, 0.0)},
-                              strategy=strategy, budget=48, population=16, key=jax.random.key(4), **kw)
+                              strategy=strategy, budget=24, population=8, key=jax.random.key(4), **kw)
     whole = run()
     save, saved = module._save, []
 
