@@ -35,18 +35,32 @@ def test_accuracy(params):
 
 spec = jaxmerge.mlp_permutation_spec(models[0])
 aligned = jaxmerge.align(spec, models[0], models[1])
-by_activations = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(
-    spec, apply, models[0], models[1], [x_train[i:i + 256] for i in range(0, len(x_train), 256)]), models[1])
+batches = [x_train[i:i + 256] for i in range(0, len(x_train), 256)]
+by_activations = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(spec, apply, models[0], models[1],
+                                                                               batches), models[1])
 curves = {"naive": models[1], "weight matching": aligned, "activation matching": by_activations}
 
-print(f"{'interpolation':<21}{'loss barrier':>14}{'loss at t=0.5':>15}{'acc. at t=0.5':>15}")
+
+def repaired_loss(t):
+    """Test loss at t on the line to the weight-matched model, after REPAIR."""
+    merged = jaxmerge.lerp(models[0], aligned, t)
+    return test_loss(jaxmerge.repair(apply, merged, [models[0], aligned], [1 - t, t], batches))
+
+
+print(f"{'interpolation':<23}{'loss barrier':>14}{'loss at t=0.5':>15}{'acc. at t=0.5':>15}")
 loss_curves = {}
 for label, other in curves.items():
     ts, losses = jaxmerge.interpolation_curve(models[0], other, test_loss, num=11)
     loss_curves[label] = (ts, losses)
     midpoint = jaxmerge.lerp(models[0], other, 0.5)
-    print(f"{label:<21}{jaxmerge.barrier(ts, losses):>14.4f}{losses[5]:>15.4f}{test_accuracy(midpoint):>15.4f}")
-print(f"{'(endpoints)':<21}{'':>14}{f'{losses[0]:.4f} / {losses[-1]:.4f}':>15}")
+    print(f"{label:<23}{jaxmerge.barrier(ts, losses):>14.4f}{losses[5]:>15.4f}{test_accuracy(midpoint):>15.4f}")
+ts = np.linspace(0.0, 1.0, 11)
+repaired = [repaired_loss(float(t)) for t in ts]
+loss_curves["weight matching + REPAIR"] = (ts, repaired)
+middle = jaxmerge.repair(apply, jaxmerge.lerp(models[0], aligned, 0.5), [models[0], aligned], [0.5, 0.5], batches)
+print(f"{'weight matching+REPAIR':<23}{jaxmerge.barrier(ts, repaired):>14.4f}{repaired[5]:>15.4f}"
+      f"{test_accuracy(middle):>15.4f}")
+print(f"{'(endpoints)':<23}{'':>14}{f'{losses[0]:.4f} / {losses[-1]:.4f}':>15}")
 
 out = sys.argv[1] if len(sys.argv) > 1 else "rebasin.png"
 jaxmerge.plot_interpolation(loss_curves, out, ylabel="test loss", title="MLP on digits: A -> B")

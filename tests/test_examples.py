@@ -79,9 +79,11 @@ def _averaging_lowers_the_loss_of_the_last_iterate(out):
 
 def _rebasin_removes_most_of_the_barrier(out, curve):
     barriers = {label: float(value) for label, value in
-                re.findall(r"^(naive|weight matching|activation matching)\s+([0-9.]+)", out, re.M)}
+                re.findall(r"^(naive|weight matching|activation matching|weight matching\+REPAIR)\s+([0-9.]+)", out,
+                           re.M)}
     assert barriers["weight matching"] < barriers["naive"] / 5
     assert barriers["activation matching"] < barriers["naive"] / 5
+    assert barriers["weight matching+REPAIR"] <= barriers["weight matching"]
     assert curve.exists() and "computes the same function: True" in out
 
 

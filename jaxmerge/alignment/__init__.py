@@ -1,8 +1,9 @@
 """Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
-matching, activation matching, and applying permutations."""
+matching, activation matching, applying permutations, and REPAIR."""
 
 from jaxmerge.alignment.activations import activation_matching
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
+from jaxmerge.alignment.repair import repair
 from jaxmerge.alignment.spec import (
     PermutationSpec,
     cnn_permutation_spec,
@@ -19,6 +20,7 @@ __all__ = [
     "cnn_permutation_spec",
     "mlp_permutation_spec",
     "random_permutation",
+    "repair",
     "transformer_block_permutation_spec",
     "weight_matching",
 ]

@@ -64,6 +64,7 @@ class _Capture:
     def __init__(self, only: frozenset | None, keep_activations: bool = False):
         self.only, self.keep_activations = only, keep_activations
         self.activations: dict[int, list[jax.Array]] = {}
+        self.outputs: dict[int, list[jax.Array]] = {}
         self.grams: dict[int, tuple[jax.Array, jax.Array]] = {}
         self.computed: dict[tuple, tuple[jax.Array, jax.Array]] = {}  # one Gram per activation
         self.first_use: dict[int, int] = {}
@@ -85,12 +86,14 @@ class _Capture:
             gram, rows = self.grams[param][0] + gram, self.grams[param][1] + rows
         self.grams[param] = (gram, rows)
 
-    def _hook_dot(self, eqn, invals: list, tags: list) -> None:
+    def _hook_dot(self, eqn, invals: list, tags: list) -> int | None:
+        """Record a kernel's input; the kernel's param index when it is the right operand (its
+        output features then come last in the result), else None."""
         if any(isinstance(v, jex_core.Literal) for v in eqn.invars):
-            return
+            return None
         (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
         if lhs_batch or rhs_batch:
-            return
+            return None
         sides = ((1, tuple(rhs_contract), 0, tuple(lhs_contract)), (0, tuple(lhs_contract), 1, tuple(rhs_contract)))
         for kernel, kernel_contract, activation, activation_contract in sides:
             if (tags[kernel] is not None and tags[activation] is None
@@ -98,6 +101,13 @@ class _Capture:
                 # features in the kernel's row-major order of its leading axes
                 ordered = tuple(a for _, a in sorted(zip(kernel_contract, activation_contract)))
                 self._record(tags[kernel], eqn.invars[activation], invals[activation], ordered)
+                return tags[kernel] if kernel == 1 else None
+        return None
+
+    def _record_output(self, param: int, kernel: jax.Array, contracted: int, output: jax.Array) -> None:
+        if self.keep_activations and (self.only is None or param in self.only):
+            features = math.prod(kernel.shape[contracted:])
+            self.outputs.setdefault(param, []).append(output.reshape(-1, features).astype(jnp.float32))
 
     def run(self, jaxpr, consts, args, arg_tags) -> list:
         env, tag = Env(), {}
@@ -114,9 +124,11 @@ class _Capture:
                 sub = eqn.params["jaxpr"]
                 outs = self.run(sub.jaxpr, sub.consts, invals, tags)
             else:
-                if eqn.primitive.name == "dot_general":
-                    self._hook_dot(eqn, invals, tags)
+                kernel = self._hook_dot(eqn, invals, tags) if eqn.primitive.name == "dot_general" else None
                 outs = bind(eqn, invals)
+                if kernel is not None:
+                    contracted = len(eqn.params["dimension_numbers"][0][1])
+                    self._record_output(kernel, invals[1], contracted, outs[0])
                 if eqn.primitive.name == "convert_element_type" and tags[0] is not None:
                     tag[id(eqn.outvars[0])] = tags[0]
             env.write(eqn.outvars, outs)
@@ -146,6 +158,14 @@ def kernel_inputs(params: PyTree, batch, *, apply_fn: Callable) -> dict:
     (the rows of all its uses, in order)."""
     return {param: jnp.concatenate(rows) for param, rows in
             capture(apply_fn, params, batch, keep_activations=True).activations.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def kernel_outputs(params: PyTree, batch, *, apply_fn: Callable) -> dict:
+    """``{param leaf index: (rows, outputs)}``: every captured kernel's product ``x @ kernel``
+    (before any bias) on one batch, for kernels on the right of the product."""
+    return {param: jnp.concatenate(rows) for param, rows in
+            capture(apply_fn, params, batch, keep_activations=True).outputs.items()}
 
 
 def accumulate_grams(apply_fn: Callable, params: PyTree, data: Iterable, *, num_examples: int | None = None,

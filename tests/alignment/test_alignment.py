@@ -134,3 +134,42 @@ def test_activation_matching_undoes_a_random_permutation_and_names_what_it_canno
     params, cnn_spec, _ = _cnn()
     with pytest.raises(jaxmerge.JaxmergeError, match="no activations of the units of permutation"):
         jaxmerge.activation_matching(cnn_spec, CNN().apply, params, params, [jnp.ones((2, 6, 6, 3))])
+
+
+def test_repair_gives_each_layer_the_endpoints_interpolated_statistics():
+    rng = np.random.default_rng(0)
+
+    def init(seed):
+        r = np.random.default_rng(seed)
+        return {f"l{i}": {"kernel": jnp.asarray(r.standard_normal((a, b)) / np.sqrt(a), jnp.float32),
+                          "bias": jnp.asarray(0.1 * r.standard_normal(b), jnp.float32)}
+                for i, (a, b) in enumerate([(5, 16), (16, 12), (12, 3)])}
+
+    def pre_activations(p, x):
+        out = []
+        for i in range(3):
+            x = np.asarray(x) @ np.asarray(p[f"l{i}"]["kernel"]) + np.asarray(p[f"l{i}"]["bias"])
+            out.append(x)
+            x = np.maximum(x, 0)
+        return out
+
+    def apply(p, x):
+        for i in range(3):
+            x = x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"][None]
+            x = jax.nn.relu(x) if i < 2 else x
+        return x
+
+    a, b = init(1), init(2)
+    batches = [jnp.asarray(rng.standard_normal((128, 5)), jnp.float32) for _ in range(2)]
+    x = np.concatenate([np.asarray(v) for v in batches])
+    merged = jaxmerge.lerp(a, b, 0.3)
+    repaired = jaxmerge.repair(apply, merged, [a, b], [0.7, 0.3], batches)
+    ends = [pre_activations(p, x) for p in (a, b)]
+    got, before = pre_activations(repaired, x), pre_activations(merged, x)
+    for layer in (0, 1):  # every layer but the output
+        target_std = 0.7 * ends[0][layer].std(0) + 0.3 * ends[1][layer].std(0)
+        target_mean = 0.7 * ends[0][layer].mean(0) + 0.3 * ends[1][layer].mean(0)
+        np.testing.assert_allclose(got[layer].std(0), target_std, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(got[layer].mean(0), target_mean, rtol=1e-3, atol=1e-4)
+        assert np.mean(before[layer].std(0)) < np.mean(target_std)  # the variance had collapsed
+    np.testing.assert_array_equal(repaired["l2"]["kernel"], merged["l2"]["kernel"])
