@@ -75,8 +75,8 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxmerge
-      >>> def apply(p, x):
-      ...     return jax.nn.relu(x @ p["l0"]["kernel"] + p["l0"]["bias"]) @ p["l1"]["kernel"] + p["l1"]["bias"]
+      >>> dense = lambda layer, x: x @ layer["kernel"] + layer["bias"]
+      >>> apply = lambda p, x: dense(p["l1"], jax.nn.relu(dense(p["l0"], x)))
       >>> a = {"l0": {"kernel": jnp.asarray([[2.0, -1.0]]), "bias": jnp.asarray([1.0, 0.0])},
       ...      "l1": {"kernel": jnp.ones((2, 1)), "bias": jnp.zeros(1)}}
       >>> b = {"l0": {"kernel": jnp.asarray([[-2.0, 3.0]]), "bias": jnp.asarray([1.0, 2.0])},
