@@ -75,7 +75,7 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxmerge
-      >>> dense = lambda layer, x: x @ layer["kernel"] + layer["bias"]
+      >>> dense = lambda layer, x: x @ layer["kernel"] + layer["bias"][None]
       >>> apply = lambda p, x: dense(p["l1"], jax.nn.relu(dense(p["l0"], x)))
       >>> a = {"l0": {"kernel": jnp.asarray([[2.0, -1.0]]), "bias": jnp.asarray([1.0, 0.0])},
       ...      "l1": {"kernel": jnp.ones((2, 1)), "bias": jnp.zeros(1)}}
