@@ -18,7 +18,7 @@ _MODULES = {  # the module that defines each public name
     "jaxmerge._hyper": ["layer_positions", "per_model"],
     "jaxmerge.alignment": [
         "PermutationSpec", "activation_matching", "align", "apply_permutation", "cnn_permutation_spec",
-        "mlp_permutation_spec", "random_permutation", "repair", "transformer_block_permutation_spec",
+        "matched_average", "mlp_permutation_spec", "random_permutation", "repair", "transformer_block_permutation_spec",
         "weight_matching",
     ],
     "jaxmerge.analysis": [

@@ -1,7 +1,9 @@
 """Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
-matching, activation matching, applying permutations, and REPAIR."""
+matching, activation matching, applying permutations, matched averaging of N models, and
+REPAIR."""
 
 from jaxmerge.alignment.activations import activation_matching
+from jaxmerge.alignment.matched_average import matched_average
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
 from jaxmerge.alignment.repair import repair
 from jaxmerge.alignment.spec import (
@@ -18,6 +20,7 @@ __all__ = [
     "align",
     "apply_permutation",
     "cnn_permutation_spec",
+    "matched_average",
     "mlp_permutation_spec",
     "random_permutation",
     "repair",

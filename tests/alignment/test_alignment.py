@@ -173,3 +173,16 @@ def test_repair_gives_each_layer_the_endpoints_interpolated_statistics():
         np.testing.assert_allclose(got[layer].mean(0), target_mean, rtol=1e-3, atol=1e-4)
         assert np.mean(before[layer].std(0)) < np.mean(target_std)  # the variance had collapsed
     np.testing.assert_array_equal(repaired["l2"]["kernel"], merged["l2"]["kernel"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer_block"])
+def test_matched_average_of_shuffled_copies_is_the_model(name):
+    params, spec, run = NETWORKS[name]()
+    copies = [params] + [jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, params, seed=s), params)
+                         for s in (7, 8, 9)]
+    average, aligned = jaxmerge.matched_average(spec, copies, weights=[1.0, 2.0, 0.5, 1.0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), average, params)
+    for copy, lined_up in zip(copies, aligned):
+        np.testing.assert_allclose(run(lined_up), run(copy), rtol=1e-5, atol=1e-5)
+    with pytest.raises(jaxmerge.JaxmergeError, match="one entry per model"):
+        jaxmerge.matched_average(spec, copies, weights=[1.0])
