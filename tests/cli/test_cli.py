@@ -1,4 +1,5 @@
 import hashlib
+import importlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from jaxmerge import checkpoints
 from jaxmerge.cli.main import main
 from jaxmerge.errors import CheckpointError
 from tests.checkpoints.hf import llama_tensors, write_model
+
+cli_main = importlib.import_module("jaxmerge.cli.main")  # the module (jaxmerge.cli.main.main is the function)
 
 
 @pytest.fixture
@@ -228,7 +231,7 @@ def test_console_script_help():
 
 
 @pytest.mark.slow
-def test_compiled_kernels_are_kept_for_the_next_run_unless_turned_off(tmp_path, models):
+def test_compiled_kernels_are_kept_for_the_next_run(tmp_path, models):
     config = _config(tmp_path, merge_method="ties", base_model="base", parameters={"density": 0.5},
                      models=[{"model": f"tune{i}", "parameters": {"weight": 1.0}} for i in (0, 1)])
     env = {k: v for k, v in os.environ.items() if k not in ("JAXMERGE_NO_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
@@ -245,15 +248,38 @@ def test_compiled_kernels_are_kept_for_the_next_run_unless_turned_off(tmp_path, 
     again = merge("b", XDG_CACHE_HOME=str(tmp_path / "xdg"))  # from the cache: the same kernels, the same tensors
     assert sorted(p.name for p in (tmp_path / "xdg" / "jaxmerge" / "xla").iterdir()) == kept
     jax.tree.map(np.testing.assert_array_equal, again, first)
-    merge("c", "--no-compilation-cache", XDG_CACHE_HOME=str(tmp_path / "off"))
-    merge("d", XDG_CACHE_HOME=str(tmp_path / "off"), JAXMERGE_NO_COMPILATION_CACHE="1")
-    merge("e", XDG_CACHE_HOME=str(tmp_path / "off"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "own"))
-    assert not (tmp_path / "off").exists() and any((tmp_path / "own").iterdir())
-    (tmp_path / "file").write_text("")  # a cache home that cannot hold a directory: a warning, the merge runs
-    command = [sys.executable, "-m", "jaxmerge.cli.main", "merge", str(config), str(tmp_path / "f"), "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**env, "XDG_CACHE_HOME": str(tmp_path / "file")})
-    assert result.returncode == 0 and "compiled kernels are not kept: cannot create" in result.stderr
+
+
+def test_the_compilation_cache_is_turned_off_by_flag_or_variable_and_a_set_directory_wins(tmp_path, models,
+                                                                                          monkeypatch, capsys):
+    config = _config(tmp_path, merge_method="linear", models=[{"model": f"tune{i}", "parameters": {"weight": 1.0}}
+                                                               for i in (0, 1)])
+    calls = []
+    monkeypatch.setattr(cli_main, "_compilation_cache", lambda: calls.append(1))
+    monkeypatch.delenv("JAXMERGE_NO_COMPILATION_CACHE")
+    assert _run("merge", config, tmp_path / "a", "--no-progress", "--no-compilation-cache") == 0 and not calls
+    monkeypatch.setenv("JAXMERGE_NO_COMPILATION_CACHE", "1")
+    assert _run("merge", config, tmp_path / "b", "--no-progress") == 0 and not calls
+    monkeypatch.setenv("JAXMERGE_NO_COMPILATION_CACHE", "0")
+    assert _run("merge", config, tmp_path / "c", "--no-progress") == 0 and calls == [1]
+    monkeypatch.undo()
+
+    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in settings}
+    try:  # a directory the user set wins; nothing is compiled while it is set
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        cli_main._compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "own") and not (tmp_path / "xdg").exists()
+        jax.config.update("jax_compilation_cache_dir", None)
+        (tmp_path / "file").write_text("")  # a cache home that cannot hold a directory: a warning, nothing set
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+        cli_main._compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+        assert "compiled kernels are not kept: cannot create" in capsys.readouterr().err
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
 
 
 def test_methods_lists_the_registry(capsys):
