@@ -594,7 +594,7 @@ def _written(output: Path, tensors: Sequence[tuple[str, tuple, np.dtype]], outpu
 
 
 def stream_tensors(tensors: Sequence[tuple[str, tuple, Any]], compute: Callable[[str], Any],
-                   output: str | os.PathLike, *, checkpoints: Sequence[str | os.PathLike],
+                   output: str | os.PathLike, *, readers: Sequence,
                    options: StreamOptions = StreamOptions(), extra_files: dict[str, str | None] | None = None,
                    inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Write tensors computed one at a time into a new checkpoint, with a merge's safety rules.
@@ -607,8 +607,8 @@ def stream_tensors(tensors: Sequence[tuple[str, tuple, Any]], compute: Callable[
       tensors: ``(name, shape, dtype)`` of every output tensor, in the order written.
       compute: ``compute(name)`` returns that tensor (cast to its dtype if it is not).
       output: the directory to create.
-      checkpoints: the checkpoints ``compute`` reads; the first is the reference whose
-        format and non-weight files the output takes.
+      readers: the open checkpoints ``compute`` reads (:func:`open_checkpoint`); the first
+        is the reference whose format and non-weight files the output takes.
       options: ``force``, ``max_shard_size``, ``output_format``, ``progress`` and ``log`` are used.
       extra_files: ``{file name: text}`` written into the output, replacing a copied file.
       inputs: other files read (e.g. a config).
@@ -617,10 +617,9 @@ def stream_tensors(tensors: Sequence[tuple[str, tuple, Any]], compute: Callable[
       The output path.
     """
     output = Path(output).absolute()
-    opened = {Path(c): open_checkpoint(c) for c in checkpoints}
-    reference = opened[Path(checkpoints[0])]
-    read = [f for reader in opened.values() for f in reader.files()] + [Path(f).resolve() for f in inputs]
-    _check_destination(output, list(opened), options.force, read)
+    reference = readers[0]
+    read = [f for reader in readers for f in reader.files()] + [Path(f).resolve() for f in inputs]
+    _check_destination(output, [reader.path for reader in readers], options.force, read)
     tensors = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in tensors]
     with _written(output, tensors, options.output_format or reference.format, reference, extra_files,
                   options.max_shard_size) as writer:

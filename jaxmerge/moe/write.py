@@ -119,7 +119,11 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
                                                                                    config.experts + config.shared_experts))]
     layout = select_layout(config.architecture, model_types, len(config.shared_experts),
                            any(e.positive_prompts for e in config.shared_experts), config.gate_mode)
-    readers = {model: open_checkpoint(path) for model, path in models.items()}
+    opened = {}  # one reader per directory (a shared expert may be the base or an expert), the base's first
+    for path in models.values():
+        if Path(path).resolve() not in opened:
+            opened[Path(path).resolve()] = open_checkpoint(path)
+    readers = {model: opened[Path(path).resolve()] for model, path in models.items()}
     key = jax.random.key(seed)
     routers, shared_routers = _routers(config, base_config, readers[BASE], jax.random.fold_in(key, 0))
     scale = lambda e: ExpertScaling(e.noise_scale, e.residual_scale)
@@ -148,5 +152,5 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
     extra = {"config.json": json.dumps(layout_config, indent=2, sort_keys=True) + "\n",
              "mergekit_moe_config.yml": config.text}
     return stream_tensors([(n, s, d) for n, (_, s, d) in planned.items()], tensor, output,
-                          checkpoints=list(models.values()), options=options, extra_files=extra,
+                          readers=list(opened.values()), options=options, extra_files=extra,
                           inputs=inputs)
