@@ -9,11 +9,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm import tqdm
 
 from jaxmerge._tree import PyTree
+from jaxmerge.coefficients._optimize import minimise
 from jaxmerge.coefficients.linear import Granularity, TaskVectors, combine, init_coefficients
-from jaxmerge.errors import JaxmergeError
 
 
 def prediction_entropy(logits: jax.Array | tuple | list) -> jax.Array:
@@ -103,25 +102,12 @@ def adamerging(apply_fn: Callable[[PyTree, Any], Any], vectors: TaskVectors, bat
       (True, [1.0, 1.0])
     """
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-    coefficients = init_coefficients(vectors, granularity, init)
-    state = optimizer.init(coefficients)
 
     def loss(c, batch):
         return prediction_entropy(apply_fn(combine(vectors, c), batch))
 
-    @jax.jit
-    def step(c, state, batch):
-        value, grads = jax.value_and_grad(loss)(c, batch)
-        updates, state = optimizer.update(grads, state, c)
-        c = optax.apply_updates(c, updates)
-        if bounds is not None:
-            c = jax.tree.map(lambda x: jnp.clip(x, *bounds), c)
-        return c, state, value
-
-    losses = []
-    for batch in tqdm(batches, desc="AdaMerging", disable=not progress):
-        coefficients, state, value = step(coefficients, state, batch)
-        losses.append(value)
-    if not losses:
-        raise JaxmergeError("adamerging needs at least one batch")
-    return AdaMergingResult(coefficients, combine(vectors, coefficients), jnp.stack(losses))
+    def project(c):
+        return c if bounds is None else jax.tree.map(lambda x: jnp.clip(x, *bounds), c)
+    coefficients, losses = minimise(loss, init_coefficients(vectors, granularity, init), batches, optimizer,
+                                    project=project, desc="adamerging", progress=progress)
+    return AdaMergingResult(coefficients, combine(vectors, coefficients), losses)

@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm import tqdm
 
 from jaxmerge._tree import PyTree, flatten_models, is_float
+from jaxmerge.coefficients._optimize import minimise
 from jaxmerge.errors import JaxmergeError
 
 NON_LINEARITIES = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, None: lambda x: x}
@@ -228,26 +228,14 @@ def dam(apply_fn: Callable[[PyTree, Any], jax.Array] | Sequence[Callable], model
         raise JaxmergeError(f"dam needs one dataset (and one apply_fn, if several) per model: {len(models)} models, "
                             f"{len(datasets)} datasets, {len(apply_fns)} apply functions")
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-    coefficients = dam_coefficients(models, feature_axis=feature_axis, init=init)
-    state = optimizer.init(coefficients)
 
     def loss(c, batches):
         merged = dam_merge(models, c, feature_axis=feature_axis, non_linearity=non_linearity)
         kl = sum(distillation_kl(f(merged, batch), jax.lax.stop_gradient(f(model, batch)), temperature)
                  for f, model, batch in zip(apply_fns, models, batches))
         return kl + dam_regularizer(c, similarity=similarity, overlap=overlap, l1=l1, l2=l2)
-
-    @jax.jit
-    def step(c, state, batches):
-        value, grads = jax.value_and_grad(loss)(c, batches)
-        updates, state = optimizer.update(grads, state, c)
-        return optax.apply_updates(c, updates), state, value
-
-    losses = []
-    for batches in tqdm(zip(*datasets), desc="DAM", disable=not progress):
-        coefficients, state, value = step(coefficients, state, list(batches))
-        losses.append(value)
-    if not losses:
-        raise JaxmergeError("dam needs at least one batch of every dataset")
+    coefficients, losses = minimise(loss, dam_coefficients(models, feature_axis=feature_axis, init=init),
+                                    (list(batches) for batches in zip(*datasets)), optimizer, desc="dam",
+                                    progress=progress, batch="batch of every dataset")
     params = dam_merge(models, coefficients, feature_axis=feature_axis, non_linearity=non_linearity)
-    return DamResult(coefficients, params, jnp.stack(losses))
+    return DamResult(coefficients, params, losses)
