@@ -16,31 +16,25 @@ import jax
 import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
+from jaxmerge.alignment._moments import Moments
 from jaxmerge.alignment.spec import PermutationSpec
 from jaxmerge.errors import JaxmergeError
 
 
-class _Moments:
+class _Correlation:
     """Running sums for the correlation of two sets of units."""
 
-    def __init__(self, size: int):
-        self.rows, self.a, self.b = 0, np.zeros(size), np.zeros(size)
-        self.aa, self.bb, self.ab = np.zeros(size), np.zeros(size), np.zeros((size, size))
+    def __init__(self):
+        self.a, self.b, self.ab = Moments(), Moments(), 0.0
 
     def add(self, za: np.ndarray, zb: np.ndarray) -> None:
-        self.rows += len(za)
-        self.a += za.sum(0)
-        self.b += zb.sum(0)
-        self.aa += (za * za).sum(0)
-        self.bb += (zb * zb).sum(0)
-        self.ab += za.T @ zb
+        self.a.add(za)
+        self.b.add(zb)
+        self.ab = self.ab + za.T @ zb
 
     def correlation(self) -> np.ndarray:
-        mean_a, mean_b = self.a / self.rows, self.b / self.rows
-        std_a = np.sqrt(np.maximum(self.aa / self.rows - mean_a ** 2, 0.0))
-        std_b = np.sqrt(np.maximum(self.bb / self.rows - mean_b ** 2, 0.0))
-        covariance = self.ab / self.rows - np.outer(mean_a, mean_b)
-        return covariance / (np.outer(std_a, std_b) + 1e-12)
+        covariance = self.ab / self.a.rows - np.outer(self.a.mean, self.b.mean)
+        return covariance / (np.outer(self.a.std, self.b.std) + 1e-12)
 
 
 def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, object], object], reference: PyTree,
@@ -93,7 +87,7 @@ def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, objec
         axes = spec.axes.get(key) or spec.axes.get(key[:-1])
         if axes and len(axes) >= 2 and axes[0] is not None:  # a kernel (biases and norms have one axis)
             sources.setdefault(axes[0], index)
-    moments = {name: _Moments(size) for name, size in bound.sizes.items()}
+    moments = {name: _Correlation() for name in bound.sizes}
     batches = 0
     for batch in data:
         inputs = [jax.device_get(kernel_inputs(params, batch, apply_fn=apply_fn)) for params in (reference, model)]
@@ -105,7 +99,7 @@ def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, objec
         raise JaxmergeError("activation_matching needs at least one batch")
     perm = {}
     for name in spec.names:
-        if moments[name].rows == 0:
+        if moments[name].a.rows == 0:
             raise JaxmergeError(f"no activations of the units of permutation {name!r} were captured: no kernel "
                                 "multiplying an activation has its input axis named so in the spec")
         perm[name] = scipy.optimize.linear_sum_assignment(moments[name].correlation(), maximize=True)[1]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
+from jaxmerge.alignment._moments import Moments
 from jaxmerge.errors import JaxmergeError
 
 
@@ -32,20 +33,12 @@ def _statistics(apply_fn: Callable, params: PyTree, batches: list, kernels: list
     """Per kernel, the mean and standard deviation of each output unit's ``x @ W`` on the data."""
     from jaxmerge.statistics.gram import kernel_outputs
 
-    sums: dict[int, list] = {}
+    moments = {k: Moments() for k in kernels}
     for batch in batches:
         outputs = jax.device_get(kernel_outputs(params, batch, apply_fn=apply_fn))
         for k in kernels:
-            z = np.asarray(outputs[k], np.float64)
-            total = sums.setdefault(k, [0, 0.0, 0.0])
-            total[0] += len(z)
-            total[1] = total[1] + z.sum(0)
-            total[2] = total[2] + (z * z).sum(0)
-    stats = {}
-    for k, (rows, first, second) in sums.items():
-        mean = first / rows
-        stats[k] = (mean, np.sqrt(np.maximum(second / rows - mean ** 2, 0.0)))
-    return stats
+            moments[k].add(outputs[k])
+    return {k: (m.mean, m.std) for k, m in moments.items()}
 
 
 def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoints: Sequence[PyTree],
