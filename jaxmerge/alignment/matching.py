@@ -78,12 +78,12 @@ def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTr
 
 
 def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, max_iter: int = 100,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, init_perm: dict | None = None) -> dict[str, np.ndarray]:
     """Permutations of ``model``'s units that best match ``reference``'s weights (Git Re-Basin).
 
     Maximises ``sum_leaves <W_reference, P(W_model)>`` (the Frobenius inner product, summed
     over every leaf the spec names; ``P`` applies the permutations as
-    :func:`apply_permutation` does) by coordinate descent, starting from the identity: in
+    :func:`apply_permutation` does) by coordinate descent, starting from ``init_perm``: in
     an order drawn at random each sweep, each permutation ``p`` of size ``n`` is re-solved
     with the others held fixed, as the linear assignment problem
     ``max_pi sum_i C[i, pi(i)]``, where ``C[i, j]`` sums, over every axis ``p`` acts on, the
@@ -97,6 +97,8 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
       model: the parameter tree to permute, with ``reference``'s structure and shapes.
       max_iter: the most sweeps over all permutations.
       seed: seed of the random order of the permutations within a sweep.
+      init_perm: the permutations to start from (default: the identity), e.g. the previous
+        solution when ``reference`` has changed a little.
 
     Returns:
       ``{name: index array}`` to pass to :func:`apply_permutation` (on ``model``).
@@ -128,6 +130,9 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
     other = [np.asarray(x, np.float64) for x in flatten_with_keys(model)[1]]
     axes = {index: spec.axes[key] for key, index in bound.leaf_index.items()}
     perm = {name: np.arange(size) for name, size in bound.sizes.items()}
+    if init_perm is not None:
+        _check_perm(bound, init_perm)
+        perm = {name: np.asarray(init_perm[name]) for name in perm}
     rng = np.random.default_rng(seed)
     names = spec.names
     for _ in range(max_iter):
@@ -162,7 +167,7 @@ def align(spec: PermutationSpec, reference: PyTree, model: PyTree, **kwargs) -> 
       spec: which axes of which leaves each permutation acts on.
       reference: the parameter tree to match (it is not changed).
       model: the parameter tree to permute, with ``reference``'s structure and shapes.
-      **kwargs: ``max_iter`` and ``seed``, passed to :func:`weight_matching`.
+      **kwargs: ``max_iter``, ``seed`` and ``init_perm``, passed to :func:`weight_matching`.
 
     Returns:
       ``model`` permuted: a pytree with its structure.
@@ -170,7 +175,7 @@ def align(spec: PermutationSpec, reference: PyTree, model: PyTree, **kwargs) -> 
     Raises:
       JaxmergeError: ``model`` and ``reference`` differ in leaves, shapes or dtype kinds,
         or ``spec`` does not match them.
-      TypeError: a keyword argument other than ``max_iter`` and ``seed``.
+      TypeError: a keyword argument :func:`weight_matching` does not take.
 
     References:
       Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",

@@ -136,6 +136,22 @@ def test_activation_matching_undoes_a_random_permutation_and_names_what_it_canno
         jaxmerge.activation_matching(cnn_spec, CNN().apply, params, params, [jnp.ones((2, 6, 6, 3))])
 
 
+def test_ste_matching_undoes_a_random_permutation():
+    module = MLP()
+    batches = [jnp.asarray(np.random.default_rng(i).standard_normal((32, 7)), jnp.float32) for i in range(3)]
+    variables = module.init(jax.random.key(0), batches[0])
+    spec = jaxmerge.mlp_permutation_spec(variables)
+    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, variables, seed=6), variables)
+
+    def loss(params, x):  # zero exactly where the interpolation computes the reference's function
+        return jnp.mean((module.apply(params, x) - module.apply(variables, x)) ** 2)
+
+    perm = jaxmerge.ste_matching(spec, loss, variables, scrambled, batches, epochs=2)
+    jax.tree.map(np.testing.assert_array_equal, jaxmerge.apply_permutation(spec, perm, scrambled), variables)
+    with pytest.raises(jaxmerge.JaxmergeError, match="at least one batch"):
+        jaxmerge.ste_matching(spec, loss, variables, scrambled, [])
+
+
 def test_repair_gives_each_layer_the_endpoints_interpolated_statistics():
     rng = np.random.default_rng(0)
 
