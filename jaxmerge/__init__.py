@@ -18,8 +18,8 @@ _MODULES = {  # the module that defines each public name
     "jaxmerge._hyper": ["layer_positions", "per_model"],
     "jaxmerge.alignment": [
         "PermutationSpec", "activation_matching", "align", "apply_permutation", "cnn_permutation_spec",
-        "matched_average", "mlp_permutation_spec", "random_permutation", "repair", "ste_matching",
-        "transformer_block_permutation_spec", "weight_matching",
+        "matched_average", "mlp_permutation_spec", "ot_fusion", "random_permutation", "repair", "ste_matching",
+        "transformer_block_permutation_spec", "transport", "weight_matching",
     ],
     "jaxmerge.analysis": [
         "barrier", "interpolation_curve", "plot_interpolation", "plot_similarity", "sign_conflict_rate",

@@ -1,12 +1,12 @@
 """Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
 matching, activation matching, straight-through estimator matching, applying permutations,
-matched averaging of N models, and REPAIR."""
+matched averaging of N models, optimal-transport fusion of
+models of different widths, and REPAIR."""
 
 from jaxmerge.alignment.activations import activation_matching
 from jaxmerge.alignment.matched_average import matched_average
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
 from jaxmerge.alignment.repair import repair
-from jaxmerge.alignment.ste import ste_matching
 from jaxmerge.alignment.spec import (
     PermutationSpec,
     cnn_permutation_spec,
@@ -14,6 +14,8 @@ from jaxmerge.alignment.spec import (
     random_permutation,
     transformer_block_permutation_spec,
 )
+from jaxmerge.alignment.ste import ste_matching
+from jaxmerge.alignment.transport import ot_fusion, transport
 
 __all__ = [
     "PermutationSpec",
@@ -23,9 +25,11 @@ __all__ = [
     "cnn_permutation_spec",
     "matched_average",
     "mlp_permutation_spec",
+    "ot_fusion",
     "random_permutation",
     "repair",
     "ste_matching",
     "transformer_block_permutation_spec",
+    "transport",
     "weight_matching",
 ]

@@ -32,6 +32,10 @@ class _Correlation:
         self.b.add(zb)
         self.ab = self.ab + za.T @ zb
 
+    def squared_distance(self) -> np.ndarray:
+        """``[i, j]``: the mean squared difference of unit ``i`` of ``a`` and unit ``j`` of ``b``."""
+        return (self.a.second[:, None] + self.b.second[None, :] - 2 * self.ab) / self.a.rows
+
     def correlation(self) -> np.ndarray:
         covariance = self.ab / self.a.rows - np.outer(self.a.mean, self.b.mean)
         return covariance / (np.outer(self.a.std, self.b.std) + 1e-12)
@@ -77,30 +81,38 @@ def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, objec
     """
     import scipy.optimize  # imported here: it takes a while
 
+    flatten_models([reference, model], names=["reference", "model"])
+    moments = unit_correlations(spec, apply_fn, reference, model, data)
+    return {name: scipy.optimize.linear_sum_assignment(m.correlation(), maximize=True)[1]
+            for name, m in moments.items()}
+
+
+def unit_correlations(spec: PermutationSpec, apply_fn: Callable, reference: PyTree, model: PyTree,
+                      data: Iterable) -> dict[str, _Correlation]:
+    """Per permutation, the running sums of ``reference``'s and ``model``'s activations of its
+    units (``a`` and ``b``) and of their products, on the same batches. The two models may
+    differ in their number of units."""
     from jaxmerge.statistics.gram import kernel_inputs
 
-    flatten_models([reference, model], names=["reference", "model"])
-    bound = spec.bind(reference)
+    sizes = [spec.bind(params).sizes for params in (reference, model)]
     keys = flatten_with_keys(reference)[0]
     sources = {}  # permutation -> the first kernel whose input axis carries it
     for index, key in enumerate(keys):
         axes = spec.axes.get(key) or spec.axes.get(key[:-1])
         if axes and len(axes) >= 2 and axes[0] is not None:  # a kernel (biases and norms have one axis)
             sources.setdefault(axes[0], index)
-    moments = {name: _Correlation() for name in bound.sizes}
+    moments = {name: _Correlation() for name in spec.names}
     batches = 0
     for batch in data:
         inputs = [jax.device_get(kernel_inputs(params, batch, apply_fn=apply_fn)) for params in (reference, model)]
         for name, index in sources.items():
-            if index in inputs[0] and inputs[0][index].shape[1] == bound.sizes[name]:
+            if all(index in z and z[index].shape[1] == s[name] for z, s in zip(inputs, sizes)):
                 moments[name].add(np.asarray(inputs[0][index], np.float64), np.asarray(inputs[1][index], np.float64))
         batches += 1
     if not batches:
-        raise JaxmergeError("activation_matching needs at least one batch")
-    perm = {}
-    for name in spec.names:
-        if moments[name].a.rows == 0:
+        raise JaxmergeError("matching activations needs at least one batch")
+    for name, m in moments.items():
+        if m.a.rows == 0:
             raise JaxmergeError(f"no activations of the units of permutation {name!r} were captured: no kernel "
                                 "multiplying an activation has its input axis named so in the spec")
-        perm[name] = scipy.optimize.linear_sum_assignment(moments[name].correlation(), maximize=True)[1]
-    return perm
+    return moments

@@ -5,7 +5,6 @@ jitted call, so that the search needs no checkpoint on disk and no Python loop o
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxmerge._promotion import standard_promotion
 from jaxmerge._tree import PyTree
 from jaxmerge.errors import JaxmergeError
 
@@ -77,7 +77,7 @@ class _CmaEs:
             from evosax.algorithms import CMA_ES
         except ImportError:
             raise JaxmergeError("strategy 'cmaes' needs evosax: pip install evosax") from None
-        with _evosax_numpy():
+        with standard_promotion():
             self.strategy = CMA_ES(population_size=population, solution=jnp.zeros(len(mean), jnp.float32))
             defaults = jax.jit(lambda: self.strategy.default_params)()  # one compiled kernel, not one per op
             self.params = defaults.replace(std_init=jnp.float32(std))
@@ -96,21 +96,12 @@ class _CmaEs:
         return self.strategy.tell(key, raw, -jnp.asarray(values), state, self.params)[0]
 
 
-def _evosax_numpy():
-    """evosax's code relies on JAX's standard dtype and rank promotion; a user's stricter
-    settings (``jax_numpy_dtype_promotion='strict'``) must not break it."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.numpy_dtype_promotion("standard"))
-    stack.enter_context(jax.numpy_rank_promotion("allow"))
-    return stack
-
-
 def _run(rounds, objective, population: int, dims: int, checkpoint: str | os.PathLike | None,
          progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Every round's candidates evaluated; after each round, with ``checkpoint``, the candidates,
     scores and strategy state saved with Orbax, and a later call resumes after the last round
     saved (drawing what the uninterrupted search would have drawn)."""
-    with _evosax_numpy():
+    with standard_promotion():
         state = rounds.start()
         leaves, treedef = jax.tree.flatten(state)
         size = rounds.rounds * population

@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,75 @@ def test_matched_average_of_shuffled_copies_is_the_model(name):
         np.testing.assert_allclose(run(lined_up), run(copy), rtol=1e-5, atol=1e-5)
     with pytest.raises(jaxmerge.JaxmergeError, match="one entry per model"):
         jaxmerge.matched_average(spec, copies, weights=[1.0])
+
+
+def _dict_mlp(widths, seed):
+    rng = np.random.default_rng(seed)
+    return {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), jnp.float32),
+                      "bias": jnp.asarray(0.1 * rng.standard_normal(b), jnp.float32)}
+            for i, (a, b) in enumerate(itertools.pairwise(widths))}
+
+
+def _dict_apply(p, x):
+    for i in range(len(p)):
+        x = x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"][None]
+        x = jax.nn.relu(x) if i < len(p) - 1 else x
+    return x
+
+
+def _split_units(params, name_index, share):
+    """``params`` with every unit of hidden layer ``name_index`` doubled, its outgoing weights split ``share``
+    and ``1 - share``: the same function, twice the width."""
+    out = jax.tree.map(np.asarray, params)
+    layer, after = out[f"l{name_index}"], out[f"l{name_index + 1}"]
+    layer["kernel"], layer["bias"] = np.repeat(layer["kernel"], 2, 1), np.repeat(layer["bias"], 2)
+    after["kernel"] = np.repeat(after["kernel"], 2, 0) * np.tile([share, 1 - share], len(after["kernel"]))[:, None]
+    return jax.tree.map(jnp.asarray, out)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_exact_transport_undoes_a_random_permutation(name):
+    params, spec, _ = NETWORKS[name]()
+    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, params, seed=6), params)
+    moved = jaxmerge.transport(spec, params, scrambled)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), moved, params)
+
+
+def test_transport_by_activations_and_sinkhorn_recover_the_model():
+    params = _dict_mlp([5, 16, 12, 3], seed=0)
+    spec = jaxmerge.mlp_permutation_spec(params)
+    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, params, seed=1), params)
+    batches = [jnp.asarray(np.random.default_rng(2).standard_normal((256, 5)), jnp.float32)]
+    by_activations = jaxmerge.transport(spec, params, scrambled, cost="activations", apply_fn=_dict_apply, data=batches)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), by_activations, params)
+    fused = jaxmerge.ot_fusion(spec, [params, scrambled], solver="sinkhorn", epsilon=1e-3)  # soft plans, nearly hard
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3), fused, params)
+
+
+def test_fusing_different_widths_merges_and_splits_units():
+    narrow = _dict_mlp([5, 6, 4, 3], seed=3)
+    spec = jaxmerge.mlp_permutation_spec(narrow)
+    wide = _split_units(_split_units(narrow, 0, 0.3), 1, 0.8)  # widths 12 and 8, the same function
+    shuffled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, wide, seed=4), wide)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((32, 5)), jnp.float32)
+    np.testing.assert_allclose(_dict_apply(shuffled, x), _dict_apply(narrow, x), rtol=1e-5, atol=1e-5)
+    merged = jaxmerge.transport(spec, narrow, shuffled)  # each pair of equal units merged, their outputs added
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), merged, narrow)
+    split = jaxmerge.transport(spec, shuffled, narrow)  # each unit split in two, its outputs shared
+    assert jax.tree.map(jnp.shape, split) == jax.tree.map(jnp.shape, shuffled)
+    np.testing.assert_allclose(_dict_apply(split, x), _dict_apply(narrow, x), rtol=1e-5, atol=1e-5)
+    fused = jaxmerge.ot_fusion(spec, [narrow, shuffled], reference=1, weights=[1.0, 3.0])
+    np.testing.assert_allclose(_dict_apply(fused, x), _dict_apply(narrow, x), rtol=1e-5, atol=1e-5)
+
+
+def test_transport_names_what_it_cannot_move():
+    params, spec, _ = NETWORKS["transformer_block"]()
+    with pytest.raises(jaxmerge.JaxmergeError, match="the spec names axis 0 of 'out/kernel'"):
+        jaxmerge.transport(spec, params, params)
+    narrow = _dict_mlp([5, 6, 3], seed=0)
+    other = _dict_mlp([4, 6, 3], seed=0)
+    spec = jaxmerge.mlp_permutation_spec(narrow)
+    with pytest.raises(jaxmerge.JaxmergeError, match=r"'l0/kernel' has shape \(4, 6\) in model and \(5, 6\) in "):
+        jaxmerge.transport(spec, narrow, other)
+    with pytest.raises(jaxmerge.JaxmergeError, match="needs apply_fn and data"):
+        jaxmerge.transport(spec, narrow, narrow, cost="activations")
