@@ -1,11 +1,12 @@
 """Permutation alignment (Git Re-Basin): specs of which axes share a permutation, weight
 matching, activation matching, straight-through estimator matching, applying permutations,
 matched averaging of N models, optimal-transport fusion of
-models of different widths, and REPAIR."""
+models of different widths, PLeaS, and REPAIR."""
 
 from jaxmerge.alignment.activations import activation_matching
 from jaxmerge.alignment.matched_average import matched_average
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
+from jaxmerge.alignment.pleas import pleas
 from jaxmerge.alignment.repair import repair
 from jaxmerge.alignment.spec import (
     PermutationSpec,
@@ -26,6 +27,7 @@ __all__ = [
     "matched_average",
     "mlp_permutation_spec",
     "ot_fusion",
+    "pleas",
     "random_permutation",
     "repair",
     "ste_matching",

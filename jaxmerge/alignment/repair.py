@@ -89,9 +89,9 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
     keys, _, treedef = flatten_with_keys(merged)
     keys = [key[:-1] if key[-1] == "value" else key for key in keys]  # an nnx.State's leaves end in 'value'
     position = {key: i for i, key in enumerate(keys)}
-    from jaxmerge.statistics.gram import kernel_outputs
+    from jaxmerge.statistics.gram import kernel_order
 
-    order = list(kernel_outputs(merged, batches[0], apply_fn=apply_fn))  # the order the layers run in
+    order = kernel_order(merged, batches[0], apply_fn=apply_fn)
     ndims = [jnp.ndim(leaf) for leaf in jax.tree.leaves(merged)]
     layers = [(k, position[keys[k][:-1] + ("bias",)]) for k in order if keys[k][-1] == "kernel" and ndims[k] == 2
               and keys[k][:-1] + ("bias",) in position][:-1]

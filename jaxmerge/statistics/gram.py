@@ -168,6 +168,19 @@ def kernel_outputs(params: PyTree, batch, *, apply_fn: Callable) -> dict:
             capture(apply_fn, params, batch, keep_activations=True).outputs.items()}
 
 
+def kernel_order(params: PyTree, batch, *, apply_fn: Callable) -> list[int]:
+    """The param leaf indices of the captured kernels on the right of a product, in the order
+    the forward pass uses them (traced only, nothing computed)."""
+    order: list[int] = []
+
+    def trace(p):
+        order.extend(capture(apply_fn, p, batch, keep_activations=True).outputs)
+        return 0
+
+    jax.eval_shape(trace, params)
+    return order
+
+
 def accumulate_grams(apply_fn: Callable, params: PyTree, data: Iterable, *, num_examples: int | None = None,
                      only: frozenset | None = None) -> dict:
     """Sum of :func:`gram_sums` over the batches of ``data``."""

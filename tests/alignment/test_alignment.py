@@ -276,3 +276,55 @@ def test_transport_names_what_it_cannot_move():
         jaxmerge.transport(spec, narrow, other)
     with pytest.raises(jaxmerge.JaxmergeError, match="needs apply_fn and data"):
         jaxmerge.transport(spec, narrow, narrow, cost="activations")
+
+
+def test_pleas_keeps_the_ensemble_recovers_a_shuffled_copy_and_solves_least_squares():
+    a, b = _dict_mlp([5, 16, 12, 3], seed=0), _dict_mlp([5, 16, 12, 3], seed=1)
+    spec = jaxmerge.mlp_permutation_spec(a)
+    rng = np.random.default_rng(2)
+    batches = [jnp.asarray(rng.standard_normal((256, 5)), jnp.float32) for _ in range(2)]
+    x = batches[0]
+    whole = jaxmerge.pleas(spec, _dict_apply, a, b, batches, widths=2.0)  # nothing merged: the two models side by side
+    assert whole["l0"]["kernel"].shape == (5, 32) and whole["l1"]["kernel"].shape == (32, 24)
+    np.testing.assert_allclose(_dict_apply(whole, x), (_dict_apply(a, x) + _dict_apply(b, x)) / 2, atol=1e-3)
+    shuffled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, a, seed=3), a)
+    same = jaxmerge.pleas(spec, _dict_apply, a, shuffled, batches)
+    np.testing.assert_allclose(_dict_apply(same, x), _dict_apply(a, x), atol=1e-3)
+    partial = jaxmerge.pleas(spec, _dict_apply, a, b, batches, widths={"hidden_0": 20})
+    assert partial["l0"]["kernel"].shape == (5, 20) and partial["l1"]["kernel"].shape == (20, 12)
+    # layer 0 sees the data itself: its solution is NumPy's least squares against the matched units' mean
+    merged = jaxmerge.pleas(spec, _dict_apply, a, b, batches)
+    aligned = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(spec, _dict_apply, a, b, batches), b)
+    xs = np.concatenate([np.asarray(v, np.float64) for v in batches])
+    target = sum(xs @ np.asarray(p["l0"]["kernel"], np.float64) + np.asarray(p["l0"]["bias"]) for p in (a, aligned)) / 2
+    design = np.concatenate([xs, np.ones((len(xs), 1))], 1)
+    expected = np.linalg.lstsq(design, target, rcond=None)[0]
+    got = np.concatenate([np.asarray(merged["l0"]["kernel"]), np.asarray(merged["l0"]["bias"])[None]])
+    by_first_row = lambda w: w[:, np.argsort(w[0])]  # the merged units' order is PLeaS's own
+    np.testing.assert_allclose(by_first_row(got), by_first_row(expected), rtol=1e-3, atol=1e-4)
+    with pytest.raises(jaxmerge.JaxmergeError, match="must be between 16 and 32 units, got 40"):
+        jaxmerge.pleas(spec, _dict_apply, a, b, batches, widths={"hidden_0": 40})
+
+
+def test_repair_follows_the_order_layers_run_in_not_their_names():
+    names = ["Dense_0", "Dense_1", "Dense_2", "Dense_10"]  # 'Dense_10' sorts before 'Dense_2'
+    rng = np.random.default_rng(0)
+    widths = [4, 6, 5, 3, 2]
+    a, b = ({n: {"kernel": jnp.asarray(r.standard_normal((p, q)), jnp.float32), "bias": jnp.zeros(q, jnp.float32)}
+             for n, p, q in zip(names, widths[:-1], widths[1:])} for r in (rng, np.random.default_rng(1)))
+
+    def apply(p, x):
+        for i, n in enumerate(names):
+            x = x @ p[n]["kernel"] + p[n]["bias"][None]
+            x = jax.nn.relu(x) if i < len(names) - 1 else x
+        return x
+
+    batches = [jnp.asarray(rng.standard_normal((256, 4)), jnp.float32)]
+    repaired = jaxmerge.repair(apply, jaxmerge.lerp(a, b, 0.5), [a, b], [0.5, 0.5], batches)
+    pre = jaxmerge.statistics.gram.kernel_outputs(repaired, batches[0], apply_fn=apply)
+    ends = [jaxmerge.statistics.gram.kernel_outputs(p, batches[0], apply_fn=apply) for p in (a, b)]
+    leaf = {n: i for i, n in enumerate(sorted(names))}  # leaf index of each kernel, in flattening order
+    for n in names[:-1]:
+        k = 2 * leaf[n] + 1  # each layer flattens to (bias, kernel)
+        target = 0.5 * np.std(ends[0][k], 0) + 0.5 * np.std(ends[1][k], 0)
+        np.testing.assert_allclose(np.std(pre[k], 0), target, rtol=1e-3, atol=1e-4)
