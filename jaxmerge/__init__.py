@@ -18,7 +18,7 @@ _MODULES = {  # the module that defines each public name
     "jaxmerge._hyper": ["layer_positions", "per_model"],
     "jaxmerge.alignment": [
         "PermutationSpec", "activation_matching", "align", "apply_permutation", "cnn_permutation_spec",
-        "matched_average", "mlp_permutation_spec", "ot_fusion", "pleas", "random_permutation", "repair", "ste_matching",
+        "matched_average", "mlp_permutation_spec", "llama_permutation_spec", "ot_fusion", "pleas", "random_permutation", "repair", "ste_matching",
         "transformer_block_permutation_spec", "transport", "weight_matching",
     ],
     "jaxmerge.analysis": [

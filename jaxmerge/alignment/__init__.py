@@ -4,6 +4,7 @@ matched averaging of N models, optimal-transport fusion of
 models of different widths, PLeaS, and REPAIR."""
 
 from jaxmerge.alignment.activations import activation_matching
+from jaxmerge.alignment.llama import llama_permutation_spec
 from jaxmerge.alignment.matched_average import matched_average
 from jaxmerge.alignment.matching import align, apply_permutation, weight_matching
 from jaxmerge.alignment.pleas import pleas
@@ -24,6 +25,7 @@ __all__ = [
     "align",
     "apply_permutation",
     "cnn_permutation_spec",
+    "llama_permutation_spec",
     "matched_average",
     "mlp_permutation_spec",
     "ot_fusion",

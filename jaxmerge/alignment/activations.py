@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
 from jaxmerge.alignment._moments import Moments
-from jaxmerge.alignment.spec import PermutationSpec
+from jaxmerge.alignment.spec import PermutationSpec, units
 from jaxmerge.errors import JaxmergeError
 
 
@@ -99,8 +99,8 @@ def unit_correlations(spec: PermutationSpec, apply_fn: Callable, reference: PyTr
     sources = {}  # permutation -> the first kernel whose input axis carries it
     for index, key in enumerate(keys):
         axes = spec.axes.get(key) or spec.axes.get(key[:-1])
-        if axes and len(axes) >= 2 and axes[0] is not None:  # a kernel (biases and norms have one axis)
-            sources.setdefault(axes[0], index)
+        if axes and len(axes) >= 2 and units(axes[0])[0] is not None:  # a kernel (biases and norms have one axis)
+            sources.setdefault(units(axes[0])[0], index)
     moments = {name: _Correlation() for name in spec.names}
     batches = 0
     for batch in data:

@@ -8,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
-from jaxmerge.alignment.spec import BoundSpec, PermutationSpec
+from jaxmerge.alignment.spec import BoundSpec, PermutationSpec, grouped, permute_axis, units
 from jaxmerge.errors import JaxmergeError
 
 
-def _permuted(leaf: np.ndarray, axes: tuple, perm: dict, skip_axis: int | None = None) -> np.ndarray:
-    for axis, name in enumerate(axes):
+def _permuted(leaf, axes: tuple, perm: dict, skip_axis: int | None = None):
+    for axis, entry in enumerate(axes):
+        name, block = units(entry)
         if name is not None and axis != skip_axis:
-            leaf = np.take(leaf, perm[name], axis=axis)
+            leaf = permute_axis(leaf, axis, np.asarray(perm[name]), block)
     return leaf
 
 
@@ -69,11 +70,7 @@ def apply_permutation(spec: PermutationSpec, perm: dict, params: PyTree) -> PyTr
     _, leaves, treedef = flatten_with_keys(params)
     leaves = list(leaves)
     for spec_key, index in bound.leaf_index.items():
-        leaf = leaves[index]
-        for axis, name in enumerate(spec.axes[spec_key]):
-            if name is not None:
-                leaf = jnp.take(leaf, jnp.asarray(perm[name]), axis=axis)
-        leaves[index] = leaf
+        leaves[index] = _permuted(jnp.asarray(leaves[index]), spec.axes[spec_key], perm)
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -140,9 +137,10 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
         for name in rng.permutation(names):
             size = bound.sizes[name]
             cost = np.zeros((size, size))
-            for index, axis in bound.axes_of(name):
-                a = np.moveaxis(ref[index], axis, 0).reshape(size, -1)
-                b = np.moveaxis(_permuted(other[index], axes[index], perm, skip_axis=axis), axis, 0).reshape(size, -1)
+            for index, axis, block in bound.axes_of(name):
+                a = np.moveaxis(grouped(ref[index], axis, block), axis, 0).reshape(size, -1)
+                b = _permuted(other[index], axes[index], perm, skip_axis=axis)
+                b = np.moveaxis(grouped(b, axis, block), axis, 0).reshape(size, -1)
                 cost += a @ b.T
             _, assignment = scipy.optimize.linear_sum_assignment(cost, maximize=True)
             rows = np.arange(size)

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
@@ -22,12 +23,34 @@ def _as_key(path) -> tuple[str, ...]:
     return tuple(path.split("/")) if isinstance(path, str) else tuple(str(p) for p in path)
 
 
+def units(entry) -> tuple[str | None, int]:
+    """``(permutation name, entries per unit)`` of one axis entry of a spec: ``'p'`` moves
+    single entries, ``('p', k)`` blocks of ``k`` consecutive entries (e.g. attention heads in a
+    flattened ``heads * head_dim`` axis); ``None`` is no permutation."""
+    return (entry, 1) if entry is None or isinstance(entry, str) else (entry[0], int(entry[1]))
+
+
+def grouped(leaf, axis: int, block: int):
+    """``leaf`` with axis ``axis`` split into ``(units, block)``."""
+    shape = tuple(leaf.shape)
+    return leaf.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
+
+
+def permute_axis(leaf, axis: int, index, block: int = 1):
+    """``leaf`` with the units of axis ``axis`` (blocks of ``block`` entries) reordered by
+    ``index``: unit ``j`` of the result is unit ``index[j]`` of ``leaf``. NumPy in, NumPy out."""
+    take = np.take if isinstance(leaf, np.ndarray) else jnp.take
+    return take(grouped(leaf, axis, block), index, axis=axis).reshape(leaf.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class PermutationSpec:
     """Which axes of which leaves are reordered by which permutation of hidden units.
 
     A spec maps each leaf path it touches to one entry per axis of that leaf: the name of
-    the permutation acting on that axis, or ``None`` for an axis left in place. Every axis
+    the permutation acting on that axis, or ``None`` for an axis left in place; ``(name, k)``
+    moves blocks of ``k`` consecutive entries as units (attention heads of a flattened
+    ``heads * head_dim`` axis, with ``k = head_dim``). Every axis
     carrying the name ``p`` is reordered by the same index array ``perm[p]``, so a layer's
     output axis (with its bias and norm statistics) and the next layer's input axis, named
     alike, move together and the network computes the same function. The permutation
@@ -91,7 +114,7 @@ class PermutationSpec:
     @property
     def names(self) -> list[str]:
         """The permutations, in order of first appearance."""
-        return list(dict.fromkeys(p for axes in self.axes.values() for p in axes if p is not None))
+        return list(dict.fromkeys(units(p)[0] for axes in self.axes.values() for p in axes if p is not None))
 
     def bind(self, params: PyTree) -> BoundSpec:
         """Match the spec to ``params``' leaves, checking leaves, axes and sizes.
@@ -105,7 +128,8 @@ class PermutationSpec:
 
         Raises:
           JaxmergeError: a leaf the params do not have, a wrong number of axes, or axes of
-            different sizes sharing a permutation (naming the leaves and sizes).
+            different sizes sharing a permutation, or an axis not a whole number of blocks
+            (naming the leaves and sizes).
         """
         keys, leaves, _ = flatten_with_keys(params)
         index = {}
@@ -122,14 +146,19 @@ class PermutationSpec:
         sizes: dict[str, tuple[int, str, int]] = {}
         for spec_key, axes in self.axes.items():
             shape = leaf_spec(leaves[index[spec_key]]).shape
-            for axis, name in enumerate(axes):
+            for axis, entry in enumerate(axes):
+                name, block = units(entry)
                 if name is None:
                     continue
-                if name in sizes and sizes[name][0] != shape[axis]:
+                if shape[axis] % block:
+                    raise JaxmergeError(f"axis {axis} of {path_str(spec_key)!r} has {shape[axis]} entries, not a whole "
+                                        f"number of {name!r}'s blocks of {block}")
+                count = shape[axis] // block
+                if name in sizes and sizes[name][0] != count:
                     size, other, other_axis = sizes[name]
                     raise JaxmergeError(f"permutation {name!r} joins axes of different sizes: {path_str(spec_key)!r} "
-                                     f"axis {axis} has {shape[axis]}, {other!r} axis {other_axis} has {size}")
-                sizes.setdefault(name, (shape[axis], path_str(spec_key), axis))
+                                     f"axis {axis} has {count}, {other!r} axis {other_axis} has {size}")
+                sizes.setdefault(name, (count, path_str(spec_key), axis))
         return BoundSpec(self, {k: index[k] for k in self.axes}, {n: s[0] for n, s in sizes.items()})
 
 
@@ -140,10 +169,10 @@ class BoundSpec:
     leaf_index: dict[tuple[str, ...], int]
     sizes: dict[str, int]
 
-    def axes_of(self, name: str) -> list[tuple[int, int]]:
-        """``(leaf index, axis)`` of every axis that permutation ``name`` acts on."""
-        return [(self.leaf_index[k], axis) for k, axes in self.spec.axes.items()
-                for axis, n in enumerate(axes) if n == name]
+    def axes_of(self, name: str) -> list[tuple[int, int, int]]:
+        """``(leaf index, axis, entries per unit)`` of every axis that permutation ``name`` acts on."""
+        return [(self.leaf_index[k], axis, units(entry)[1]) for k, axes in self.spec.axes.items()
+                for axis, entry in enumerate(axes) if units(entry)[0] == name]
 
 
 def _natural(key: tuple[str, ...]):

@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxmerge._promotion import standard_promotion
 from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
-from jaxmerge.alignment.spec import PermutationSpec
+from jaxmerge.alignment.spec import PermutationSpec, units
 from jaxmerge.errors import JaxmergeError
 
 _MAX_EXPANDED_UNITS = 4096  # exact transport between n != m units solves an lcm(n, m) assignment
@@ -51,9 +51,13 @@ def _axis_roles(spec: PermutationSpec, params: PyTree) -> dict[tuple, tuple]:
     for key, index in bound.leaf_index.items():
         ndim = len(leaf_spec(leaves[index]).shape)
         axes = {}
-        for axis, name in enumerate(spec.axes[key]):
+        for axis, entry in enumerate(spec.axes[key]):
+            name, block = units(entry)
             if name is None:
                 continue
+            if block != 1:
+                raise JaxmergeError(f"transport moves single units; the spec moves blocks of {block} along axis {axis} "
+                                    f"of {path_str(key)!r}")
             if ndim >= 2 and axis == ndim - 2:
                 axes[axis] = (name, "in")
             elif axis == ndim - 1:

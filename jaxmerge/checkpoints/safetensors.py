@@ -483,3 +483,11 @@ class SafetensorsWriter:
             weight_map = {name: self.file_names[shard] for name, (shard, _, _) in self.plan.items()}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_config(model: str | os.PathLike) -> dict:
+    """A Hugging Face model directory's ``config.json``."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model} has no config.json")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """The ``jaxmerge`` command: ``merge`` a YAML config into a checkpoint, ``inspect`` a checkpoint,
 ``extract-lora``, ``merge-adapters`` and ``apply-adapter`` for LoRA adapters, ``moe`` to build
-a mixture of experts from a mergekit-moe config."""
+a mixture of experts from a mergekit-moe config, ``align`` a Llama-family model's units to
+another's."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("method", nargs="?", help="show only this method")
     _lora_parsers(commands)
     _moe_parser(commands)
+    _align_parser(commands)
     return parser
 
 
@@ -141,6 +143,23 @@ def _moe_parser(commands) -> None:
     moe.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
     moe.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     moe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _align_parser(commands) -> None:
+    align = commands.add_parser("align", help="permute a Llama-family model's units to line up with another's",
+                                description="Write MODEL with its residual stream, attention heads and MLP units "
+                                            "permuted to line up with REFERENCE's (Git Re-Basin weight matching), "
+                                            "computing the same function, so that the two can be merged.")
+    align.add_argument("reference", metavar="REFERENCE", help="the model to line up with")
+    align.add_argument("model", metavar="MODEL", help="the model to permute")
+    align.add_argument("output", metavar="OUTPUT_DIR", help="the directory to create")
+    for part in ("residual", "heads", "mlp"):
+        align.add_argument(f"--no-{part}", action="store_true", help=f"leave the {part} units in place")
+    align.add_argument("--max-iter", type=_positive_int, default=100, help="most sweeps of weight matching (100)")
+    align.add_argument("--random-seed", type=_seed, default=0, help="seed of the matching's order (default 0)")
+    align.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    align.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    align.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _positive_int(text: str) -> int:
@@ -316,6 +335,17 @@ def _moe(args) -> None:
     print(f"wrote {build_moe(config, args.output, seed=args.random_seed, options=options, inputs=[args.config])}")
 
 
+def _align(args) -> None:
+    from jaxmerge.alignment.checkpoint import align_checkpoint
+    from jaxmerge.checkpoints.stream import StreamOptions
+
+    options = StreamOptions(force=args.force, progress=not args.no_progress, max_shard_size=args.max_shard_size)
+    output = align_checkpoint(args.reference, args.model, args.output, residual=not args.no_residual,
+                              heads=not args.no_heads, mlp=not args.no_mlp, max_iter=args.max_iter,
+                              seed=args.random_seed, options=options)
+    print(f"wrote {output}")
+
+
 def _inspect(args) -> None:
     import numpy as np
 
@@ -326,7 +356,7 @@ def _inspect(args) -> None:
     width = max([len(name) for name, _, _ in rows] + [6])
     print(f"{'tensor':<{width}}  {'shape':<20}dtype")
     for name, shape, dtype in rows:
-        print(f"{name:<{width}}  {str(tuple(shape)):<20}{np.dtype(dtype).name}")
+        print(f"{name:<{width}}  {tuple(shape)!s:<20}{np.dtype(dtype).name}")
     params = sum(math.prod(shape) for _, shape, _ in rows)
     nbytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in rows)
     print(f"{len(rows)} tensors, {params:,} parameters, {nbytes:,} bytes ({nbytes / 2 ** 30:.2f} GiB), {reader.format}")
@@ -350,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _parser().parse_args(argv)
             _signals.raise_if_received()
             {"merge": _merge, "inspect": _inspect, "methods": _methods, "extract-lora": _extract_lora,
-             "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter, "moe": _moe}[args.command](args)
+             "merge-adapters": _merge_adapters, "apply-adapter": _apply_adapter, "moe": _moe,
+             "align": _align}[args.command](args)
     except (ValueError, TypeError, OSError, RecursionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, RecursionError):

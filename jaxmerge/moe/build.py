@@ -9,9 +9,7 @@ checkpoints, one output tensor at a time (:func:`build_moe`, ``jaxmerge moe``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -214,11 +212,3 @@ def moe_from_dense(base: Mapping[str, jax.Array], experts: Sequence[Mapping[str,
             raise JaxmergeError(f"{out.name!r} needs the tensor {missing.args[0]!r}, which a model lacks") from None
         tensors[out.name] = value if dtype is None else value.astype(dtype)
     return tensors, chosen.config(config, len(experts), experts_per_token, dtype)
-
-
-def read_config(model: Path) -> dict:
-    """A model directory's ``config.json``."""
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        raise JaxmergeError(f"{model} has no config.json")
-    return json.loads(path.read_text(encoding="utf-8"))

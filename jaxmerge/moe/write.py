@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge.checkpoints.safetensors import read_config
 from jaxmerge.cli.config import DTYPES
 from jaxmerge.errors import JaxmergeError
-from jaxmerge.moe.build import BASE, SHARED, ExpertScaling, plan_moe, read_config
+from jaxmerge.moe.build import BASE, SHARED, ExpertScaling, plan_moe
 from jaxmerge.moe.config import MoeConfig
 from jaxmerge.moe.layouts import select_layout
 from jaxmerge.moe.routers import PromptTokenizer, gate_vectors, prompt_embedder

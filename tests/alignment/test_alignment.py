@@ -116,6 +116,9 @@ def test_spec_errors_name_the_leaf_axis_and_sizes():
         jaxmerge.apply_permutation(spec, {"hidden_0": np.zeros(16, int), "hidden_1": np.arange(12)}, params)
     with pytest.raises(ValueError, match="both specs name the leaf"):
         spec | spec
+    with pytest.raises(ValueError, match=r"axis 1 of 'params/Dense_0/kernel' has 16 entries, not a whole number of "
+                                         r"'h's blocks of 5"):
+        jaxmerge.PermutationSpec({"params/Dense_0/kernel": (None, ("h", 5))}).bind(params)
 
 
 def test_natural_layer_order_and_specs_combine():
@@ -328,3 +331,28 @@ def test_repair_follows_the_order_layers_run_in_not_their_names():
         k = 2 * leaf[n] + 1  # each layer flattens to (bias, kernel)
         target = 0.5 * np.std(ends[0][k], 0) + 0.5 * np.std(ends[1][k], 0)
         np.testing.assert_allclose(np.std(pre[k], 0), target, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_llama_spec_permutes_heads_residual_and_mlp_without_changing_the_logits(model_type):
+    from jaxmerge.moe.transformer import logits, random_params
+
+    config = {"model_type": model_type, "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 11, "rms_norm_eps": 1e-6}
+    params = random_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)  # norms other than ones, so that the residual permutation is seen
+    params = {k: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype) if "norm" in k else v for k, v in params.items()}
+    spec = jaxmerge.llama_permutation_spec(params, config)
+    assert set(spec.names) == {"residual", "layers.0.heads", "layers.0.mlp", "layers.1.heads", "layers.1.mlp"}
+    perm = jaxmerge.random_permutation(spec, params, seed=2)
+    permuted = jaxmerge.apply_permutation(spec, perm, params)
+    q = "model.layers.1.self_attn.q_proj.weight"  # key-value group g's two query heads move as one block
+    block = np.asarray(params[q]).reshape(2, 2 * 4, 16)[perm["layers.1.heads"]][:, :, perm["residual"]]
+    np.testing.assert_array_equal(permuted[q], block.reshape(16, 16))
+    ids = jnp.asarray([[1, 5, 2, 9, 3]])
+    np.testing.assert_allclose(logits(permuted, config, ids), logits(params, config, ids), rtol=1e-4, atol=1e-5)
+    aligned = jaxmerge.align(spec, params, permuted)
+    jax.tree.map(np.testing.assert_array_equal, aligned, params)
+    del params["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(jaxmerge.JaxmergeError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        jaxmerge.llama_permutation_spec(params, config)
