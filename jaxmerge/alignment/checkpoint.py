@@ -63,7 +63,7 @@ def align_checkpoint(reference: str | os.PathLike, model: str | os.PathLike, out
                                 f"{', '.join(LLAMA_FAMILY)}")
     readers = [open_checkpoint(path) for path in (model, reference)]
     if readers[0].names != readers[1].names:
-        different = sorted(set(readers[0].names) ^ set(readers[1].names))[0]
+        different = min(set(readers[0].names) ^ set(readers[1].names))
         raise JaxmergeError(f"{model} and {reference} differ in their tensors, e.g. {different!r}")
     spec = llama_permutation_spec(readers[0].names, configs[1], residual=residual, heads=heads, mlp=mlp)
     named = [key[0] for key in spec.axes]

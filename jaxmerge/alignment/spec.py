@@ -152,7 +152,7 @@ class PermutationSpec:
                     continue
                 if shape[axis] % block:
                     raise JaxmergeError(f"axis {axis} of {path_str(spec_key)!r} has {shape[axis]} entries, not a whole "
-                                        f"number of {name!r}'s blocks of {block}")
+                                        f"number of blocks of {block} (permutation {name!r})")
                 count = shape[axis] // block
                 if name in sizes and sizes[name][0] != count:
                     size, other, other_axis = sizes[name]

@@ -117,7 +117,7 @@ def test_spec_errors_name_the_leaf_axis_and_sizes():
     with pytest.raises(ValueError, match="both specs name the leaf"):
         spec | spec
     with pytest.raises(ValueError, match=r"axis 1 of 'params/Dense_0/kernel' has 16 entries, not a whole number of "
-                                         r"'h's blocks of 5"):
+                                         r"blocks of 5 \(permutation 'h'\)"):
         jaxmerge.PermutationSpec({"params/Dense_0/kernel": (None, ("h", 5))}).bind(params)
 
 
