@@ -80,7 +80,10 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
 
     Maximises ``sum_leaves <W_reference, P(W_model)>`` (the Frobenius inner product, summed
     over every leaf the spec names; ``P`` applies the permutations as
-    :func:`apply_permutation` does) by coordinate descent, starting from ``init_perm``: in
+    :func:`apply_permutation` does) by coordinate descent. It starts from ``init_perm``, or
+    else from each permutation solved on the leaves that no other permutation touches (biases,
+    norms, the first layer's kernel; the identity where there are none), which keeps
+    networks with a shared residual stream out of poor local optima. Then, in
     an order drawn at random each sweep, each permutation ``p`` of size ``n`` is re-solved
     with the others held fixed, as the linear assignment problem
     ``max_pi sum_i C[i, pi(i)]``, where ``C[i, j]`` sums, over every axis ``p`` acts on, the
@@ -94,7 +97,7 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
       model: the parameter tree to permute, with ``reference``'s structure and shapes.
       max_iter: the most sweeps over all permutations.
       seed: seed of the random order of the permutations within a sweep.
-      init_perm: the permutations to start from (default: the identity), e.g. the previous
+      init_perm: the permutations to start from (default: as described above), e.g. the previous
         solution when ``reference`` has changed a little.
 
     Returns:
@@ -126,25 +129,38 @@ def weight_matching(spec: PermutationSpec, reference: PyTree, model: PyTree, *, 
     ref = [np.asarray(x, np.float64) for x in flatten_with_keys(reference)[1]]
     other = [np.asarray(x, np.float64) for x in flatten_with_keys(model)[1]]
     axes = {index: spec.axes[key] for key, index in bound.leaf_index.items()}
+
+    def cost(name, only_alone=False):
+        size = bound.sizes[name]
+        total = np.zeros((size, size))
+        for index, axis, block in bound.axes_of(name):
+            if only_alone and sum(e is not None for e in axes[index]) > 1:
+                continue
+            a = np.moveaxis(grouped(ref[index], axis, block), axis, 0).reshape(size, -1)
+            b = _permuted(other[index], axes[index], perm, skip_axis=axis)
+            b = np.moveaxis(grouped(b, axis, block), axis, 0).reshape(size, -1)
+            total += a @ b.T
+        return total
+
     perm = {name: np.arange(size) for name, size in bound.sizes.items()}
     if init_perm is not None:
         _check_perm(bound, init_perm)
         perm = {name: np.asarray(init_perm[name]) for name in perm}
+    else:  # each permutation solved on the leaves that only it permutes, where there are any
+        for name in perm:
+            alone = cost(name, only_alone=True)
+            if alone.any():
+                perm[name] = scipy.optimize.linear_sum_assignment(alone, maximize=True)[1]
     rng = np.random.default_rng(seed)
     names = spec.names
     for _ in range(max_iter):
         improved = False
         for name in rng.permutation(names):
             size = bound.sizes[name]
-            cost = np.zeros((size, size))
-            for index, axis, block in bound.axes_of(name):
-                a = np.moveaxis(grouped(ref[index], axis, block), axis, 0).reshape(size, -1)
-                b = _permuted(other[index], axes[index], perm, skip_axis=axis)
-                b = np.moveaxis(grouped(b, axis, block), axis, 0).reshape(size, -1)
-                cost += a @ b.T
-            _, assignment = scipy.optimize.linear_sum_assignment(cost, maximize=True)
+            cost_matrix = cost(name)
+            _, assignment = scipy.optimize.linear_sum_assignment(cost_matrix, maximize=True)
             rows = np.arange(size)
-            if cost[rows, assignment].sum() > cost[rows, perm[name]].sum() + 1e-12:
+            if cost_matrix[rows, assignment].sum() > cost_matrix[rows, perm[name]].sum() + 1e-12:
                 improved = True
             perm[name] = assignment
         if not improved:

@@ -329,7 +329,8 @@ def cnn_permutation_spec(params: PyTree, convs: Sequence[str], dense: Sequence[s
 
 
 def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, value: str, out: str,
-                                       fc1: str, fc2: str, prefix: str = "block") -> PermutationSpec:
+                                       fc1: str, fc2: str, prefix: str = "block", residual: str | None = None,
+                                       norms: Sequence[str] = ()) -> PermutationSpec:
     """The permutation spec of one transformer block: attention heads and MLP hidden units.
 
     The heads permutation ``'{prefix}_heads'`` acts on the heads axis of the query, key and
@@ -337,9 +338,14 @@ def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, 
     layout) and biases (``(heads, head_dim)``), and of the output projection kernel
     (``(heads, head_dim, d)``): attention is a sum over heads, so reordering whole heads
     leaves it unchanged. ``'{prefix}_mlp'`` acts on the MLP's hidden units (axis 1 of the
-    ``fc1`` kernel and its bias, axis 0 of the ``fc2`` kernel). The residual stream (the
-    model dimension ``d``) is not permuted, nor is the order of units within a head.
-    Combine the specs of several blocks (distinct ``prefix`` each) with ``|``.
+    ``fc1`` kernel and its bias, axis 0 of the ``fc2`` kernel). The order of units within a
+    head is not permuted. With ``residual``, that permutation acts on the model dimension
+    ``d``: the input axis of the query, key, value and ``fc1`` kernels, the output axis of the
+    ``out`` and ``fc2`` kernels and their biases, and the ``scale`` and ``bias`` of the block's
+    ``norms`` (LayerNorm and RMSNorm normalise over ``d``, which no permutation changes).
+    Combine the specs of several blocks (distinct ``prefix`` each, one ``residual`` name
+    shared) with ``|``, and add the embedding (its ``d`` axis), the final norm and the head's
+    input axis under the same name, so that the residual stream moves as one.
 
     Args:
       params: the parameters holding the block (a dict, Linen variables or an
@@ -351,13 +357,17 @@ def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, 
       fc1: path of the MLP's first dense layer (kernel ``(d, hidden)``).
       fc2: path of the MLP's second dense layer (kernel ``(hidden, d)``).
       prefix: the start of the permutations' names.
+      residual: the name of the residual stream's permutation, or None to leave it in place.
+      norms: paths of the block's norm layers (their ``scale`` and ``bias`` move with
+        ``residual``).
 
     Returns:
       A :class:`PermutationSpec` with the permutations ``'{prefix}_heads'`` and
-      ``'{prefix}_mlp'``.
+      ``'{prefix}_mlp'``, and ``residual`` if given.
 
     Raises:
-      JaxmergeError: one of the six paths has no ``kernel`` leaf.
+      JaxmergeError: one of the six paths has no ``kernel`` leaf, or a norm path has no
+        ``scale`` or ``bias``.
 
     References:
       Ainsworth et al., "Git Re-Basin: Merging Models modulo Permutation Symmetries",
@@ -376,15 +386,23 @@ def transformer_block_permutation_spec(params: PyTree, *, query: str, key: str, 
       {'block_heads': 2, 'block_mlp': 8}
     """
     keys = flatten_with_keys(params)[0]
-    heads, mlp = f"{prefix}_heads", f"{prefix}_mlp"
+    heads, mlp, r = f"{prefix}_heads", f"{prefix}_mlp", residual
     axes = {}
     for layer in (query, key, value):
-        axes[_find(keys, layer, "kernel") or _missing(layer)] = (None, heads, None)
+        axes[_find(keys, layer, "kernel") or _missing(layer)] = (r, heads, None)
         bias = _find(keys, layer, "bias")
         if bias is not None:
             axes[bias] = (heads, None)
-    axes[_find(keys, out, "kernel") or _missing(out)] = (heads, None, None)
+    axes[_find(keys, out, "kernel") or _missing(out)] = (heads, None, r)
     axes.update(_chain(params, [fc1, fc2], None, [mlp], lambda into, out_: (into, out_)))
+    if r is not None:
+        axes[_find(keys, fc1, "kernel")] = (r, mlp)
+        axes[_find(keys, fc2, "kernel")] = (mlp, r)
+        for layer, names in ((out, ("bias",)), (fc2, ("bias",)), *((norm, ("scale", "bias")) for norm in norms)):
+            found = [k for k in (_find(keys, layer, n) for n in names) if k is not None]
+            if layer in norms and not found:
+                raise JaxmergeError(f"no scale or bias under the norm {layer!r}")
+            axes.update({k: (r,) for k in found})
     return PermutationSpec(axes)
 
 

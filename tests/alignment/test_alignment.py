@@ -47,6 +47,23 @@ class Block(nnx.Module):
         return x + self.fc2(jax.nn.relu(self.fc1(x)))
 
 
+class Transformer(nnx.Module):
+    """Embedding, two pre-norm blocks and a head: the residual stream moves as one permutation."""
+
+    def __init__(self, d=8, rngs=None):
+        self.embed = nnx.Linear(3, d, rngs=rngs)
+        self.blocks = nnx.List([Block(d, rngs=rngs) for _ in range(2)])
+        self.norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in range(2)])
+        self.final_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for block, norm in zip(self.blocks, self.norms):
+            x = block(norm(x))
+        return self.head(self.final_norm(x))
+
+
 def _mlp():
     module = MLP()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.float32)
@@ -76,7 +93,23 @@ def _block():
     return state, spec, lambda s: nnx.merge(graphdef, s)(x)
 
 
-NETWORKS = {"mlp": _mlp, "cnn": _cnn, "transformer_block": _block}
+def _transformer():
+    model = Transformer(rngs=nnx.Rngs(5))
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(6)  # norm scales and biases other than ones and zeros
+    state = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(0.0, 0.3, v.shape), v.dtype), state)
+    spec = jaxmerge.PermutationSpec({"embed/kernel": (None, "residual"), "embed/bias": ("residual",),
+                                     "final_norm/scale": ("residual",), "final_norm/bias": ("residual",),
+                                     "head/kernel": ("residual", None)})
+    for i in range(2):
+        spec = spec | jaxmerge.transformer_block_permutation_spec(
+            state, **{p: f"blocks/{i}/{p}" for p in ("query", "key", "value", "out", "fc1", "fc2")},
+            prefix=f"block{i}", residual="residual", norms=[f"norms/{i}"])
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5, 3)), jnp.float32)
+    return state, spec, lambda s: nnx.merge(graphdef, s)(x)
+
+
+NETWORKS = {"mlp": _mlp, "cnn": _cnn, "transformer_block": _block, "transformer": _transformer}
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
