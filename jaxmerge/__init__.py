@@ -22,8 +22,8 @@ _MODULES = {  # the module that defines each public name
         "transformer_block_permutation_spec", "transport", "weight_matching",
     ],
     "jaxmerge.analysis": [
-        "barrier", "interpolation_curve", "plot_interpolation", "plot_similarity", "sign_conflict_rate",
-        "task_vector_similarity",
+        "barrier", "interpolation_curve", "layerwise_barriers", "plot_interpolation", "plot_layer_barriers",
+        "plot_similarity", "sign_conflict_rate", "task_vector_similarity",
     ],
     "jaxmerge.averaging._wrapper": ["averaged_params"],
     "jaxmerge.averaging.bema": ["bema"],

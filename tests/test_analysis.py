@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,3 +57,24 @@ def test_plots_are_written(tmp_path):
     jaxmerge.plot_similarity(np.eye(3), ["a", "b", "c"], tmp_path / "similarity.png")
     for name in ("curve.png", "similarity.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layerwise_barriers_move_one_layer_at_a_time():
+    rng = np.random.default_rng(0)
+    a = {name: {"kernel": jnp.asarray(rng.standard_normal((3, 3)), jnp.float32),
+                "bias": jnp.asarray(rng.standard_normal(3), jnp.float32)} for name in ("first", "second")}
+    b = jax.tree.map(lambda x: -x, a)
+    x = rng.standard_normal((16, 3))
+
+    def loss(p):
+        h = np.tanh(x @ np.asarray(p["first"]["kernel"]) + np.asarray(p["first"]["bias"]))
+        return float(np.mean((h @ np.asarray(p["second"]["kernel"]) + np.asarray(p["second"]["bias"]) - 1) ** 2))
+
+    got = jaxmerge.layerwise_barriers(a, b, loss, num=5)
+    assert list(got) == ["first", "second"]
+    for layer in got:
+        ts = np.linspace(0, 1, 5)
+        values = [loss({n: {k: (1 - t) * np.asarray(v) + t * np.asarray(b[n][k]) if n == layer else v
+                            for k, v in leaves.items()} for n, leaves in a.items()}) for t in ts]
+        line = (1 - ts) * values[0] + ts * values[-1]
+        assert got[layer] == pytest.approx(max(np.asarray(values) - line), rel=1e-5, abs=1e-6)
