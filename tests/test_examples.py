@@ -77,13 +77,28 @@ def _averaging_lowers_the_loss_of_the_last_iterate(out):
     assert len(averages) == 4 and max(averages) < losses["last iterate"]
 
 
-def _rebasin_removes_most_of_the_barrier(out, curve):
-    barriers = {label: float(value) for label, value in
-                re.findall(r"^(naive|weight matching|activation matching|weight matching\+REPAIR)\s+([0-9.]+)", out,
-                           re.M)}
-    assert barriers["weight matching"] < barriers["naive"] / 5
-    assert barriers["activation matching"] < barriers["naive"] / 5
-    assert barriers["weight matching+REPAIR"] <= barriers["weight matching"]
+def _alignment_tables(out: str) -> dict:
+    """``{network: {method: (barrier or None, loss at 0.5, accuracy at 0.5)}}``."""
+    tables = {}
+    for block in re.split(r"^(?=MLP |CNN )", out, flags=re.M)[1:]:
+        rows = re.findall(r"^(\w[\w +()=,.-]*?)\s+(-|[0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", block, re.M)
+        tables[block.split()[0]] = {label: (None if b == "-" else float(b), float(loss), float(acc))
+                                    for label, b, loss, acc in rows}
+    return tables
+
+
+def _alignment_removes_most_of_the_barrier(out, curve):
+    tables = _alignment_tables(out)
+    mlp, cnn = tables["MLP"], tables["CNN"]
+    for method in ("weight matching", "activation matching", "straight-through estimator"):
+        assert mlp[method][0] < mlp["naive"][0] / 5, (method, mlp)
+    for method in ("OT fusion (weights, exact)", "OT fusion (activations, exact)"):
+        assert mlp[method][0] < mlp["naive"][0] / 2, (method, mlp)
+    for method in ("weight matching + REPAIR", "PLeaS (width 512)", "PLeaS (width 640, partial)",
+                   "OT fusion of 512 + 256 wide"):
+        assert mlp[method][2] > mlp["naive"][2] + 0.01, (method, mlp)
+    for method in ("weight matching", "straight-through estimator", "OT fusion (weights, exact)"):
+        assert cnn[method][0] < cnn["naive"][0] / 3, (method, cnn)
     assert curve.exists() and "computes the same function: True" in out
 
 
@@ -129,8 +144,8 @@ def test_merging_examples_report_what_the_readme_says():
 
 @pytest.mark.slow
 def test_training_and_alignment_examples_report_what_the_readme_says(tmp_path):
-    out = run_examples("averaging.py", f"rebasin.py::{tmp_path / 'curve.png'}", "federated.py", "learned_merging.py")
+    out = run_examples("averaging.py", f"alignment.py::{tmp_path / 'curve.png'}", "federated.py", "learned_merging.py")
     _averaging_lowers_the_loss_of_the_last_iterate(out["averaging.py"])
-    _rebasin_removes_most_of_the_barrier(out["rebasin.py"], tmp_path / "curve.png")
+    _alignment_removes_most_of_the_barrier(out["alignment.py"], tmp_path / "curve.png")
     _federated_trains_every_server_and_fedau_corrects_skewed_participation(out["federated.py"])
     _learned_merging_tunes_learns_and_searches_better_coefficients(out["learned_merging.py"])

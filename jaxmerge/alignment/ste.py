@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxmerge._promotion import standard_promotion
 from jaxmerge._tree import PyTree, flatten_models
 from jaxmerge.alignment.matching import apply_permutation, weight_matching
 from jaxmerge.alignment.spec import PermutationSpec
@@ -51,8 +52,8 @@ def ste_matching(spec: PermutationSpec, loss_fn: Callable[[PyTree, object], jax.
       epochs: passes over ``data``.
       t: where on the line from ``reference`` (0) to the permuted ``model`` (1) the loss is
         taken.
-      optimizer: the optax optimizer of ``theta`` (default SGD, learning rate 0.01, momentum
-        0.9, as the paper's MLP experiments).
+      optimizer: the optax optimizer of ``theta`` (default Adam, learning rate 0.001; it is
+        traced under JAX's standard dtype promotion, which optax's Adam needs).
       seed: seed of :func:`~jaxmerge.weight_matching`'s order of permutations.
 
     Returns:
@@ -84,14 +85,16 @@ def ste_matching(spec: PermutationSpec, loss_fn: Callable[[PyTree, object], jax.
     batches = list(data)
     if not batches:
         raise JaxmergeError("ste_matching needs at least one batch")
-    optimizer = optimizer if optimizer is not None else optax.sgd(1e-2, momentum=0.9)
+    optimizer = optimizer if optimizer is not None else optax.adam(1e-3)
     step = _step(loss_fn, optimizer, t)
     theta, perm, best = reference, None, (np.inf, None)
-    opt_state = optimizer.init(theta)
+    with standard_promotion():
+        opt_state = optimizer.init(theta)
     for _ in range(epochs):
         for batch in batches:
             perm = weight_matching(spec, theta, model, seed=seed, init_perm=perm)
-            theta, opt_state, loss = step(theta, opt_state, apply_permutation(spec, perm, model), reference, batch)
+            with standard_promotion():
+                theta, opt_state, loss = step(theta, opt_state, apply_permutation(spec, perm, model), reference, batch)
             if float(loss) < best[0]:
                 best = (float(loss), perm)
     if best[1] is None:
