@@ -26,6 +26,7 @@ Sinkhorn solver (``solver='sinkhorn'``, soft plans).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -93,8 +94,9 @@ def _moved(leaf: np.ndarray, axis: int, matrix: np.ndarray) -> np.ndarray:
     return np.moveaxis(np.tensordot(leaf, matrix, axes=([axis], [0])), -1, axis)
 
 
-def _plan(cost: np.ndarray, solver: str, epsilon: float) -> np.ndarray:
-    """The optimal transport plan between ``n`` and ``m`` units with uniform marginals."""
+@functools.cache
+def _solvers() -> tuple:
+    """ott-jax's Hungarian and Sinkhorn solvers on a cost matrix, jitted (imported on first use)."""
     with warnings.catch_warnings():  # ott-jax imports jaxopt, which warns that it is unmaintained
         warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
         try:
@@ -105,18 +107,29 @@ def _plan(cost: np.ndarray, solver: str, epsilon: float) -> np.ndarray:
         except ImportError as e:
             raise JaxmergeError("transport needs ott-jax: pip install 'jaxmerge[alignment]'") from e
 
+    def exact(cost):
+        return unreg.hungarian(geometry.Geometry(cost))[1].paired_indices
+
+    def entropic(cost, epsilon):
+        geom = geometry.Geometry(cost, epsilon=epsilon, relative_epsilon="mean")
+        return sinkhorn.Sinkhorn()(linear_problem.LinearProblem(geom)).matrix
+
+    return jax.jit(exact), jax.jit(entropic)
+
+
+def _plan(cost: np.ndarray, solver: str, epsilon: float) -> np.ndarray:
+    """The optimal transport plan between ``n`` and ``m`` units with uniform marginals."""
+    exact, entropic = _solvers()
     n, m = cost.shape
     with standard_promotion():
         if solver == "sinkhorn":
-            geom = geometry.Geometry(jnp.asarray(cost, jnp.float32), epsilon=epsilon, relative_epsilon="mean")
-            return np.asarray(sinkhorn.Sinkhorn()(linear_problem.LinearProblem(geom)).matrix, np.float64)
+            return np.asarray(entropic(jnp.asarray(cost, jnp.float32), epsilon), np.float64)
         size = math.lcm(n, m)
         if size > _MAX_EXPANDED_UNITS:
             raise JaxmergeError(f"exact transport between {n} and {m} units solves an assignment of lcm({n}, {m}) = "
                                 f"{size} copies (at most {_MAX_EXPANDED_UNITS}); use solver='sinkhorn'")
         rows, cols = np.repeat(np.arange(n), size // n), np.repeat(np.arange(m), size // m)
-        pairs = np.asarray(unreg.hungarian(geometry.Geometry(jnp.asarray(cost[rows][:, cols], jnp.float32)))[1]
-                           .paired_indices)
+        pairs = np.asarray(exact(jnp.asarray(cost[rows][:, cols], jnp.float32)))
     plan = np.zeros((n, m))
     np.add.at(plan, (rows[pairs[0]], cols[pairs[1]]), 1.0 / size)
     return plan
