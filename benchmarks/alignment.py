@@ -30,6 +30,17 @@ def pair(width: int) -> tuple[dict, dict, jaxmerge.PermutationSpec]:
     return a, jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, a, seed=2), noisy), spec
 
 
+def ratios(width: int, reps: int) -> tuple[int, float, list[float]]:
+    """Parameters, the average's time, and each method's time over it, at one width."""
+    a, b, spec = pair(width)
+    baseline = best_time(lambda: jaxmerge.average([a, b]), reps, warmup=True)
+    times = [best_time(fn, reps, warmup=True) for fn in (
+        lambda: jaxmerge.weight_matching(spec, a, b),
+        lambda: jaxmerge.transport(spec, a, b),
+        lambda: jaxmerge.transport(spec, a, b, solver="sinkhorn"))]
+    return sum(x.size for x in jax.tree.leaves(a)), baseline, [t / baseline for t in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -37,15 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{'width':>6}{'params':>10}{'average s':>11}{'weight matching':>17}{'OT exact':>10}{'OT Sinkhorn':>13}")
     for width in args.widths:
-        a, b, spec = pair(width)
-        baseline = best_time(lambda: jaxmerge.average([a, b]), args.reps, warmup=True)
-        times = [best_time(fn, args.reps, warmup=True) for fn in (
-            lambda: jaxmerge.weight_matching(spec, a, b),
-            lambda: jaxmerge.transport(spec, a, b),
-            lambda: jaxmerge.transport(spec, a, b, solver="sinkhorn"))]
-        size = sum(x.size for x in jax.tree.leaves(a))
-        print(f"{width:>6}{size:>10}{baseline:>11.5f}" + "".join(f"{t / baseline:>{w}.0f}x"
-                                                              for t, w in zip(times, (16, 9, 12))))
+        size, baseline, ratio = ratios(width, args.reps)
+        print(f"{width:>6}{size:>10}{baseline:>11.5f}" + "".join(f"{r:>{w}.0f}x" for r, w in zip(ratio, (16, 9, 12))))
     print_peak_rss()
 
 
