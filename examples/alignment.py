@@ -94,7 +94,7 @@ def mlp_section():
     spec = jaxmerge.mlp_permutation_spec(a)
     aligned = jaxmerge.align(spec, a, b)
     by_activations = jaxmerge.apply_permutation(spec, jaxmerge.activation_matching(spec, apply, a, b, batches), b)
-    ste = jaxmerge.apply_permutation(spec, jaxmerge.ste_matching(spec, scores(apply)[2], a, b, labelled, epochs=5), b)
+    ste = jaxmerge.apply_permutation(spec, jaxmerge.ste_matching(spec, scores(apply)[2], a, b, labelled, epochs=3), b)
     candidates = {"naive": b, "weight matching": aligned, "activation matching": by_activations,
                   "straight-through estimator": ste, "OT fusion (weights, exact)": jaxmerge.transport(spec, a, b),
                   "OT fusion (activations, exact)": jaxmerge.transport(spec, a, b, cost="activations",
@@ -124,7 +124,7 @@ def cnn_section():
             for s, p in enumerate((first, second)))
     apply = logits_fn(graphdef)
     spec = jaxmerge.cnn_permutation_spec(a, convs=["convs/0", "convs/1"], dense=["head"])
-    ste = jaxmerge.ste_matching(spec, scores(apply)[2], a, b, labelled, epochs=5)
+    ste = jaxmerge.ste_matching(spec, scores(apply)[2], a, b, labelled, epochs=3)
     candidates = {"naive": b, "weight matching": jaxmerge.align(spec, a, b),
                   "straight-through estimator": jaxmerge.apply_permutation(spec, ste, b),
                   "OT fusion (weights, exact)": jaxmerge.transport(spec, a, b)}

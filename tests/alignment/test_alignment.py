@@ -366,7 +366,7 @@ def test_repair_follows_the_order_layers_run_in_not_their_names():
         np.testing.assert_allclose(np.std(pre[k], 0), target, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])  # Llama's tensors, plus biases or q/k norms
 def test_llama_spec_permutes_heads_residual_and_mlp_without_changing_the_logits(model_type):
     from jaxmerge.moe.transformer import logits, random_params
 
