@@ -9,9 +9,9 @@ from pathlib import Path
 from jaxmerge.cli.config import parse_dtype, read_yaml, resolve_model
 from jaxmerge.errors import ConfigError
 
-GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "perplexity")
 _TOP_LEVEL = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
-              "non_expert_merge"}
+              "non_expert_merge", "routing_texts"}
 _EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 
 
@@ -47,7 +47,8 @@ class MoeConfig:
       base_model: the model whose non-MLP tensors, tokenizer and config the output takes.
       experts: the routed experts.
       gate_mode: how routers are initialised: ``hidden`` (alias ``hidden_last``),
-        ``hidden_avg``, ``cheap_embed``, ``random`` or ``uniform_random``.
+        ``hidden_avg``, ``cheap_embed``, ``random`` or ``uniform_random`` (mergekit-moe's),
+        or ``perplexity`` (jaxmerge's, after MergeME: see :mod:`jaxmerge.moe.routers`).
       dtype: the output dtype (default: the base config's).
       experts_per_token: experts each token is routed to.
       shared_experts: experts every token goes through (Qwen2-MoE: exactly one).
@@ -56,6 +57,8 @@ class MoeConfig:
       non_expert_merge: ``{"method": name, "parameters": {...}}``: merge the experts'
         non-MLP tensors with this method around the base instead of copying the base's.
       text: the config file's text.
+      routing_texts: for ``gate_mode: perplexity``, texts routed to the expert that models
+        each best, besides the experts' positive prompts.
 
     Examples:
       >>> from pathlib import Path
@@ -72,6 +75,7 @@ class MoeConfig:
     architecture: str | None = None
     non_expert_merge: dict | None = None
     text: str = ""
+    routing_texts: tuple[str, ...] = ()
 
 
 def _prompts(value, where: str) -> tuple[str, ...]:
@@ -158,9 +162,18 @@ def load_moe_config(path: str | Path, *, allow_all_same: bool = False) -> MoeCon
     config = MoeConfig(resolve_model(str(raw["base_model"]), path.parent, "base_model"),
                        _experts(raw["experts"], "experts", path), gate_mode, parse_dtype(raw.get("dtype"), "dtype"),
                        per_token, _experts(raw.get("shared_experts"), "shared_experts", path),
-                       None if raw.get("architecture") is None else str(raw["architecture"]), merge, text)
+                       None if raw.get("architecture") is None else str(raw["architecture"]), merge, text,
+                       _texts(raw.get("routing_texts"), path))
     _check(config, path, allow_all_same)
     return config
+
+
+def _texts(value, path: Path) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise ConfigError(f"{path}: routing_texts must be a list of non-empty strings")
+    return tuple(value)
 
 
 def _check(config: MoeConfig, path: Path, allow_all_same: bool) -> None:
@@ -168,7 +181,9 @@ def _check(config: MoeConfig, path: Path, allow_all_same: bool) -> None:
     experts = config.experts
     if len(experts) < config.experts_per_token:
         raise ConfigError(f"{path}: {len(experts)} experts, fewer than experts_per_token ({config.experts_per_token})")
-    if config.gate_mode == "random":
+    if config.routing_texts and config.gate_mode != "perplexity":
+        raise ConfigError(f"{path}: routing_texts are read by gate_mode perplexity only")
+    if config.gate_mode == "random" or (config.gate_mode == "perplexity" and config.routing_texts):
         return
     for i, expert in enumerate(experts):
         if not expert.positive_prompts:

@@ -9,6 +9,15 @@ included, as mergekit does). Prompts are tokenized as ``bos_token + prompt`` wit
 special tokens and padded on the left with the BOS token (else EOS). ``random``: standard
 normal rows; ``uniform_random``: uniform in ``±1/sqrt(hidden)`` (``torch.nn.Linear``'s
 initialisation), both drawn from an explicit key.
+
+``perplexity`` (jaxmerge's; after MergeME's perplexity-based routing, Zhou et al., arXiv
+2502.00997, whose exact formulation is not reproduced here): every routing text (the config's
+``routing_texts`` and every expert's positive prompts) goes to the expert whose dense model
+gives it the lowest perplexity (the mean negative log-likelihood of its tokens after the
+first, in float32); each expert's router rows are then the ``hidden`` rows of the texts it
+won, so that tokens are routed to the expert that models text like them best rather than to
+the expert whose prompts a user listed. An expert that wins no text keeps its own positive
+prompts, or, without any, is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge.errors import JaxmergeError
-from jaxmerge.moe.transformer import hidden_states
+from jaxmerge.moe.transformer import hidden_states, logits
 
 
 class PromptTokenizer:
@@ -91,6 +100,38 @@ def prompt_hidden_states(params: Mapping[str, jax.Array], config: Mapping, input
     inputs, _ = hidden_states(params, config, input_ids, attention_mask)
     per_prompt = inputs.mean(axis=2) if average else inputs[:, :, -1]
     return per_prompt.astype(jnp.float32).mean(axis=1)
+
+
+def text_losses(params: Mapping[str, jax.Array], config: Mapping, input_ids: jax.Array,
+                attention_mask: jax.Array) -> jax.Array:
+    """Each text's mean negative log-likelihood of its tokens after the first, ``(texts,)``
+    (float32; the log of its perplexity)."""
+    scores = jax.nn.log_softmax(logits(params, config, input_ids, attention_mask).astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(scores[:, :-1], input_ids[:, 1:, None], axis=-1)[..., 0]
+    counted = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)  # a token and one before it
+    return -(picked * counted).sum(axis=1) / jnp.maximum(counted.sum(axis=1), 1.0)
+
+
+def perplexity_prompts(losses: np.ndarray, texts: Sequence[str],
+                       own: Sequence[Sequence[str]]) -> list[tuple[list[str], list[str]]]:
+    """Per expert, ``(texts it models best, [])`` from ``losses`` ``(experts, texts)``; an
+    expert that is best on none keeps its own positive prompts ``own[e]``.
+
+    Raises:
+      JaxmergeError: an expert is best on no text and has no positive prompts.
+
+    Examples:
+      >>> perplexity_prompts(np.asarray([[1.0, 3.0, 2.0], [2.0, 1.0, 2.5]]), ["x", "y", "z"], [[], []])
+      [(['x', 'z'], []), (['y'], [])]
+    """
+    best = np.argmin(np.asarray(losses), axis=0)
+    prompts = []
+    for e, fallback in enumerate(own):
+        won = [t for t, b in zip(texts, best) if b == e]
+        if not won and not fallback:
+            raise JaxmergeError(f"experts[{e}] models none of the routing texts best and has no positive_prompts")
+        prompts.append((won or list(fallback), []))
+    return prompts
 
 
 def _normalised(x: jax.Array) -> jax.Array:

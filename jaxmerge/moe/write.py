@@ -17,10 +17,11 @@ from jaxmerge.errors import JaxmergeError
 from jaxmerge.moe.build import BASE, SHARED, ExpertScaling, plan_moe
 from jaxmerge.moe.config import MoeConfig
 from jaxmerge.moe.layouts import select_layout
-from jaxmerge.moe.routers import PromptTokenizer, gate_vectors, prompt_embedder
+from jaxmerge.moe.routers import PromptTokenizer, gate_vectors, perplexity_prompts, prompt_embedder, text_losses
 
 
-def _routers(config: MoeConfig, base_config: dict, reader, key: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _routers(config: MoeConfig, base_config: dict, readers: dict,
+             key: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """``(routers, shared_routers)`` of the config's gate mode (mergekit-moe's rules: shared
     experts get a gate when they have prompts, or in the random modes)."""
     gated = list(config.experts)
@@ -29,17 +30,36 @@ def _routers(config: MoeConfig, base_config: dict, reader, key: jax.Array) -> tu
         raise JaxmergeError("give prompts to every shared expert or to none")
     if any(shared_prompts) or config.gate_mode in ("random", "uniform_random"):
         gated += config.shared_experts
-    embed = None
-    if config.gate_mode not in ("random", "uniform_random"):
-        needed = ["model.embed_tokens.weight"] if config.gate_mode == "cheap_embed" else reader.names
+    prompts = [(e.positive_prompts, e.negative_prompts) for e in gated]
+    mode, embed = config.gate_mode, None
+    if mode not in ("random", "uniform_random"):
+        reader, tokenizer = readers[BASE], PromptTokenizer(config.base_model)
+        needed = ["model.embed_tokens.weight"] if mode == "cheap_embed" else reader.names
         params = {name: reader.read(name).astype(jnp.float32) for name in needed}
-        embed = prompt_embedder(config.gate_mode, PromptTokenizer(config.base_model), params, base_config)
-    gates = gate_vectors(config.gate_mode, [(e.positive_prompts, e.negative_prompts) for e in gated],
-                         layers=base_config["num_hidden_layers"], hidden=base_config["hidden_size"], key=key, embed=embed)
+        if mode == "perplexity":
+            prompts[:len(config.experts)] = _perplexity_prompts(config, base_config, readers, tokenizer)
+            mode = "hidden"
+        embed = prompt_embedder(mode, tokenizer, params, base_config)
+    gates = gate_vectors(mode, prompts, layers=base_config["num_hidden_layers"], hidden=base_config["hidden_size"],
+                         key=key, embed=embed)
     if config.gate_mode.startswith("hidden") and _out_dtype(config, base_config) is None:
         gates = gates.astype(jnp.bfloat16)  # the dtype mergekit-moe runs the model in, which its routers keep
     count = len(config.experts)
     return gates[:, :count], (gates[:, count:] if gates.shape[1] > count else None)
+
+
+def _perplexity_prompts(config: MoeConfig, base_config: dict, readers: dict, tokenizer) -> list:
+    """The routed experts' prompts for ``gate_mode: perplexity``: the routing texts each
+    expert's dense model gives the lowest perplexity (see :mod:`jaxmerge.moe.routers`)."""
+    texts = list(dict.fromkeys([*config.routing_texts, *(p for e in config.experts for p in e.positive_prompts)]))
+    ids, mask = tokenizer(texts)
+    losses = []
+    for e in range(len(config.experts)):  # one expert's tensors in memory at a time
+        reader = readers[e]
+        params = {name: reader.read(name).astype(jnp.float32) for name in reader.names}
+        losses.append(np.asarray(text_losses(params, base_config, ids, mask)))
+        del params
+    return perplexity_prompts(np.stack(losses), texts, [e.positive_prompts for e in config.experts])
 
 
 def _dense_merge(spec: dict | None, seed: int):
@@ -126,7 +146,7 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
             opened[Path(path).resolve()] = open_checkpoint(path)
     readers = {model: opened[Path(path).resolve()] for model, path in models.items()}
     key = jax.random.key(seed)
-    routers, shared_routers = _routers(config, base_config, readers[BASE], jax.random.fold_in(key, 0))
+    routers, shared_routers = _routers(config, base_config, readers, jax.random.fold_in(key, 0))
     scale = lambda e: ExpertScaling(e.noise_scale, e.residual_scale)
     outputs = plan_moe(layout, base_config, set(readers[BASE].names).__contains__, [scale(e) for e in config.experts],
                        routers, shared=scale(config.shared_experts[0]) if config.shared_experts else None,

@@ -102,6 +102,33 @@ def test_hidden_routers_are_each_layers_input_at_the_last_token_of_a_numpy_forwa
         np.testing.assert_allclose(moe[f"model.layers.{i}.mlp.gate.weight"], expected[i], rtol=1e-4, atol=1e-5)
 
 
+def test_perplexity_routers_are_the_hidden_rows_of_the_texts_each_expert_models_best(models, tmp_path):
+    root, base, experts = models
+    texts = ["ab", "fed cab", "hg", "dead beef", "cafe"]
+    moe, _ = _build(root, tmp_path, gate_mode="perplexity", dtype="float32", routing_texts=texts)
+    config = json.loads((root / "base" / "config.json").read_text())
+    texts = list(dict.fromkeys(texts + [t for positive, _ in PROMPTS for t in positive]))
+
+    def loss(params, ids):  # mean negative log-likelihood of the tokens after the first (NumPy, float64)
+        final = layer_inputs(params, config, np.asarray([ids]), np.ones((1, len(ids))))[1][0]
+        logit = final @ np.asarray(params["lm_head.weight"], np.float64).T
+        logit = logit - logit.max(-1, keepdims=True)
+        log_p = logit - np.log(np.exp(logit).sum(-1, keepdims=True))
+        return -np.mean(log_p[np.arange(len(ids) - 1), ids[1:]])
+
+    ids = _token_ids(root, texts)
+    best = np.argmin([[loss(e, i) for i in ids] for e in experts], axis=0)
+    assert len(set(best.tolist())) > 1  # the texts are split between experts
+
+    def represent(prompts):
+        return np.mean([layer_inputs(base, config, np.asarray([i]), np.ones((1, len(i))))[0][:, 0, -1]
+                        for i in _token_ids(root, prompts)], axis=0)
+    won = [[t for t, b in zip(texts, best) if b == e] or PROMPTS[e][0] for e in range(len(experts))]
+    expected = np.stack([_unit(represent(w)) for w in won], axis=1)
+    for i in range(LAYERS):
+        np.testing.assert_allclose(moe[f"model.layers.{i}.mlp.gate.weight"], expected[i], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_forward_pass_equals_a_numpy_one(kind):
     config = {"model_type": kind, "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 4,
@@ -204,6 +231,8 @@ def test_merging_experts_averages_groups_and_their_router_rows():
     ({"architecture": "qwen3", "gate_mode": "random"}, "Qwen3 MoE takes qwen3 models, got 'llama'"),
     ({"shared_experts": [{"source_model": "e2"}]}, "Mixtral takes 0 shared experts, the config has 1"),
     ({"non_expert_merge": {"method": "ties", "parameters": {"colour": 1}}}, "ties has no parameter 'colour'"),
+    ({"routing_texts": ["ab"]}, "routing_texts are read by gate_mode perplexity only"),
+    ({"routing_texts": "ab", "gate_mode": "perplexity"}, "routing_texts must be a list of non-empty strings"),
 ])
 def test_bad_configs_are_refused_in_one_line_and_write_nothing(models, tmp_path, capsys, change, message):
     root, _, _ = models
