@@ -98,11 +98,13 @@ class TreeStore:
 def run(spec: TreeSpec, leaf_fn: LeafFn, source: Source, sink: Sink):
     """Merge every float leaf with ``leaf_fn(i, base_leaf, model_leaves)`` and pass the others
     through from the reference; each result goes to ``sink``, placed like the reference leaf."""
-    for i, (base, leaves) in enumerate(source.leaves()):
+    i = 0  # counted by hand: enumerate would hold each leaf's inputs until the next leaf is read
+    for base, leaves in source.leaves():
         reference = base if base is not None else leaves[0]
         if spec.is_float(i):
             sink.write(i, keep_sharding(leaf_fn(i, base, leaves), reference))
         else:
             sink.write(i, reference)
         del base, leaves, reference  # free this leaf's inputs before the next are read
+        i += 1
     return sink.close()
