@@ -98,7 +98,7 @@ class TreeStore:
 def run(spec: TreeSpec, leaf_fn: LeafFn, source: Source, sink: Sink):
     """Merge every float leaf with ``leaf_fn(i, base_leaf, model_leaves)`` and pass the others
     through from the reference; each result goes to ``sink``, placed like the reference leaf."""
-    i = 0  # counted by hand: enumerate would hold each leaf's inputs until the next leaf is read
+    i = 0  # counted by hand: enumerate would hold each leaf's inputs until the next is read
     for base, leaves in source.leaves():
         reference = base if base is not None else leaves[0]
         if spec.is_float(i):
@@ -106,5 +106,5 @@ def run(spec: TreeSpec, leaf_fn: LeafFn, source: Source, sink: Sink):
         else:
             sink.write(i, reference)
         del base, leaves, reference  # free this leaf's inputs before the next are read
-        i += 1
+        i += 1  # noqa: SIM113
     return sink.close()
