@@ -110,9 +110,8 @@ class OrbaxReader:
         leaf = self.leaves[name][1]
         return tuple(leaf.shape), np.dtype(leaf.dtype)
 
-    def read(self, name: str, sharding: jax.sharding.Sharding | None = None, *, pool=None) -> jax.Array:
-        """One leaf, loaded alone (into ``sharding``, default: the first local device); ``pool``
-        is not used (Orbax allocates its own buffers).
+    def read(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+        """One leaf, loaded alone (into ``sharding``, default: the first local device).
 
         Raises:
           CheckpointError: the leaf is 64-bit and JAX runs without x64.

@@ -21,8 +21,6 @@ import os
 import re
 import stat
 import struct
-import sys
-import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -226,70 +224,12 @@ def _files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
-_ALIGNMENT = 64
-_POOLED_BYTES = 1 << 20  # smaller tensors come from the allocator's heap, already touched
-
-
-def _aligned_bytes(nbytes: int) -> np.ndarray:
-    """An uninitialised byte buffer starting on a 64-byte boundary: XLA's CPU client wraps
-    such host memory without copying it."""
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % _ALIGNMENT
+def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
+    """An uninitialised byte buffer starting on an ``alignment`` boundary: XLA's CPU client
+    wraps such host memory without copying it."""
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
     return raw[start:start + nbytes]
-
-
-class BufferPool:
-    """Aligned host buffers reused across the tensors of a stream.
-
-    Memory a process touches for the first time is slow to fault in (on some machines
-    slower than reading a page-cached file into it), and every tensor read into a fresh
-    buffer pays that. A buffer goes back to the pool once nothing views it any more:
-    every array made from it, including a JAX array wrapping it without a copy, refers to
-    the buffer itself, so its reference count says when the last one is gone (a JAX
-    array's reference goes at the garbage collection after it is deleted; until then the
-    pool takes another buffer, never one in use).
-    Only a stream's reads use a pool. The pool and its buffers are freed with it.
-
-    Examples:
-      >>> pool = BufferPool()
-      >>> a = pool.take(1000)
-      >>> b = pool.take(1000)  # a is still in use: another buffer
-      >>> del a
-      >>> c = pool.take(800)  # a's buffer, reused
-      >>> len(pool.buffers), c.nbytes, c.ctypes.data % 64
-      (2, 800, 0)
-    """
-
-    def __init__(self):
-        self.buffers: list[np.ndarray] = []
-        self._lock = threading.Lock()  # reader threads take buffers at once
-
-    def _fits(self, k: int, nbytes: int) -> bool:
-        return nbytes + _ALIGNMENT <= self.buffers[k].nbytes <= 4 * nbytes + _ALIGNMENT
-
-    def _free(self) -> list[int]:
-        # 2 references: the list's and getrefcount's argument; any view adds one
-        return [k for k in range(len(self.buffers)) if sys.getrefcount(self.buffers[k]) == 2]
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """An ``nbytes`` uninitialised, aligned byte buffer: the smallest free buffer that holds
-        it and is at most 4 times its size, or else a new one."""
-        with self._lock:
-            fitting = [k for k in self._free() if self._fits(k, nbytes)]
-            if fitting:
-                owner = self.buffers[min(fitting, key=lambda k: self.buffers[k].nbytes)]
-            else:
-                owner = _aligned_bytes(nbytes).base  # the owner, which every view refers to
-                self.buffers.append(owner)
-            start = -owner.ctypes.data % _ALIGNMENT
-            return owner[start:start + nbytes]
-
-    def keep_for(self, nbytes: int) -> None:
-        """Let go of the free buffers that would not hold a tensor of ``nbytes`` (the next one
-        to be read), so that memory a run of large tensors needed is not kept for small ones."""
-        with self._lock:
-            unfit = {k for k in self._free() if not self._fits(k, nbytes)}
-            self.buffers = [b for k, b in enumerate(self.buffers) if k not in unfit]
 
 
 class SafetensorsReader:
@@ -367,11 +307,9 @@ class SafetensorsReader:
         info = self.tensors[name]
         return info.shape, info.dtype
 
-    def read(self, name: str, sharding: jax.sharding.Sharding | None = None, *,
-             pool: BufferPool | None = None) -> jax.Array:
+    def read(self, name: str, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
         """One tensor, read into a buffer of its own (placed with ``sharding`` if given; a
-        64-bit tensor stays a NumPy array unless JAX runs with x64), or, with ``pool`` and no
-        ``sharding``, into a reused one of the pool's (tensors of 1 MiB and more).
+        64-bit tensor stays a NumPy array unless JAX runs with x64).
 
         A positioned read into an aligned buffer, not a memory map: mapping the file would
         count its pages in this process's resident memory while they are copied, doubling
@@ -382,8 +320,7 @@ class SafetensorsReader:
           CheckpointError: the file ends before the tensor's last byte.
         """
         info = self.tensors[name]
-        pooled = pool is not None and sharding is None and info.nbytes >= _POOLED_BYTES
-        raw = pool.take(info.nbytes) if pooled else _aligned_bytes(info.nbytes)
+        raw = _aligned_bytes(info.nbytes)
         with open(info.file, "rb") as f:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.nbytes:

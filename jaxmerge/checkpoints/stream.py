@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import glob
 import math
 import os
@@ -37,12 +38,13 @@ from jaxmerge._driver import run
 from jaxmerge._signals import raise_if_received
 from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
 from jaxmerge.checkpoints.orbax import OrbaxReader, OrbaxWriter
-from jaxmerge.checkpoints.safetensors import BufferPool, SafetensorsReader, SafetensorsWriter
+from jaxmerge.checkpoints.safetensors import SafetensorsReader, SafetensorsWriter
 from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 from jaxmerge.merging.method import MergePlan
 
 FORMATS = ("safetensors", "orbax")
 READERS = 2  # threads reading one tensor's inputs from the models at once
+COLLECT_BYTES = 64 << 20  # after a tensor this large, a garbage collection frees its buffers at once
 PREFETCH_BYTES = 64 * 2 ** 20  # read the next tensor during the current merge when it is at most this big
 
 
@@ -115,14 +117,13 @@ def _check_destination(output: Path, inputs: Sequence[Path], force: bool, read: 
         raise CheckpointError(f"the output {output} exists and is not empty; replace it with --force (force=True)")
 
 
-def _load(reader, name: str, dtype, sharding, pool=None) -> jax.Array | np.ndarray:
-    """One tensor, placed and (if float and ``dtype`` is given) cast, read into ``pool``'s
-    buffers if given. A 64-bit tensor that JAX cannot hold without x64 stays NumPy if it is
-    not a float (it is only passed through), is cast on the host if a ``dtype`` is given,
-    and is an error otherwise."""
+def _load(reader, name: str, dtype, sharding) -> jax.Array | np.ndarray:
+    """One tensor, placed and (if float and ``dtype`` is given) cast. A 64-bit tensor that
+    JAX cannot hold without x64 stays NumPy if it is not a float (it is only passed
+    through), is cast on the host if a ``dtype`` is given, and is an error otherwise."""
     if callable(sharding):
         sharding = sharding(name, reader.shape_dtype(name)[0])
-    array = reader.read(name, sharding, pool=pool)
+    array = reader.read(name, sharding)
     if isinstance(array, np.ndarray) and is_float(array.dtype):
         if dtype is None:
             raise CheckpointError(f"{reader.path}: tensor {name!r} is {array.dtype}, which JAX holds only with x64 "
@@ -305,11 +306,10 @@ class CheckpointSource:
         self.names = [key[0] for key in spec.keys]
         self.models = list(zip(readers, inputs))
         self.base = None if base_reader is None else (base_reader, base_inputs)
-        self._pool = None
 
     def _load(self, source, name: str):
         reader, renamed = source
-        return _load(reader, renamed.get(name, name), self.options.dtype, self.options.sharding, self._pool)
+        return _load(reader, renamed.get(name, name), self.options.dtype, self.options.sharding)
 
     def _read(self, i: int):
         name = self.names[i]
@@ -321,15 +321,8 @@ class CheckpointSource:
             models, base = self.vocabulary(models, base)
         return base, models
 
-    def _bytes_read(self, i: int) -> int:
-        """The bytes of one model's copy of tensor ``i`` as stored."""
-        reader, renamed = self.models[0]
-        shape, dtype = reader.shape_dtype(renamed.get(self.names[i], self.names[i]))
-        return math.prod(shape) * np.dtype(dtype).itemsize
-
     def leaves(self):
         sizes = [self.spec.size(i) * leaf_spec(leaf).dtype.itemsize for i, leaf in enumerate(self.spec.leaves)]
-        self._pool = BufferPool()  # the read buffers, reused from tensor to tensor
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
                 concurrent.futures.ThreadPoolExecutor(max_workers=_reader_threads()) as self._readers:
             upcoming = pool.submit(self._read, 0) if self.names else None
@@ -339,8 +332,8 @@ class CheckpointSource:
                 upcoming = pool.submit(self._read, i + 1) if ahead else None
                 yield current
                 del current
-                if i + 2 < len(self.names):  # tensor i's buffers are free now; i + 2 is the next read
-                    self._pool.keep_for(self._bytes_read(i + 2))
+                if sizes[i] >= COLLECT_BYTES:  # XLA lets go of host buffers it wrapped at a collection
+                    gc.collect()
 
 
 def _reader_threads() -> int:

@@ -116,35 +116,3 @@ def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path):
         stream_merge(FailingPlan(), paths, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tune0", "tune1", "tune2"]
 
-
-def test_a_pooled_buffer_is_reused_only_when_no_array_views_it():
-    import concurrent.futures
-    import gc
-
-    from jaxmerge.checkpoints.safetensors import BufferPool
-
-    pool = BufferPool()
-    raw = pool.take(4 << 20)
-    wrapped = jax.device_put(raw.view(np.float32).reshape(1024, 1024))  # XLA's CPU client wraps it, no copy
-    raw[:4] = 7
-    del raw
-    other = pool.take(4 << 20)
-    assert len(pool.buffers) == 2 and other.ctypes.data != wrapped.unsafe_buffer_pointer()
-    del wrapped
-    gc.collect()  # a JAX array wrapping host memory lets go of it at the next collection
-    again = pool.take(3 << 20)  # the first buffer: nothing views it any more
-    assert len(pool.buffers) == 2 and again.nbytes == 3 << 20
-    pool.keep_for(64 << 20)  # neither free buffer would hold 64 MiB... but both are in use
-    assert len(pool.buffers) == 2
-    del again
-    pool.keep_for(64 << 20)
-    assert len(pool.buffers) == 1  # the free one let go, the one still viewed kept
-
-    def take_and_fill(k):
-        buffer = pool.take(1 << 20)
-        buffer[:] = k
-        return buffer
-
-    with concurrent.futures.ThreadPoolExecutor(8) as threads:  # concurrent takes never share a live buffer
-        taken = list(threads.map(take_and_fill, range(64)))
-    assert len({b.ctypes.data for b in taken}) == 64
