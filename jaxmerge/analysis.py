@@ -245,6 +245,16 @@ def _pyplot():
     return plt
 
 
+def _save_with_legend(plt, figure, axes, path, ylabel: str, title: str | None) -> None:
+    axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def plot_interpolation(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
                        ylabel: str = "loss", title: str | None = None) -> None:
     """Save a plot of interpolation curves, e.g. ``{'naive': (ts, losses), 'aligned': ...}``.
@@ -283,13 +293,7 @@ def plot_interpolation(curves: Mapping[str, tuple[Sequence[float], Sequence[floa
     for label, (ts, values) in curves.items():
         axes.plot(ts, values, marker="o", markersize=3, label=label)
     axes.set_xlabel("t  (model A -> model B)")
-    axes.set_ylabel(ylabel)
-    if title:
-        axes.set_title(title)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save_with_legend(plt, figure, axes, path, ylabel, title)
 
 
 def plot_similarity(matrix, labels: Sequence[str], path, *, title: str = "task-vector cosine similarity") -> None:
@@ -378,10 +382,4 @@ def plot_layer_barriers(barriers: Mapping[str, Mapping[str, float]], path, *, yl
         axes.bar(np.arange(len(layers)) + k * width, [values.get(layer, np.nan) for layer in layers], width,
                  label=label)
     axes.set_xticks(np.arange(len(layers)) + width * (len(barriers) - 1) / 2, layers, rotation=30, ha="right")
-    axes.set_ylabel(ylabel)
-    if title:
-        axes.set_title(title)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save_with_legend(plt, figure, axes, path, ylabel, title)

@@ -161,12 +161,18 @@ def test_natural_layer_order_and_specs_combine():
     assert spec.axes[("Dense_2", "kernel")] == ("hidden_0", "hidden_1")
 
 
-def test_activation_matching_undoes_a_random_permutation_and_names_what_it_cannot_see():
+def _scrambled_mlp(rows: int, count: int):
+    """``(module, variables, spec, a shuffled copy, batches)`` of the Linen MLP."""
     module = MLP()
-    batches = [jnp.asarray(np.random.default_rng(i).standard_normal((64, 7)), jnp.float32) for i in range(2)]
+    batches = [jnp.asarray(np.random.default_rng(i).standard_normal((rows, 7)), jnp.float32) for i in range(count)]
     variables = module.init(jax.random.key(0), batches[0])
     spec = jaxmerge.mlp_permutation_spec(variables)
     scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, variables, seed=6), variables)
+    return module, variables, spec, scrambled, batches
+
+
+def test_activation_matching_undoes_a_random_permutation_and_names_what_it_cannot_see():
+    module, variables, spec, scrambled, batches = _scrambled_mlp(64, 2)
     perm = jaxmerge.activation_matching(spec, module.apply, variables, scrambled, batches)
     jax.tree.map(np.testing.assert_array_equal, jaxmerge.apply_permutation(spec, perm, scrambled), variables)
     params, cnn_spec, _ = _cnn()
@@ -175,11 +181,7 @@ def test_activation_matching_undoes_a_random_permutation_and_names_what_it_canno
 
 
 def test_ste_matching_undoes_a_random_permutation():
-    module = MLP()
-    batches = [jnp.asarray(np.random.default_rng(i).standard_normal((32, 7)), jnp.float32) for i in range(3)]
-    variables = module.init(jax.random.key(0), batches[0])
-    spec = jaxmerge.mlp_permutation_spec(variables)
-    scrambled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, variables, seed=6), variables)
+    module, variables, spec, scrambled, batches = _scrambled_mlp(32, 3)
 
     def loss(params, x):  # zero exactly where the interpolation computes the reference's function
         return jnp.mean((module.apply(params, x) - module.apply(variables, x)) ** 2)
