@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -209,15 +209,42 @@ def transport(spec: PermutationSpec, reference: PyTree, model: PyTree, *, solver
             distance = _weight_distance(moved, ref, outputs)
         else:
             raise JaxmergeError(f"no leaf has {name!r} as its output axis, so its units have no weights to compare")
-        plan = _plan(distance, solver, epsilon)
-        for i, axes in roles.items():
-            for axis, (n, role) in axes.items():
-                if n == name:
-                    matrix = plan / plan.sum(0, keepdims=True) if role == "out" else plan / plan.sum(1, keepdims=True)
-                    moved[i] = _moved(moved[i], axis, matrix)
-    dtypes = [leaf_spec(x).dtype for x in model_leaves]
+        _carry(moved, roles, name, _plan(distance, solver, epsilon))
+    return _rebuilt(treedef, moved, model_leaves, roles)
+
+
+def _carry(moved: list, roles: dict, name: str, plan: np.ndarray) -> None:
+    """Move every axis carrying ``name`` by ``plan`` (``n x m``): output axes take the mean of
+    the units sent to each new one, input axes split each unit's weights by where it goes (a
+    unit sent nowhere is dropped)."""
+    for i, axes in roles.items():
+        for axis, (n, role) in axes.items():
+            if n == name:
+                total = plan.sum(0, keepdims=True) if role == "out" else plan.sum(1, keepdims=True)
+                moved[i] = _moved(moved[i], axis, np.divide(plan, total, out=np.zeros_like(plan), where=total > 0))
+
+
+def _rebuilt(treedef, moved: list, leaves: list, roles: dict) -> PyTree:
+    """The tree of the moved leaves (cast back to the originals' dtypes) and the others as they were."""
+    dtypes = [leaf_spec(x).dtype for x in leaves]
     return jax.tree.unflatten(treedef, [jnp.asarray(x).astype(d) if i in roles else leaf
-                                        for i, (x, d, leaf) in enumerate(zip(moved, dtypes, model_leaves))])
+                                        for i, (x, d, leaf) in enumerate(zip(moved, dtypes, leaves))])
+
+
+def _resized(spec: PermutationSpec, model: PyTree, widths: Mapping[str, int]) -> PyTree:
+    """``model`` with ``widths[name]`` units per permutation, picked evenly spaced (repeated, their
+    outgoing weights split, when there are more units than the model's; the others' kept)."""
+    _, leaves, treedef = flatten_with_keys(model)
+    roles = _axis_roles(spec, model)
+    moved = [np.asarray(x, np.float64) for x in leaves]
+    for name, size in spec.bind(model).sizes.items():
+        width = widths.get(name, size)
+        if width < 1:
+            raise JaxmergeError(f"widths[{name!r}] must be at least 1, got {width}")
+        plan = np.zeros((size, width))
+        plan[np.arange(width) * size // width, np.arange(width)] = 1.0
+        _carry(moved, roles, name, plan)
+    return _rebuilt(treedef, moved, leaves, roles)
 
 
 def _weight_distance(moved: list, ref: list, outputs: list) -> np.ndarray:
@@ -239,7 +266,8 @@ def _check_other_axes(keys: list, roles: dict, ref_leaves: list, model_leaves: l
 
 
 def ot_fusion(spec: PermutationSpec, models: Sequence[PyTree], *, reference: int | PyTree = 0,
-              weights: Sequence[float] | None = None, **kwargs) -> PyTree:
+              weights: Sequence[float] | None = None, widths: Mapping[str, int] | None = None, rounds: int = 1,
+              **kwargs) -> PyTree:
     """The weighted average of ``models``, each moved onto ``reference``'s units by transport.
 
     Args:
@@ -249,15 +277,21 @@ def ot_fusion(spec: PermutationSpec, models: Sequence[PyTree], *, reference: int
         tree of the widths wanted (e.g. one of the models pruned, or another trained model).
         A model that is the reference is used as it is.
       weights: each model's weight in the average (default: equal).
+      widths: ``{name: units}``, a width of the fused model's own for some permutations:
+        the reference is first resized to it, keeping evenly spaced units (each repeated,
+        its outgoing weights split, when the width is larger).
+      rounds: the times the models are moved onto the fused model and averaged again, each
+        round's result the next one's reference (a free-support barycenter; more than one
+        helps most after ``widths`` resized the reference).
       **kwargs: ``solver``, ``epsilon``, ``cost``, ``apply_fn`` and ``data``, passed to
         :func:`transport`.
 
     Returns:
-      The fused model, with ``reference``'s structure and shapes.
+      The fused model, with ``reference``'s structure and shapes (with ``widths``, those).
 
     Raises:
-      JaxmergeError: no models, weights of another length or summing to 0, or what
-        :func:`transport` raises.
+      JaxmergeError: no models, weights of another length or summing to 0, a width below 1,
+        or what :func:`transport` raises.
 
     References:
       Singh & Jaggi, "Model Fusion via Optimal Transport", arXiv 1910.05653.
@@ -278,5 +312,9 @@ def ot_fusion(spec: PermutationSpec, models: Sequence[PyTree], *, reference: int
     if len(weights) != len(models) or sum(weights) == 0:
         raise JaxmergeError(f"weights must have one entry per model ({len(models)}) and not sum to 0, got {weights}")
     target = models[reference] if isinstance(reference, int) else reference
-    moved = [m if m is target else transport(spec, target, m, **kwargs) for m in models]
-    return jaxmerge.average(moved, weights)
+    if widths:
+        target = _resized(spec, target, widths)
+    for _ in range(rounds):
+        moved = [m if m is target else transport(spec, target, m, **kwargs) for m in models]
+        target = jaxmerge.average(moved, weights)
+    return target

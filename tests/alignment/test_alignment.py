@@ -391,3 +391,19 @@ def test_llama_spec_permutes_heads_residual_and_mlp_without_changing_the_logits(
     del params["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(jaxmerge.JaxmergeError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
         jaxmerge.llama_permutation_spec(params, config)
+
+
+def test_fusing_into_a_width_of_its_own():
+    model = _dict_mlp([5, 6, 4, 3], seed=3)
+    spec = jaxmerge.mlp_permutation_spec(model)
+    shuffled = jaxmerge.apply_permutation(spec, jaxmerge.random_permutation(spec, model, seed=4), model)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((32, 5)), jnp.float32)
+    wide = jaxmerge.ot_fusion(spec, [model, shuffled], widths={"hidden_0": 12, "hidden_1": 8}, rounds=2)
+    assert wide["l0"]["kernel"].shape == (5, 12) and wide["l1"]["kernel"].shape == (12, 8)
+    np.testing.assert_allclose(_dict_apply(wide, x), _dict_apply(model, x), rtol=1e-5, atol=1e-5)  # units split
+    same = jaxmerge.ot_fusion(spec, [model, shuffled], widths={"hidden_0": 6})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), same, model)
+    narrow = jaxmerge.ot_fusion(spec, [model, shuffled], widths={"hidden_0": 3}, rounds=3)
+    assert narrow["l0"]["kernel"].shape == (5, 3) and np.isfinite(_dict_apply(narrow, x)).all()
+    with pytest.raises(jaxmerge.JaxmergeError, match=r"widths\['hidden_0'\] must be at least 1"):
+        jaxmerge.ot_fusion(spec, [model], widths={"hidden_0": 0})
