@@ -107,9 +107,11 @@ def mlp_section():
                                                                 apply_fn=apply, data=batches)}
     test_loss = scores(apply)[0]
     curves = report("MLP 64-512-512-10", a, candidates, points, apply)
-    layers = {"naive": jaxmerge.layerwise_barriers(a, b, test_loss, num=5),
-              "weight matching": jaxmerge.layerwise_barriers(a, aligned, test_loss, num=5)}
-    print(f"\nlayer-wise loss barriers (one layer interpolated)\n{'layer':<12}" + "".join(f"{k:>18}" for k in layers))
+    layers = {f"{label}{', up to' if cumulative else ''}": jaxmerge.layerwise_barriers(
+        a, other, test_loss, num=5, cumulative=cumulative)
+        for cumulative in (False, True) for label, other in (("naive", b), ("matched", aligned))}
+    print(f"\nlayer-wise loss barriers (the layer alone, or with every layer before it)\n{'layer':<12}"
+          + "".join(f"{k:>18}" for k in layers))
     for layer in layers["naive"]:
         print(f"{layer:<12}" + "".join(f"{v[layer]:>18.4f}" for v in layers.values()))
     print(f"the weight-matched model computes the same function: "

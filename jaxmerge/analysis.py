@@ -97,14 +97,15 @@ def barrier(ts: Sequence[float], values: Sequence[float], *, higher_is_better: b
 
 
 def layerwise_barriers(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 11,
-                       higher_is_better: bool = False) -> dict[str, float]:
+                       higher_is_better: bool = False, cumulative: bool = False) -> dict[str, float]:
     """Layer-wise linear mode connectivity: the barrier of interpolating one layer at a time.
 
     For each layer (the leaves that share a parent path, e.g. a dense layer's ``kernel`` and
     ``bias``), the curve from ``a`` to ``a`` with only that layer's leaves taken from ``b``
     (:func:`interpolation_curve`), and its :func:`barrier`. Layers whose own interpolation
     leaves no barrier are linearly connected on their own even when the whole models are
-    not, which locates where two models disagree.
+    not. With ``cumulative``, layer ``l``'s curve moves it and every layer before it (in
+    the leaves' order), which shows where the whole models' barrier builds up.
 
     Args:
       a: the model at ``t = 0`` (and everywhere outside the layer being moved).
@@ -112,6 +113,7 @@ def layerwise_barriers(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 1
       evaluate: ``params -> scalar`` (a loss, or with ``higher_is_better`` an accuracy).
       num: points on each curve.
       higher_is_better: whether ``evaluate`` is a score to maximise.
+      cumulative: move each layer together with all the layers before it.
 
     Returns:
       ``{layer path: barrier}``, in the order of the leaves.
@@ -129,6 +131,8 @@ def layerwise_barriers(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 1
       >>> loss = lambda p: p["l1"]["w"] - p["l0"]["w"] ** 2  # linear in l1, a bump along l0's path
       >>> jaxmerge.layerwise_barriers(a, b, loss, num=3)
       {'l0': 1.0, 'l1': 0.0}
+      >>> jaxmerge.layerwise_barriers(a, b, loss, num=3, cumulative=True)  # l1 moves with l0
+      {'l0': 1.0, 'l1': 1.0}
     """
     flatten_models([a, b], names=["a", "b"])
     keys, leaves_a, treedef = flatten_with_keys(a)
@@ -137,9 +141,10 @@ def layerwise_barriers(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 1
     for i, key in enumerate(keys):
         key = key[:-1] if key[-1] == "value" else key  # an nnx.State's leaves end in 'value'
         layers.setdefault(path_str(key[:-1]), []).append(i)
-    out = {}
+    out, before = {}, []
     for layer, indices in layers.items():
-        moved = jax.tree.unflatten(treedef, [leaves_b[i] if i in indices else x for i, x in enumerate(leaves_a)])
+        before = [*before, *indices] if cumulative else indices
+        moved = jax.tree.unflatten(treedef, [leaves_b[i] if i in before else x for i, x in enumerate(leaves_a)])
         out[layer] = barrier(*interpolation_curve(a, moved, evaluate, num=num), higher_is_better=higher_is_better)
     return out
 

@@ -70,11 +70,13 @@ def test_layerwise_barriers_move_one_layer_at_a_time():
         h = np.tanh(x @ np.asarray(p["first"]["kernel"]) + np.asarray(p["first"]["bias"]))
         return float(np.mean((h @ np.asarray(p["second"]["kernel"]) + np.asarray(p["second"]["bias"]) - 1) ** 2))
 
-    got = jaxmerge.layerwise_barriers(a, b, loss, num=5)
-    assert list(got) == ["first", "second"]
-    for layer in got:
-        ts = np.linspace(0, 1, 5)
-        values = [loss({n: {k: (1 - t) * np.asarray(v) + t * np.asarray(b[n][k]) if n == layer else v
-                            for k, v in leaves.items()} for n, leaves in a.items()}) for t in ts]
-        line = (1 - ts) * values[0] + ts * values[-1]
-        assert got[layer] == pytest.approx(max(np.asarray(values) - line), rel=1e-5, abs=1e-6)
+    for cumulative, moved_with in ((False, {"first": {"first"}, "second": {"second"}}),
+                                   (True, {"first": {"first"}, "second": {"first", "second"}})):
+        got = jaxmerge.layerwise_barriers(a, b, loss, num=5, cumulative=cumulative)
+        assert list(got) == ["first", "second"]
+        for layer in got:
+            ts = np.linspace(0, 1, 5)
+            values = [loss({n: {k: (1 - t) * np.asarray(v) + t * np.asarray(b[n][k]) if n in moved_with[layer] else v
+                                for k, v in leaves.items()} for n, leaves in a.items()}) for t in ts]
+            line = (1 - ts) * values[0] + ts * values[-1]
+            assert got[layer] == pytest.approx(max(np.asarray(values) - line), rel=1e-5, abs=1e-6)
