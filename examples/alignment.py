@@ -41,10 +41,12 @@ class CNN(nnx.Module):
         self.convs = nnx.List([nnx.Conv(i, o, (3, 3), rngs=rngs) for i, o in zip((1, *channels[:-1]), channels)])
         self.head = nnx.Linear(channels[-1], 10, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, native=False):
+        """``native``: with ``nnx.Conv`` itself (the same numbers), whose convolutions
+        activation matching and REPAIR see."""
         x = x.reshape(-1, 8, 8, 1)
         for conv in self.convs:
-            x = jax.nn.relu(conv3x3(x, conv.kernel[...], conv.bias[...]))
+            x = jax.nn.relu(conv(x) if native else conv3x3(x, conv.kernel[...], conv.bias[...]))
         return self.head(x.mean((1, 2)))
 
 
@@ -125,12 +127,17 @@ def cnn_section():
     a, b = (train(graphdef, p, x_train, y_train, steps=600, learning_rate=3e-3, seed=s)
             for s, p in enumerate((first, second)))
     apply = logits_fn(graphdef)
+    native = lambda params, x: nnx.merge(graphdef, params)(x, native=True)  # noqa: E731
     spec = jaxmerge.cnn_permutation_spec(a, convs=["convs/0", "convs/1"], dense=["head"])
     ste = jaxmerge.ste_matching(spec, scores(apply)[2], a, b, labelled, epochs=3)
-    candidates = {"naive": b, "weight matching": jaxmerge.align(spec, a, b),
+    aligned = jaxmerge.align(spec, a, b)
+    candidates = {"naive": b, "weight matching": aligned,
+                  "activation matching": jaxmerge.apply_permutation(
+                      spec, jaxmerge.activation_matching(spec, native, a, b, batches), b),
                   "straight-through estimator": jaxmerge.apply_permutation(spec, ste, b),
                   "OT fusion (weights, exact)": jaxmerge.transport(spec, a, b)}
-    report("CNN conv32-conv64-pool-dense10", a, candidates, {}, apply)
+    repaired = jaxmerge.repair(native, jaxmerge.lerp(a, aligned, 0.5), [a, aligned], [0.5, 0.5], batches)
+    report("CNN conv32-conv64-pool-dense10", a, candidates, {"weight matching + REPAIR": repaired}, apply)
 
 
 curves = mlp_section()

@@ -49,8 +49,9 @@ def activation_matching(spec: PermutationSpec, apply_fn: Callable[[PyTree, objec
       spec: which axes of which leaves each permutation acts on (e.g.
         :func:`~jaxmerge.mlp_permutation_spec`). Every permutation must name the input axis
         of some kernel that multiplies an activation (a ``dot_general`` with the kernel's
-        contracted axes leading, as Flax's ``Dense`` and ``Linear`` are), which gives its
-        units' activations.
+        contracted axes leading, as Flax's ``Dense`` and ``Linear`` are, or a convolution
+        with a ``(spatial..., in, out)`` kernel, as Flax's ``Conv``, whose channels are
+        counted at every position), which gives its units' activations.
       apply_fn: ``apply_fn(params, batch)``, the forward pass of both models.
       reference: the parameter tree to match (it is not changed).
       model: the parameter tree to permute, with ``reference``'s structure and shapes.
@@ -96,18 +97,21 @@ def unit_correlations(spec: PermutationSpec, apply_fn: Callable, reference: PyTr
 
     sizes = [spec.bind(params).sizes for params in (reference, model)]
     keys = flatten_with_keys(reference)[0]
-    sources = {}  # permutation -> the first kernel whose input axis carries it
+    sources: dict[str, list[int]] = {}  # permutation -> kernels whose input axis may carry it
     for index, key in enumerate(keys):
         axes = spec.axes.get(key) or spec.axes.get(key[:-1])
-        if axes and len(axes) >= 2 and units(axes[0])[0] is not None:  # a kernel (biases and norms have one axis)
-            sources.setdefault(units(axes[0])[0], index)
+        if axes and len(axes) >= 2:  # a kernel (biases and norms have one axis): dense (in, ...), conv (..., in, out)
+            candidates = (units(axes[0])[0], units(axes[-2])[0])
+            for name in dict.fromkeys(n for n in candidates if n is not None):
+                sources.setdefault(name, []).append(index)
     moments = {name: _Correlation() for name in spec.names}
     batches = 0
     for batch in data:
         inputs = [jax.device_get(kernel_inputs(params, batch, apply_fn=apply_fn)) for params in (reference, model)]
-        for name, index in sources.items():
-            if all(index in z and z[index].shape[1] == s[name] for z, s in zip(inputs, sizes)):
-                moments[name].add(np.asarray(inputs[0][index], np.float64), np.asarray(inputs[1][index], np.float64))
+        for name, indices in sources.items():
+            seen = [i for i in indices if all(i in z and z[i].shape[1] == s[name] for z, s in zip(inputs, sizes))]
+            if seen:  # the first kernel whose input has the units
+                moments[name].add(np.asarray(inputs[0][seen[0]], np.float64), np.asarray(inputs[1][seen[0]], np.float64))
         batches += 1
     if not batches:
         raise JaxmergeError("matching activations needs at least one batch")

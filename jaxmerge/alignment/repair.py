@@ -2,8 +2,9 @@
 those of the endpoints, interpolated (Jordan et al., arXiv 2211.08403).
 
 Interpolating two aligned networks shrinks the variance of their hidden units (the "variance
-collapse" that leaves a loss barrier). For each dense layer, in order, REPAIR measures the
-mean and standard deviation of every output unit's pre-activation ``x @ W + b`` on data, in
+collapse" that leaves a loss barrier). For each dense or convolutional layer, in order, REPAIR
+measures the mean and standard deviation of every output unit's (channel's) pre-activation
+``x @ W + b`` on data, in
 each endpoint and in the merged network, and rescales the merged layer's columns and shifts
 its bias so that the merged statistics become ``sum_i w_i mean_i`` and ``sum_i w_i std_i``:
 
@@ -11,9 +12,9 @@ its bias so that the merged statistics become ``sum_i w_i mean_i`` and ``sum_i w
     s_u = std_target[u] / std_merged[u]
 
 Later layers are measured after the earlier ones are repaired. The kernels are found by
-tracing the forward pass (as :func:`jaxmerge.input_grams` does): ``x @ W`` products of a 2-d
-kernel ``(in, out)`` with a ``bias`` next to it (dense layers; the last one, the output, is left
-as it is).
+tracing the forward pass (as :func:`jaxmerge.input_grams` does): ``x @ W`` products of a
+kernel ``(in, out)``, or convolutions with a kernel ``(spatial..., in, out)``, with a ``bias`` of
+the output size next to it (the last such layer, the output, is left as it is).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
       eps: added to the merged standard deviation before dividing.
 
     Returns:
-      The repaired params: ``merged`` with the kernels and biases of every dense layer but
-      the last (the output) rescaled and shifted.
+      The repaired params: ``merged`` with the kernels and biases of every dense or
+      convolutional layer but the last (the output) rescaled and shifted (a convolution's
+      channels measured over every example and position).
 
     Raises:
       JaxmergeError: the trees differ, weights of another length, no batch, or no dense
@@ -92,11 +94,12 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
     from jaxmerge.statistics.gram import kernel_order
 
     order = kernel_order(merged, batches[0], apply_fn=apply_fn)
-    ndims = [jnp.ndim(leaf) for leaf in jax.tree.leaves(merged)]
-    layers = [(k, position[keys[k][:-1] + ("bias",)]) for k in order if keys[k][-1] == "kernel" and ndims[k] == 2
-              and keys[k][:-1] + ("bias",) in position][:-1]
+    shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(merged)]
+    biased = [(k, position.get(keys[k][:-1] + ("bias",))) for k in order if keys[k][-1] == "kernel"]
+    layers = [(k, b) for k, b in biased if b is not None and shapes[b] == shapes[k][-1:]][:-1]  # outputs last
     if not layers:
-        raise JaxmergeError("repair found no dense layer with a bias before the last: nothing to renormalise")
+        raise JaxmergeError("repair found no dense or convolutional layer with a bias before the last: nothing "
+                            "to renormalise")
     kernels = [k for k, _ in layers]
     targets = [_statistics(apply_fn, e, batches, kernels) for e in endpoints]
     leaves = list(jax.tree.leaves(merged))

@@ -104,6 +104,19 @@ class _Capture:
                 return tags[kernel] if kernel == 1 else None
         return None
 
+    def _hook_conv(self, eqn, invals: list, tags: list, output: jax.Array) -> None:
+        """Record a convolution's input and output channels, ``(rows, channels)`` over every
+        example and position, for a kernel in Flax's ``(spatial..., in, out)`` layout."""
+        lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+        ndim = invals[1].ndim
+        flax_layout = rhs_spec[0] == ndim - 1 and rhs_spec[1] == ndim - 2
+        plain = eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+        if tags[1] is None or tags[0] is not None or not flax_layout or not plain:
+            return
+        self._record(tags[1], eqn.invars[0], invals[0], (lhs_spec[1],))
+        if self.only is None or tags[1] in self.only:
+            self.outputs.setdefault(tags[1], []).append(flat_activation(output, (out_spec[1],)))
+
     def _record_output(self, param: int, kernel: jax.Array, contracted: int, output: jax.Array) -> None:
         if self.keep_activations and (self.only is None or param in self.only):
             features = math.prod(kernel.shape[contracted:])
@@ -129,6 +142,8 @@ class _Capture:
                 if kernel is not None:
                     contracted = len(eqn.params["dimension_numbers"][0][1])
                     self._record_output(kernel, invals[1], contracted, outs[0])
+                if eqn.primitive.name == "conv_general_dilated" and self.keep_activations:
+                    self._hook_conv(eqn, invals, tags, outs[0])
                 if eqn.primitive.name == "convert_element_type" and tags[0] is not None:
                     tag[id(eqn.outvars[0])] = tags[0]
             env.write(eqn.outvars, outs)

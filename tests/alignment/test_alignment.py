@@ -175,9 +175,16 @@ def test_activation_matching_undoes_a_random_permutation_and_names_what_it_canno
     module, variables, spec, scrambled, batches = _scrambled_mlp(64, 2)
     perm = jaxmerge.activation_matching(spec, module.apply, variables, scrambled, batches)
     jax.tree.map(np.testing.assert_array_equal, jaxmerge.apply_permutation(spec, perm, scrambled), variables)
-    params, cnn_spec, _ = _cnn()
-    with pytest.raises(jaxmerge.JaxmergeError, match="no activations of the units of permutation"):
-        jaxmerge.activation_matching(cnn_spec, CNN().apply, params, params, [jnp.ones((2, 6, 6, 3))])
+    params, cnn_spec, _ = _cnn()  # convolutions: channels counted at every position
+    cnn_scrambled = jaxmerge.apply_permutation(cnn_spec, jaxmerge.random_permutation(cnn_spec, params, seed=6), params)
+    images = [jnp.asarray(np.random.default_rng(i).standard_normal((64, 6, 6, 3)), jnp.float32) for i in range(4)]
+    perm = jaxmerge.activation_matching(cnn_spec, CNN().apply, params, cnn_scrambled, images)
+    jax.tree.map(np.testing.assert_array_equal, jaxmerge.apply_permutation(cnn_spec, perm, cnn_scrambled), params)
+    state, block_spec, _ = _block()  # whole heads are no kernel's input units
+    graphdef = nnx.graphdef(Block(rngs=nnx.Rngs(3)))
+    with pytest.raises(jaxmerge.JaxmergeError, match="no activations of the units of permutation 'block_heads'"):
+        jaxmerge.activation_matching(block_spec, lambda s, x: nnx.merge(graphdef, s)(x), state, state,
+                                     [jnp.ones((2, 5, 8))])
 
 
 def test_ste_matching_undoes_a_random_permutation():
@@ -342,6 +349,36 @@ def test_pleas_keeps_the_ensemble_recovers_a_shuffled_copy_and_solves_least_squa
     np.testing.assert_allclose(by_first_row(got), by_first_row(expected), rtol=1e-3, atol=1e-4)
     with pytest.raises(jaxmerge.JaxmergeError, match="must be between 16 and 32 units, got 40"):
         jaxmerge.pleas(spec, _dict_apply, a, b, batches, widths={"hidden_0": 40})
+
+
+def test_repair_renormalises_convolution_channels():
+    def init(seed):
+        r = np.random.default_rng(seed)
+        return {f"c{i}": {"kernel": jnp.asarray(r.standard_normal((3, 3, a, b)) / np.sqrt(9 * a), jnp.float32),
+                          "bias": jnp.asarray(0.1 * r.standard_normal(b), jnp.float32)}
+                for i, (a, b) in enumerate([(2, 6), (6, 5)])} | {
+            "head": {"kernel": jnp.asarray(r.standard_normal((5, 3)), jnp.float32), "bias": jnp.zeros(3, jnp.float32)}}
+
+    def conv(layer, x):
+        out = jax.lax.conv_general_dilated(x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return out + layer["bias"][None, None, None]
+
+    def pre_activations(p, x):
+        first = conv(p["c0"], x)
+        return [first, conv(p["c1"], jax.nn.relu(first))]
+
+    def apply(p, x):
+        return jax.nn.relu(pre_activations(p, x)[1]).mean((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"][None]
+
+    a, b = init(1), init(2)
+    batches = [jnp.asarray(np.random.default_rng(3).standard_normal((32, 5, 5, 2)), jnp.float32)]
+    repaired = jaxmerge.repair(apply, jaxmerge.lerp(a, b, 0.5), [a, b], [0.5, 0.5], batches)
+    channels = lambda z: np.asarray(z, np.float64).reshape(-1, z.shape[-1])
+    ends = [[channels(z) for z in pre_activations(p, batches[0])] for p in (a, b)]
+    for got, end_a, end_b in zip(pre_activations(repaired, batches[0]), *ends):
+        np.testing.assert_allclose(channels(got).std(0), (end_a.std(0) + end_b.std(0)) / 2, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(channels(got).mean(0), (end_a.mean(0) + end_b.mean(0)) / 2, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(repaired["head"]["kernel"], jaxmerge.lerp(a, b, 0.5)["head"]["kernel"])
 
 
 def test_repair_follows_the_order_layers_run_in_not_their_names():
