@@ -43,6 +43,11 @@ def path_str(keys: Sequence[str]) -> str:
     return "/".join(keys)
 
 
+def state_key(key: tuple[str, ...]) -> tuple[str, ...]:
+    """A leaf's key without the trailing ``'value'`` of an ``nnx.State``'s leaves."""
+    return key[:-1] if key and key[-1] == "value" else key
+
+
 def leaf_spec(leaf) -> jax.ShapeDtypeStruct:
     """Shape and dtype of a leaf (an array, a Python/NumPy scalar or a ShapeDtypeStruct)."""
     if not hasattr(leaf, "dtype"):

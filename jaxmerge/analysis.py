@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge._scores import as_score
-from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, path_str
+from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, path_str, state_key
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging.linear import lerp
 
@@ -139,8 +139,7 @@ def layerwise_barriers(a: PyTree, b: PyTree, evaluate: Callable, *, num: int = 1
     leaves_b = jax.tree.leaves(b)
     layers: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
-        key = key[:-1] if key[-1] == "value" else key  # an nnx.State's leaves end in 'value'
-        layers.setdefault(path_str(key[:-1]), []).append(i)
+        layers.setdefault(path_str(state_key(key)[:-1]), []).append(i)
     out, before = {}, []
     for layer, indices in layers.items():
         before = [*before, *indices] if cumulative else indices

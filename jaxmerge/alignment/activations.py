@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
+from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, state_key
 from jaxmerge.alignment._moments import Moments
 from jaxmerge.alignment.spec import PermutationSpec, units
 from jaxmerge.errors import JaxmergeError
@@ -99,7 +99,7 @@ def unit_correlations(spec: PermutationSpec, apply_fn: Callable, reference: PyTr
     keys = flatten_with_keys(reference)[0]
     sources: dict[str, list[int]] = {}  # permutation -> kernels whose input axis may carry it
     for index, key in enumerate(keys):
-        axes = spec.axes.get(key) or spec.axes.get(key[:-1])
+        axes = spec.axes.get(state_key(key))
         if axes and len(axes) >= 2:  # a kernel (biases and norms have one axis): dense (in, ...), conv (..., in, out)
             candidates = (units(axes[0])[0], units(axes[-2])[0])
             for name in dict.fromkeys(n for n in candidates if n is not None):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, leaf_spec
+from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, leaf_spec, state_key
 from jaxmerge.alignment.spec import PermutationSpec
 from jaxmerge.alignment.transport import _axis_roles, _moved, _order
 from jaxmerge.errors import JaxmergeError
@@ -54,7 +54,14 @@ def _widths(widths: float | Mapping[str, int], sizes: dict[str, int]) -> dict[st
     return {p: chosen.get(p, n) for p, n in sizes.items()}
 
 
-def _zipped(roles: dict, leaves: list, layouts: dict) -> list:
+def _averaging(layouts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's layout divided by the number of models each merged unit comes from: the
+    matrices that average the source units' values onto the merged ones."""
+    counts = layouts[0].sum(0) + layouts[1].sum(0)
+    return layouts[0] / counts, layouts[1] / counts
+
+
+def _zipped(roles: dict, leaves: list, layouts: dict, averaging: dict) -> list:
     """The zip merge: every leaf moved onto the merged units (the spec'd ones) and averaged over
     the models."""
     merged = [(np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2 for a, b in zip(*leaves)]
@@ -63,9 +70,7 @@ def _zipped(roles: dict, leaves: list, layouts: dict) -> list:
         for model in (0, 1):
             leaf = np.asarray(leaves[model][index], np.float64)
             for axis, (name, role) in axes.items():
-                layout = layouts[name][model]
-                counts = layouts[name][0].sum(0) + layouts[name][1].sum(0)
-                leaf = _moved(leaf, axis, layout / counts if role == "out" else layout / 2)
+                leaf = _moved(leaf, axis, averaging[name][model] if role == "out" else layouts[name][model] / 2)
             total = total + leaf
         merged[index] = total
     return merged
@@ -126,10 +131,11 @@ def pleas(spec: PermutationSpec, apply_fn: Callable[[PyTree, object], object], m
     correlations = unit_correlations(spec, apply_fn, model_a, model_b, batches)
     chosen = _widths(widths, spec.bind(model_a).sizes)
     layouts = {p: _layouts(c.correlation(), chosen[p]) for p, c in correlations.items()}
+    averaging = {p: _averaging(layout) for p, layout in layouts.items()}
     keys, leaves_a, treedef = flatten_with_keys(model_a)
     leaves = [leaves_a, flatten_with_keys(model_b)[1]]
     roles = _axis_roles(spec, model_a)
-    merged = _zipped(roles, leaves, layouts)
+    merged = _zipped(roles, leaves, layouts, averaging)
     targets = [[jax.device_get(kernel_outputs(m, x, apply_fn=apply_fn)) for x in batches] for m in (model_a, model_b)]
     for kernel, bias, out in _dense_layers(keys, leaves_a, roles):
         gram, moment = 0.0, 0.0
@@ -142,12 +148,7 @@ def pleas(spec: PermutationSpec, apply_fn: Callable[[PyTree, object], object], m
             for model in (0, 1):
                 y = np.asarray(targets[model][i][kernel], np.float64)
                 y = y + np.asarray(leaves[model][bias], np.float64) if bias is not None else y
-                if out is not None:
-                    counts = layouts[out][0].sum(0) + layouts[out][1].sum(0)
-                    y = y @ (layouts[out][model] / counts)
-                else:
-                    y = y / 2
-                target = target + y
+                target = target + (y @ averaging[out][model] if out is not None else y / 2)
             gram, moment = gram + inputs.T @ inputs, moment + inputs.T @ target
         solution = np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)), moment)
         merged[kernel] = solution[: len(solution) - (bias is not None)]
@@ -160,11 +161,11 @@ def pleas(spec: PermutationSpec, apply_fn: Callable[[PyTree, object], object], m
 def _dense_layers(keys: list, leaves: list, roles: dict) -> list[tuple[int, int | None, str | None]]:
     """``(kernel, bias or None, output permutation or None)`` of every 2-d kernel the spec
     names, ordered so that each layer comes after the one producing its inputs."""
-    position = {key[:-1] if key[-1] == "value" else key: i for i, key in enumerate(keys)}
+    position = {state_key(key): i for i, key in enumerate(keys)}
     names = _order(roles)
     layers = []
     for index, axes in roles.items():
-        key = keys[index][:-1] if keys[index][-1] == "value" else keys[index]
+        key = state_key(keys[index])
         if key[-1] != "kernel" or len(leaf_spec(leaves[index]).shape) != 2:
             continue
         into = next((n for n, role in axes.values() if role == "in"), None)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys
+from jaxmerge._tree import PyTree, flatten_models, flatten_with_keys, state_key
 from jaxmerge.alignment._moments import Moments
 from jaxmerge.errors import JaxmergeError
 
@@ -44,7 +44,8 @@ def _statistics(apply_fn: Callable, params: PyTree, batches: list, kernels: list
 
 def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoints: Sequence[PyTree],
            weights: Sequence[float], data: Iterable, *, eps: float = 1e-5) -> PyTree:
-    """``merged`` with each dense layer's units renormalised to the endpoints' statistics.
+    """``merged`` with each dense or convolutional layer's units renormalised to the endpoints'
+    statistics.
 
     Args:
       apply_fn: ``apply_fn(params, batch)``, the forward pass of all the networks.
@@ -61,8 +62,8 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
       channels measured over every example and position).
 
     Raises:
-      JaxmergeError: the trees differ, weights of another length, no batch, or no dense
-        layer with a bias was found.
+      JaxmergeError: the trees differ, weights of another length, no batch, or no dense or
+        convolutional layer with a bias was found.
 
     References:
       Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair",
@@ -89,11 +90,11 @@ def repair(apply_fn: Callable[[PyTree, object], object], merged: PyTree, endpoin
     if not batches:
         raise JaxmergeError("repair needs at least one batch")
     keys, _, treedef = flatten_with_keys(merged)
-    keys = [key[:-1] if key[-1] == "value" else key for key in keys]  # an nnx.State's leaves end in 'value'
+    keys = [state_key(key) for key in keys]
     position = {key: i for i, key in enumerate(keys)}
-    from jaxmerge.statistics.gram import kernel_order
+    from jaxmerge.statistics.gram import traced
 
-    order = kernel_order(merged, batches[0], apply_fn=apply_fn)
+    order = traced(apply_fn, merged, batches[0], lambda recorder: list(recorder.outputs), keep_activations=True)
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(merged)]
     biased = [(k, position.get(keys[k][:-1] + ("bias",))) for k in order if keys[k][-1] == "kernel"]
     layers = [(k, b) for k, b in biased if b is not None and shapes[b] == shapes[k][-1:]][:-1]  # outputs last

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str
+from jaxmerge._tree import PyTree, flatten_with_keys, leaf_spec, path_str, state_key
 from jaxmerge.errors import JaxmergeError
 
 
@@ -188,7 +188,7 @@ def _find(keys: list[tuple[str, ...]], prefix: str, name: str) -> tuple[str, ...
 
 
 def _dense_layers(params: PyTree) -> list[str]:
-    keys = [k[:-1] if k[-1] == "value" else k for k in flatten_with_keys(params)[0]]
+    keys = [state_key(k) for k in flatten_with_keys(params)[0]]
     kernels = [k[:-1] for k, leaf in zip(keys, flatten_with_keys(params)[1])
                if k[-1] == "kernel" and len(leaf_spec(leaf).shape) == 2]
     return [path_str(k) for k in sorted(kernels, key=_natural)]
@@ -320,11 +320,11 @@ def cnn_permutation_spec(params: PyTree, convs: Sequence[str], dense: Sequence[s
     for norm, name in zip(norms or [], names):
         if norm is None:
             continue
-        matched = [k for k in flatten_with_keys(params)[0] if norm in k and (k[-1] in ("scale", "bias", "mean", "var")
-                   or (k[-1] == "value" and k[-2] in ("scale", "bias", "mean", "var")))]
+        matched = [state_key(k) for k in flatten_with_keys(params)[0]
+                   if norm in k and state_key(k)[-1] in ("scale", "bias", "mean", "var")]
         if not matched:
             raise JaxmergeError(f"no scale, bias, mean or var leaf under a {norm!r} module")
-        axes.update({k[:-1] if k[-1] == "value" else k: (name,) for k in matched})
+        axes.update({k: (name,) for k in matched})
     return PermutationSpec(axes)
 
 

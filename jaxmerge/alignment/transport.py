@@ -45,7 +45,8 @@ _MAX_EXPANDED_UNITS = 4096  # exact transport between n != m units solves an lcm
 
 
 def _axis_roles(spec: PermutationSpec, params: PyTree) -> dict[tuple, tuple]:
-    """``{leaf index: (input name or None, {axis: (name, 'in' | 'out')})}`` for every spec'd leaf."""
+    """``{leaf index: {axis: (name, 'in' | 'out')}}`` for every spec'd leaf: a kernel's
+    second-to-last axis is its input, its last (or a 1-d leaf's only) axis its output."""
     bound = spec.bind(params)
     leaves = flatten_with_keys(params)[1]
     roles = {}

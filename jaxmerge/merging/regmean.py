@@ -269,12 +269,5 @@ def regmean_plus_plus(model, models: Sequence[PyTree], data: Sequence[Iterable],
 
 def _order_of_use(apply_fn: Callable, params: PyTree, batch) -> tuple[dict[int, int], list[int]]:
     """When each param leaf is first used in the forward pass, and the kernels in forward order."""
-    found = {}
-
-    def trace():
-        recorder = gram_stats.capture(apply_fn, params, batch, only=frozenset())
-        found.update(first_use=recorder.first_use, kernel_order=recorder.kernel_order)
-        return ()
-
-    jax.eval_shape(trace)
-    return found["first_use"], found["kernel_order"]
+    return gram_stats.traced(apply_fn, params, batch, lambda recorder: (recorder.first_use, recorder.kernel_order),
+                             only=frozenset())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,13 +115,12 @@ class _Capture:
         if tags[1] is None or tags[0] is not None or not flax_layout or not plain:
             return
         self._record(tags[1], eqn.invars[0], invals[0], (lhs_spec[1],))
-        if self.only is None or tags[1] in self.only:
-            self.outputs.setdefault(tags[1], []).append(flat_activation(output, (out_spec[1],)))
+        self._record_output(tags[1], flat_activation(output, (out_spec[1],)))
 
-    def _record_output(self, param: int, kernel: jax.Array, contracted: int, output: jax.Array) -> None:
+    def _record_output(self, param: int, rows: jax.Array) -> None:
+        """Keep a kernel's output, ``(rows, output features)``, when activations are kept."""
         if self.keep_activations and (self.only is None or param in self.only):
-            features = math.prod(kernel.shape[contracted:])
-            self.outputs.setdefault(param, []).append(output.reshape(-1, features).astype(jnp.float32))
+            self.outputs.setdefault(param, []).append(rows.astype(jnp.float32))
 
     def run(self, jaxpr, consts, args, arg_tags) -> list:
         env, tag = Env(), {}
@@ -140,8 +140,8 @@ class _Capture:
                 kernel = self._hook_dot(eqn, invals, tags) if eqn.primitive.name == "dot_general" else None
                 outs = bind(eqn, invals)
                 if kernel is not None:
-                    contracted = len(eqn.params["dimension_numbers"][0][1])
-                    self._record_output(kernel, invals[1], contracted, outs[0])
+                    features = math.prod(invals[1].shape[len(eqn.params["dimension_numbers"][0][1]):])
+                    self._record_output(kernel, outs[0].reshape(-1, features))
                 if eqn.primitive.name == "conv_general_dilated" and self.keep_activations:
                     self._hook_conv(eqn, invals, tags, outs[0])
                 if eqn.primitive.name == "convert_element_type" and tags[0] is not None:
@@ -183,17 +183,17 @@ def kernel_outputs(params: PyTree, batch, *, apply_fn: Callable) -> dict:
             capture(apply_fn, params, batch, keep_activations=True).outputs.items()}
 
 
-def kernel_order(params: PyTree, batch, *, apply_fn: Callable) -> list[int]:
-    """The param leaf indices of the captured kernels on the right of a product, in the order
-    the forward pass uses them (traced only, nothing computed)."""
-    order: list[int] = []
+def traced(apply_fn: Callable, params: PyTree, batch, read: Callable[[_Capture], Any], **options):
+    """``read(recorder)`` of a :func:`capture` (with ``options``) that is only traced, nothing
+    computed: what the recorder found in the forward pass, e.g. the order of its kernels."""
+    found = []
 
     def trace(p):
-        order.extend(capture(apply_fn, p, batch, keep_activations=True).outputs)
+        found.append(read(capture(apply_fn, p, batch, **options)))
         return 0
 
     jax.eval_shape(trace, params)
-    return order
+    return found[0]
 
 
 def accumulate_grams(apply_fn: Callable, params: PyTree, data: Iterable, *, num_examples: int | None = None,
