@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -62,3 +63,15 @@ def per_shard(fn: Callable, x) -> jax.Array:
     if sharding is None:
         return fn(x)
     return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(sharding.spec,), out_specs=sharding.spec)(x)
+
+
+def flat_index(x: jax.Array) -> jax.Array:
+    """Row-major flat index of every entry of ``x``, built without reshaping and sharded
+    like ``x`` (so that it combines with ``x`` elementwise on any mesh)."""
+    sharding = explicit_sharding(x)
+    index = jnp.zeros(x.shape, jnp.uint32, out_sharding=sharding)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis, out_sharding=sharding) * jnp.uint32(stride)
+        stride *= x.shape[axis]
+    return index

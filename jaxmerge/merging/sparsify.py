@@ -27,9 +27,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxmerge._sharding import explicit_sharding, like, local_then_sum, per_shard, reshard
+from jaxmerge._sharding import explicit_sharding, flat_index, like, local_then_sum, per_shard, reshard
 from jaxmerge._tree import acc_dtype
 from jaxmerge.errors import JaxmergeError
+from jaxmerge.merging import draws
 
 _DIGIT_BITS = 11
 SORT_LIMIT = 4096  # top_k_mask ranks arrays up to this size by sorting: compiling a sort is far quicker
@@ -187,18 +188,6 @@ def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
     return lax.bitcast_convert_type(key, x.dtype)
 
 
-def _flat_index(x: jax.Array) -> jax.Array:
-    """Row-major flat index of every entry of ``x``, built without reshaping and sharded
-    like ``x`` (so that it combines with ``x`` elementwise on any mesh)."""
-    sharding = explicit_sharding(x)
-    index = jnp.zeros(x.shape, jnp.uint32, out_sharding=sharding)
-    stride = 1
-    for axis in reversed(range(x.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, axis, out_sharding=sharding) * jnp.uint32(stride)
-        stride *= x.shape[axis]
-    return index
-
-
 @jax.jit
 def top_k_mask(x: jax.Array, k) -> jax.Array:
     """Mask of exactly ``clip(k, 0, x.size)`` entries of largest ``|x|``, ties to the lower index.
@@ -238,13 +227,13 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     threshold, need, equal = _radix_select(_magnitude_keys, [x], jnp.clip(k, 1, x.size))
 
     def lowest_indices_of_equal():
-        indexed = [x] if explicit_sharding(x) is None else [x, _flat_index(x)]
+        indexed = [x] if explicit_sharding(x) is None else [x, flat_index(x)]
         return _radix_select(_lowest_index_keys, indexed, need, threshold)[0]
 
     every = jnp.zeros((), jnp.uint32)  # ~index >= 0 keeps every equal entry
     cutoff = lax.cond(equal == need, lambda: every, lowest_indices_of_equal)
     keys = _magnitude_keys([x], None)[0]  # fused into the mask: never a whole array
-    mask = (keys > threshold) | ((keys == threshold) & (~_flat_index(x) >= cutoff))
+    mask = (keys > threshold) | ((keys == threshold) & (~flat_index(x) >= cutoff))
     return mask & (k > 0)
 
 
@@ -369,7 +358,7 @@ class Random(Sparsifier):
         return RandomParams(density)
 
     def mask(self, x, params, key):
-        return jax.random.bernoulli(key, jnp.asarray(params.density, jnp.float32), x.shape), params.density
+        return draws.keep_mask(key, params.density, x), params.density
 
 
 class Ranked(Sparsifier):
@@ -388,7 +377,7 @@ class Ranked(Sparsifier):
 
     def mask(self, x, params, key):
         probabilities = della_probabilities(x, params.density, params.epsilon)
-        return jax.random.bernoulli(key, probabilities), probabilities
+        return draws.keep_mask(key, probabilities, x), probabilities
 
 
 MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), Ranked()

@@ -1,7 +1,10 @@
 """Independent NumPy (float64) references for the task-vector merges, from the papers' formulas
 and mergekit's documented semantics."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry_2x32
 
 
 def top_k(x, k):
@@ -10,6 +13,20 @@ def top_k(x, k):
     mask = np.zeros(x.size, bool)
     mask[order[:max(k, 0)]] = True
     return mask.reshape(x.shape)
+
+
+def keep_draws(key, probability, shape):
+    """The documented random keep test: entry ``i`` is kept when ``(w_i >> 8) / 2**24 < p_i``,
+    ``w_i`` word ``i mod 2`` of the Threefry-2x32 block at counter ``(0, i // 2)`` under two
+    words drawn from ``key`` (made with ``jax.extend.random.threefry_2x32``, which takes the
+    counters' high words then their low words)."""
+    n = int(np.prod(shape))
+    pairs = -(-n // 2)
+    keypair = jax.random.bits(key, (2,), jnp.uint32)
+    counters = np.concatenate([np.zeros(pairs, np.uint32), np.arange(pairs, dtype=np.uint32)])
+    words = np.asarray(threefry_2x32(keypair, jnp.asarray(counters))).reshape(2, pairs).T.reshape(-1)[:n]
+    uniform = (words >> 8).astype(np.float64) / 2.0 ** 24
+    return (uniform < np.broadcast_to(np.asarray(probability, np.float32), shape).reshape(-1)).reshape(shape)
 
 
 def magnitude(delta, density):

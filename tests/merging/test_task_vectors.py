@@ -87,13 +87,13 @@ def _random_reference(base, models, key, weights, mask_fn, rescale, consensus, n
 
 
 def _dare(density):
-    return lambda key, d: (np.asarray(jax.random.bernoulli(key, density, d.shape)), density)
+    return lambda key, d: (reference.keep_draws(key, density, d.shape), density)
 
 
 def _della(density, epsilon):
     def draw(key, d):
         p = reference.della_probabilities(d.astype(np.float32), density, epsilon).astype(np.float32)
-        return np.asarray(jax.random.bernoulli(key, jnp.asarray(p))), p
+        return reference.keep_draws(key, p, d.shape), p
     return draw
 
 
