@@ -1,0 +1,80 @@
+"""Ranks within rows, for DELLA's magnitude-ranked keep probabilities.
+
+An entry's rank is the number of entries of its row with a smaller key. Each row's keys are
+sorted and every entry is looked up in its sorted row (a binary search), a block of rows at
+a time so that the temporaries stay in cache. XLA's CPU sort calls a comparison per pair; for
+large arrays a block is instead sorted by a bitonic network (Batcher, "Sorting networks and
+their applications", AFIPS 1968) laid out with the block's rows along the fast axis, so that
+each of its ``log2(m) (log2(m) + 1) / 2`` compare-exchange steps (``m`` the row length rounded
+up to a power of two) is a vectorised minimum and maximum over the block: 1.4-1.6x faster
+than the sort for rows of 1024-2816 entries on CPU, at the price of a longer compilation,
+which is why small arrays keep the sort.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+NETWORK_MIN = 1 << 16  # arrays of at least this many entries, and NETWORK_ROWS rows, are sorted by the network
+NETWORK_ROWS = 8
+RANK_BLOCK = 1 << 18  # entries ranked at a time
+
+
+def row_ranks(keys: jax.Array) -> jax.Array:
+    """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
+
+    Args:
+      keys: an unsigned integer array of at least two dimensions, ranked along axis 1.
+
+    Returns:
+      An int32 array shaped like ``keys``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge.merging import ranks
+      >>> ranks.row_ranks(jnp.asarray([[5, 1, 5, 3]], jnp.uint32)).tolist()
+      [[2, 0, 2, 1]]
+    """
+    moved = jnp.moveaxis(keys, 1, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    rows, n = flat.shape
+    width = 1 << max(0, (n - 1).bit_length())  # the network's row length
+    network = flat.size >= NETWORK_MIN and rows >= NETWORK_ROWS
+    block = max(1, min(rows, RANK_BLOCK // (width if network else n)))
+    padding = jnp.asarray(np.iinfo(keys.dtype).max, keys.dtype)  # sorts last
+
+    def sorted_rows(chunk):
+        if not network:
+            return lax.sort(chunk)
+        return _sort_columns(jnp.pad(chunk.T, ((0, width - n), (0, 0)), constant_values=padding))[:n].T
+
+    def rank(b, ranks):
+        start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
+        chunk = lax.dynamic_slice_in_dim(flat, start, block)
+        ordered = sorted_rows(chunk)
+        found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
+        return lax.dynamic_update_slice_in_dim(ranks, found.astype(jnp.int32), start, 0)
+    ranks = lax.fori_loop(0, -(-rows // block), rank, jnp.zeros(flat.shape, jnp.int32))
+    return jnp.moveaxis(ranks.reshape(moved.shape), -1, 1)
+
+
+def _sort_columns(block: jax.Array) -> jax.Array:
+    """Each column of ``block`` (``m x r``, ``m`` a power of two) sorted ascending by a bitonic
+    network in its all-ascending form: each merge first compares mirrored halves, then halves."""
+    m, r = block.shape
+    size = 2
+    while size <= m:
+        halves = block.reshape(m // size, 2, size // 2, r)
+        low, high = halves[:, 0], halves[:, 1, ::-1]
+        block = jnp.concatenate([jnp.minimum(low, high), jnp.maximum(low, high)[:, ::-1]], axis=1).reshape(m, r)
+        half = size // 4
+        while half >= 1:
+            pairs = block.reshape(m // (2 * half), 2, half, r)
+            low, high = pairs[:, 0], pairs[:, 1]
+            block = jnp.stack([jnp.minimum(low, high), jnp.maximum(low, high)], axis=1).reshape(m, r)
+            half //= 2
+        size *= 2
+    return block
