@@ -44,20 +44,22 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
         return (c * v.astype(acc)).astype(dtype)
 
     norms = jnp.stack([norm(x) for x in xs])
-    units = [jnp.where(r == 0, jnp.zeros_like(x), divided(x, jnp.where(r == 0, 1, r))) for x, r in zip(xs, norms)]
+
+    def unit(i):  # made where it is used rather than kept: N leaf-sized arrays fewer in memory
+        return jnp.where(norms[i] == 0, jnp.zeros_like(xs[i]), divided(xs[i], jnp.where(norms[i] == 0, 1, norms[i])))
     valid = norms > tol
     a = jnp.where(valid, alphas, 0)
     a = a / jnp.where(a.sum() > 0, a.sum(), 1)
-    start = functools.reduce(lambda m, i: m + times(a[i], units[i]), range(len(units)), jnp.zeros_like(xs[0]))
+    start = functools.reduce(lambda m, i: m + times(a[i], unit(i)), range(len(xs)), jnp.zeros_like(xs[0]))
     start_norm = norm(start)
-    first_valid = functools.reduce(lambda m, i: jnp.where(jnp.argmax(valid) == i, units[i], m), range(len(units)),
-                                   units[0])
+    first_valid = functools.reduce(lambda m, i: jnp.where(jnp.argmax(valid) == i, unit(i), m), range(len(xs)), unit(0))
     mean = jnp.where(start_norm < tol, first_valid, divided(start, jnp.where(start_norm > 0, start_norm, 1)))
 
     def tangent_step(state):
         step, m, _ = state
         tangent = jnp.zeros_like(m)
-        for i, u in enumerate(units):
+        for i in range(len(xs)):
+            u = unit(i)
             dot = jnp.clip(jnp.sum(m.astype(acc) * u.astype(acc)).astype(dtype), -1, 1)  # torch.dot: exact products
             theta = jnp.arccos(dot)
             skip = (theta.astype(acc) < tol) | ~valid[i]

@@ -13,6 +13,8 @@ which is why small arrays keep the sort.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +25,17 @@ NETWORK_ROWS = 8
 RANK_BLOCK = 1 << 18  # entries ranked at a time
 
 
-def row_ranks(keys: jax.Array) -> jax.Array:
+def row_ranks(keys: jax.Array, finish: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
 
     Args:
       keys: an unsigned integer array of at least two dimensions, ranked along axis 1.
+      finish: an elementwise function applied to each block's int32 ranks inside the loop
+        (e.g. turning them into probabilities), so that no int32 array as large as ``keys``
+        is made when the ranks are wanted only through it.
 
     Returns:
-      An int32 array shaped like ``keys``.
+      ``finish(ranks)`` (the ranks, int32, without ``finish``), shaped like ``keys``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -56,8 +61,10 @@ def row_ranks(keys: jax.Array) -> jax.Array:
         chunk = lax.dynamic_slice_in_dim(flat, start, block)
         ordered = sorted_rows(chunk)
         found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
-        return lax.dynamic_update_slice_in_dim(ranks, found.astype(jnp.int32), start, 0)
-    ranks = lax.fori_loop(0, -(-rows // block), rank, jnp.zeros(flat.shape, jnp.int32))
+        return lax.dynamic_update_slice_in_dim(ranks, finish(found.astype(jnp.int32)), start, 0)
+    finish = finish or (lambda ranks: ranks)
+    out = jax.eval_shape(finish, jax.ShapeDtypeStruct(flat.shape, jnp.int32))
+    ranks = lax.fori_loop(0, -(-rows // block), rank, jnp.zeros(out.shape, out.dtype))
     return jnp.moveaxis(ranks.reshape(moved.shape), -1, 1)
 
 

@@ -516,10 +516,12 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
     sharding = explicit_sharding(rows)
     if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:
         rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
-    rank = lambda r: ranks.row_ranks(_unsigned_bits(jnp.abs(r)))
-    relative = per_shard(rank, rows).astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rows.shape, 0.5)
-    density = jnp.asarray(density, jnp.float32)
-    probabilities = density - epsilon + relative * 2 * jnp.asarray(epsilon, jnp.float32)
+    density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
+
+    def probability(rank):
+        relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
+        return density - epsilon + relative * 2 * epsilon
+    probabilities = per_shard(lambda r: ranks.row_ranks(_unsigned_bits(jnp.abs(r)), probability), rows)
     return like(probabilities.reshape(x.shape), x)
 
 
