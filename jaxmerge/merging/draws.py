@@ -40,6 +40,29 @@ def _uniform(words: jax.Array) -> jax.Array:
     return (words >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
+def check_size(size: int) -> None:
+    """Refuse arrays whose flat indices do not fit the stream's 32-bit counters."""
+    if size >= 2 ** 32:
+        raise JaxmergeError(f"random masks support fewer than 2**32 entries, got {size}")
+
+
+def uniforms(key: jax.Array, index: jax.Array) -> jax.Array:
+    """The uniforms ``u_i`` of the module docstring at the flat indices ``index`` (uint32, any
+    shape and sharding), one generator block each: for entries drawn out of order, as DELLA
+    draws them row block by row block of its ranking.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmerge.merging import draws
+      >>> key, like = jax.random.key(0), jnp.zeros(6)
+      >>> u = draws.uniforms(key, jnp.arange(6, dtype=jnp.uint32))
+      >>> bool(((u < 0.5) == draws.keep_mask(key, 0.5, like)).all())
+      True
+    """
+    first, second = _words(jax.random.bits(key, (2,), jnp.uint32), index >> 1)
+    return _uniform(jnp.where((index & 1) == 1, second, first))
+
+
 @partial(jax.jit, keep_unused=True)  # ``like``'s devices place the mask even where only its shape is read
 def keep_mask(key: jax.Array, probability, like: jax.Array) -> jax.Array:
     """Keep each entry of an array shaped like ``like`` with its own probability.
@@ -63,15 +86,11 @@ def keep_mask(key: jax.Array, probability, like: jax.Array) -> jax.Array:
       >>> 0.28 < float(mask.mean()) < 0.32
       True
     """
-    if like.size >= 2 ** 32:
-        raise JaxmergeError(f"random masks support fewer than 2**32 entries, got {like.size}")
-    keypair = jax.random.bits(key, (2,), jnp.uint32)
+    check_size(like.size)
     probability = jnp.asarray(probability, jnp.float32)
     if explicit_sharding(like) is not None or like.size == 0:
-        index = flat_index(like)
-        first, second = _words(keypair, index >> 1)
-        return _uniform(jnp.where((index & 1) == 1, second, first)) < probability
-    return _blocked_mask(keypair, probability, like.size).reshape(like.shape)
+        return uniforms(key, flat_index(like)) < probability
+    return _blocked_mask(jax.random.bits(key, (2,), jnp.uint32), probability, like.size).reshape(like.shape)
 
 
 def _blocked_mask(keypair: jax.Array, probability: jax.Array, n: int) -> jax.Array:

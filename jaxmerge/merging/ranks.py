@@ -25,17 +25,20 @@ NETWORK_ROWS = 8
 RANK_BLOCK = 1 << 18  # entries ranked at a time
 
 
-def row_ranks(keys: jax.Array, finish: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+def row_ranks(keys: jax.Array, finish: Callable | None = None):
     """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
 
     Args:
       keys: an unsigned integer array of at least two dimensions, ranked along axis 1.
-      finish: an elementwise function applied to each block's int32 ranks inside the loop
-        (e.g. turning them into probabilities), so that no int32 array as large as ``keys``
-        is made when the ranks are wanted only through it.
+      finish: ``finish(ranks, first_row)``, a function of a block's int32 ranks (``rows x
+        n``, the ranked axis last and the others flattened into rows in order, the block's
+        first row ``first_row``) that returns a pytree of arrays shaped like them (or
+        ``None`` leaves); applied inside the loop, so that only what it returns is as large
+        as ``keys`` (e.g. DELLA's keep probabilities and mask, never the ranks).
 
     Returns:
-      ``finish(ranks)`` (the ranks, int32, without ``finish``), shaped like ``keys``.
+      ``finish``'s pytree for the whole array, each leaf shaped like ``keys`` (without
+      ``finish``: the int32 ranks).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -56,16 +59,17 @@ def row_ranks(keys: jax.Array, finish: Callable[[jax.Array], jax.Array] | None =
             return lax.sort(chunk)
         return _sort_columns(jnp.pad(chunk.T, ((0, width - n), (0, 0)), constant_values=padding))[:n].T
 
-    def rank(b, ranks):
+    def rank(b, results):
         start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
         chunk = lax.dynamic_slice_in_dim(flat, start, block)
         ordered = sorted_rows(chunk)
         found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
-        return lax.dynamic_update_slice_in_dim(ranks, finish(found.astype(jnp.int32)), start, 0)
-    finish = finish or (lambda ranks: ranks)
-    out = jax.eval_shape(finish, jax.ShapeDtypeStruct(flat.shape, jnp.int32))
-    ranks = lax.fori_loop(0, -(-rows // block), rank, jnp.zeros(out.shape, out.dtype))
-    return jnp.moveaxis(ranks.reshape(moved.shape), -1, 1)
+        done = finish(found.astype(jnp.int32), start)
+        return jax.tree.map(lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, 0), results, done)
+    finish = finish or (lambda ranks, first_row: ranks)
+    shapes = jax.eval_shape(finish, jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    results = lax.fori_loop(0, -(-rows // block), rank, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    return jax.tree.map(lambda r: jnp.moveaxis(r.reshape(moved.shape), -1, 1), results)
 
 
 def _sort_columns(block: jax.Array) -> jax.Array:

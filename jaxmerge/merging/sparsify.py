@@ -18,6 +18,7 @@ stable descending sort does), so the result is deterministic on every backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -375,8 +376,7 @@ class Ranked(Sparsifier):
         return RankedParams(density, epsilon)
 
     def mask(self, x, params, key):
-        probabilities = della_probabilities(x, params.density, params.epsilon)
-        return draws.keep_mask(key, probabilities, x), probabilities
+        return _ranked_draws(x, params.density, params.epsilon, key)
 
 
 MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), Ranked()
@@ -510,19 +510,38 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
       >>> [round(p, 3) for p in sparsify.della_probabilities(jnp.asarray([1.0, -1.0, 3.0]), 0.5, 0.2).tolist()]
       [0.3, 0.3, 0.7]
     """
+    return _ranked_draws(x, density, epsilon, None)[1]
+
+
+def _ranked_draws(x: jax.Array, density, epsilon, key: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
+    """DELLA's ``(mask, probabilities)`` (no mask without a key). Unsharded, each block of rows
+    is drawn as soon as it is ranked, so that the probabilities, when only the mask is used,
+    are never an array as large as ``x``."""
     rows = x.reshape(1, -1) if x.ndim < 2 else x
-    n = rows.shape[1]
+    n, inner = rows.shape[1], math.prod(rows.shape[2:])
+    density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
+    fused = key is not None and explicit_sharding(rows) is None
+
+    def finish(rank, first_row):
+        relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
+        probabilities = density - epsilon + relative * 2 * epsilon
+        if not fused:
+            return None, probabilities
+        row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, rank.shape, 0)  # of the moved rows
+        index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, rank.shape, 1) * inner + row % inner
+        return draws.uniforms(key, index) < probabilities, probabilities
+
+    if fused:
+        draws.check_size(x.size)
+        mask, probabilities = ranks.row_ranks(_unsigned_bits(jnp.abs(rows)), finish)
+        return mask.reshape(x.shape), probabilities.reshape(x.shape)
     # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
     sharding = explicit_sharding(rows)
     if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:
         rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
-    density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
-
-    def probability(rank):
-        relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
-        return density - epsilon + relative * 2 * epsilon
-    probabilities = per_shard(lambda r: ranks.row_ranks(_unsigned_bits(jnp.abs(r)), probability), rows)
-    return like(probabilities.reshape(x.shape), x)
+    probabilities = per_shard(lambda r: ranks.row_ranks(_unsigned_bits(jnp.abs(r)), finish)[1], rows)
+    probabilities = like(probabilities.reshape(x.shape), x)
+    return None if key is None else draws.keep_mask(key, probabilities, x), probabilities
 
 
 def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:
