@@ -25,20 +25,24 @@ NETWORK_ROWS = 8
 RANK_BLOCK = 1 << 18  # entries ranked at a time
 
 
-def row_ranks(keys: jax.Array, finish: Callable | None = None):
+def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | None = None):
     """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
 
     Args:
-      keys: an unsigned integer array of at least two dimensions, ranked along axis 1.
+      x: an array of at least two dimensions, ranked along axis 1: the unsigned integer keys,
+        or what ``keys_of`` makes them of.
       finish: ``finish(ranks, first_row)``, a function of a block's int32 ranks (``rows x
         n``, the ranked axis last and the others flattened into rows in order, the block's
         first row ``first_row``) that returns a pytree of arrays shaped like them (or
         ``None`` leaves); applied inside the loop, so that only what it returns is as large
-        as ``keys`` (e.g. DELLA's keep probabilities and mask, never the ranks).
+        as ``x`` (e.g. DELLA's keep probabilities and mask, never the ranks).
 
     Returns:
-      ``finish``'s pytree for the whole array, each leaf shaped like ``keys`` (without
+      ``finish``'s pytree for the whole array, each leaf shaped like ``x`` (without
       ``finish``: the int32 ranks).
+      keys_of: an elementwise function making a block of ``x`` unsigned keys, applied inside
+        the loop (so that the keys are never an array as large as ``x``); default: ``x`` holds
+        the keys.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -46,13 +50,15 @@ def row_ranks(keys: jax.Array, finish: Callable | None = None):
       >>> ranks.row_ranks(jnp.asarray([[5, 1, 5, 3]], jnp.uint32)).tolist()
       [[2, 0, 2, 1]]
     """
-    moved = jnp.moveaxis(keys, 1, -1)
+    keys_of = keys_of or (lambda block: block)
+    key_type = jax.eval_shape(keys_of, jax.ShapeDtypeStruct((1,), x.dtype)).dtype
+    moved = jnp.moveaxis(x, 1, -1)
     flat = moved.reshape(-1, moved.shape[-1])
     rows, n = flat.shape
     width = 1 << max(0, (n - 1).bit_length())  # the network's row length
     network = flat.size >= NETWORK_MIN and rows >= NETWORK_ROWS
     block = max(1, min(rows, RANK_BLOCK // (width if network else n)))
-    padding = jnp.asarray(np.iinfo(keys.dtype).max, keys.dtype)  # sorts last
+    padding = jnp.asarray(np.iinfo(key_type).max, key_type)  # sorts last
 
     def sorted_rows(chunk):
         if not network:
@@ -61,7 +67,7 @@ def row_ranks(keys: jax.Array, finish: Callable | None = None):
 
     def rank(b, results):
         start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
-        chunk = lax.dynamic_slice_in_dim(flat, start, block)
+        chunk = keys_of(lax.dynamic_slice_in_dim(flat, start, block))
         ordered = sorted_rows(chunk)
         found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
         done = finish(found.astype(jnp.int32), start)

@@ -43,6 +43,11 @@ def _unsigned_bits(magnitude: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(magnitude, _UNSIGNED[magnitude.dtype.itemsize])
 
 
+def _magnitude_bits(x: jax.Array) -> jax.Array:
+    """Unsigned keys that order like ``|x|``."""
+    return _unsigned_bits(jnp.abs(x))
+
+
 def _digit_shifts(width: int) -> list[tuple[int, int]]:
     """``(shift, bits)`` of each radix digit, most significant first."""
     shifts = []
@@ -117,7 +122,7 @@ def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, 
 
 
 def _magnitude_keys(chunks, index):
-    return _unsigned_bits(jnp.abs(chunks[0])), True
+    return _magnitude_bits(chunks[0]), True
 
 
 def _signed_keys(chunks, index):
@@ -533,13 +538,13 @@ def _ranked_draws(x: jax.Array, density, epsilon, key: jax.Array | None) -> tupl
 
     if fused:
         draws.check_size(x.size)
-        mask, probabilities = ranks.row_ranks(_unsigned_bits(jnp.abs(rows)), finish)
+        mask, probabilities = ranks.row_ranks(rows, finish, _magnitude_bits)
         return mask.reshape(x.shape), probabilities.reshape(x.shape)
     # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
     sharding = explicit_sharding(rows)
     if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:
         rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
-    probabilities = per_shard(lambda r: ranks.row_ranks(_unsigned_bits(jnp.abs(r)), finish)[1], rows)
+    probabilities = per_shard(lambda r: ranks.row_ranks(r, finish, _magnitude_bits)[1], rows)
     probabilities = like(probabilities.reshape(x.shape), x)
     return None if key is None else draws.keep_mask(key, probabilities, x), probabilities
 
