@@ -30,19 +30,20 @@ def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | 
 
     Args:
       x: an array of at least two dimensions, ranked along axis 1: the unsigned integer keys,
-        or what ``keys_of`` makes them of.
+        or what ``keys_of`` makes them of; or a tuple of arrays of one shape, of which
+        ``keys_of`` makes the keys.
       finish: ``finish(ranks, first_row)``, a function of a block's int32 ranks (``rows x
         n``, the ranked axis last and the others flattened into rows in order, the block's
         first row ``first_row``) that returns a pytree of arrays shaped like them (or
         ``None`` leaves); applied inside the loop, so that only what it returns is as large
         as ``x`` (e.g. DELLA's keep probabilities and mask, never the ranks).
+      keys_of: an elementwise function making a block of ``x`` (a block of each array, as
+        arguments) unsigned keys, applied inside the loop (so that the keys are never an
+        array as large as ``x``); default: ``x`` holds the keys.
 
     Returns:
       ``finish``'s pytree for the whole array, each leaf shaped like ``x`` (without
       ``finish``: the int32 ranks).
-      keys_of: an elementwise function making a block of ``x`` unsigned keys, applied inside
-        the loop (so that the keys are never an array as large as ``x``); default: ``x`` holds
-        the keys.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -50,13 +51,14 @@ def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | 
       >>> ranks.row_ranks(jnp.asarray([[5, 1, 5, 3]], jnp.uint32)).tolist()
       [[2, 0, 2, 1]]
     """
+    arrays = x if isinstance(x, tuple) else (x,)
     keys_of = keys_of or (lambda block: block)
-    key_type = jax.eval_shape(keys_of, jax.ShapeDtypeStruct((1,), x.dtype)).dtype
-    moved = jnp.moveaxis(x, 1, -1)
-    flat = moved.reshape(-1, moved.shape[-1])
-    rows, n = flat.shape
+    key_type = jax.eval_shape(keys_of, *(jax.ShapeDtypeStruct((1,), a.dtype) for a in arrays)).dtype
+    moved = [jnp.moveaxis(a, 1, -1) for a in arrays]
+    flat = [m.reshape(-1, m.shape[-1]) for m in moved]
+    rows, n = flat[0].shape
     width = 1 << max(0, (n - 1).bit_length())  # the network's row length
-    network = flat.size >= NETWORK_MIN and rows >= NETWORK_ROWS
+    network = rows * n >= NETWORK_MIN and rows >= NETWORK_ROWS
     block = max(1, min(rows, RANK_BLOCK // (width if network else n)))
     padding = jnp.asarray(np.iinfo(key_type).max, key_type)  # sorts last
 
@@ -67,15 +69,15 @@ def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | 
 
     def rank(b, results):
         start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
-        chunk = keys_of(lax.dynamic_slice_in_dim(flat, start, block))
+        chunk = keys_of(*(lax.dynamic_slice_in_dim(f, start, block) for f in flat))
         ordered = sorted_rows(chunk)
         found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
         done = finish(found.astype(jnp.int32), start)
         return jax.tree.map(lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, 0), results, done)
     finish = finish or (lambda ranks, first_row: ranks)
-    shapes = jax.eval_shape(finish, jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    shapes = jax.eval_shape(finish, jax.ShapeDtypeStruct((rows, n), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
     results = lax.fori_loop(0, -(-rows // block), rank, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    return jax.tree.map(lambda r: jnp.moveaxis(r.reshape(moved.shape), -1, 1), results)
+    return jax.tree.map(lambda r: jnp.moveaxis(r.reshape(moved[0].shape), -1, 1), results)
 
 
 def _sort_columns(block: jax.Array) -> jax.Array:

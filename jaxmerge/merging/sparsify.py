@@ -18,6 +18,8 @@ stable descending sort does), so the result is deterministic on every backend.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -37,6 +39,47 @@ _DIGIT_BITS = 11
 SORT_LIMIT = 4096  # top_k_mask ranks arrays up to this size by sorting: compiling a sort is far quicker
 SELECT_BLOCK = 1 << 16  # entries a radix select's histogram pass reads at a time
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("model", "base"), meta_fields=("dtype",))
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """A task vector ``model - base`` (both cast to ``dtype``) that the sparsifiers make where
+    they read it: block by block inside their selection loops, elementwise elsewhere, so that
+    it is never an array of its own (one tensor less in memory per model). Explicitly sharded
+    ones are made whole first."""
+
+    model: jax.Array
+    base: jax.Array
+    dtype: Any
+
+    def of(self, model: jax.Array, base: jax.Array) -> jax.Array:
+        return model.astype(self.dtype) - base.astype(self.dtype)
+
+    def whole(self) -> jax.Array:
+        return self.of(self.model, self.base)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.model.shape
+
+    @property
+    def size(self) -> int:
+        return self.model.size
+
+
+def _parts(x) -> tuple[list[jax.Array], Callable]:
+    """The arrays that ``x`` (an array or a :class:`Difference`) is read from, and the function
+    making a block of its values from their blocks."""
+    if isinstance(x, Difference):
+        return [x.model, x.base], lambda chunks: x.of(*chunks)
+    return [x], lambda chunks: chunks[0]
+
+
+def _array_or_whole_if_sharded(x):
+    """``x``, made whole when it is a :class:`Difference` of explicitly sharded arrays (the
+    sharded paths index and reshard plain arrays)."""
+    return x.whole() if isinstance(x, Difference) and explicit_sharding(x.model) is not None else x
 
 
 def _unsigned_bits(magnitude: jax.Array) -> jax.Array:
@@ -121,19 +164,10 @@ def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, 
     return lax.fori_loop(0, len(digits), step, start)
 
 
-def _magnitude_keys(chunks, index):
-    return _magnitude_bits(chunks[0]), True
-
-
 def _signed_keys(chunks, index):
     return _ordered_keys(chunks[0]), True
 
 
-def _lowest_index_keys(chunks, index, threshold):
-    """Among the entries of magnitude ``threshold``, the lowest flat indices as the largest keys
-    (``~index``); sharded arrays carry their flat index as a second array (a shard's blocks
-    know theirs only within the shard)."""
-    return ~(chunks[1] if len(chunks) > 1 else index), _magnitude_keys(chunks, index)[0] == threshold
 
 
 def _ordered_keys(x: jax.Array) -> jax.Array:
@@ -189,7 +223,8 @@ def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
       >>> float(sparsify.kth_largest_magnitude(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 2))
       2.0
     """
-    key, _, _ = _radix_select(_magnitude_keys, [x], jnp.clip(k, 1, x.size))  # keys made block by block
+    magnitude_keys = lambda chunks, index: (_magnitude_bits(chunks[0]), True)  # made block by block
+    key, _, _ = _radix_select(magnitude_keys, [x], jnp.clip(k, 1, x.size))
     return lax.bitcast_convert_type(key, x.dtype)
 
 
@@ -205,7 +240,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     fraction of the selection's compile time, which dominates for small arrays.
 
     Args:
-      x: a float array of fewer than ``2**32`` entries.
+      x: a float array of fewer than ``2**32`` entries, or a :class:`Difference`.
       k: how many entries to keep; may be traced.
 
     Returns:
@@ -225,20 +260,32 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     if x.size >= 2 ** 32:
         raise JaxmergeError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
     k = jnp.asarray(k, jnp.int32)
-    if x.size <= SORT_LIMIT and explicit_sharding(x) is None:
-        order = jnp.argsort(-jnp.abs(x).reshape(-1), stable=True)  # among equal magnitudes, lower index first
+    x = _array_or_whole_if_sharded(x)
+    arrays, value = _parts(x)
+    sharded = explicit_sharding(arrays[0]) is not None
+    if x.size <= SORT_LIMIT and not sharded:
+        order = jnp.argsort(-jnp.abs(value(arrays)).reshape(-1), stable=True)  # equal magnitudes: lower index first
         ranks = jnp.zeros(x.size, jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
         return (ranks < k).reshape(x.shape)
-    threshold, need, equal = _radix_select(_magnitude_keys, [x], jnp.clip(k, 1, x.size))
+
+    def magnitude_keys(chunks, index):
+        return _magnitude_bits(value(chunks)), True
+    threshold, need, equal = _radix_select(magnitude_keys, arrays, jnp.clip(k, 1, x.size))
 
     def lowest_indices_of_equal():
-        indexed = [x] if explicit_sharding(x) is None else [x, flat_index(x)]
-        return _radix_select(_lowest_index_keys, indexed, need, threshold)[0]
+        """Among the entries of magnitude ``threshold``, the lowest flat indices as the largest
+        keys (``~index``); sharded, the flat index is carried as an array of its own (a shard's
+        blocks know theirs only within the shard)."""
+        def keys(chunks, index, threshold):
+            if sharded:
+                index, chunks = chunks[-1], chunks[:-1]
+            return ~index, magnitude_keys(chunks, index)[0] == threshold
+        return _radix_select(keys, arrays + ([flat_index(x)] if sharded else []), need, threshold)[0]
 
     every = jnp.zeros((), jnp.uint32)  # ~index >= 0 keeps every equal entry
     cutoff = lax.cond(equal == need, lambda: every, lowest_indices_of_equal)
-    keys = _magnitude_keys([x], None)[0]  # fused into the mask: never a whole array
-    mask = (keys > threshold) | ((keys == threshold) & (~flat_index(x) >= cutoff))
+    keys = magnitude_keys(arrays, None)[0]  # fused into the mask: never a whole array
+    mask = (keys > threshold) | ((keys == threshold) & (~flat_index(arrays[0]) >= cutoff))
     return mask & (k > 0)
 
 
@@ -313,7 +360,8 @@ class Sparsifier:
         raise NotImplementedError
 
     def mask(self, x: jax.Array, params: NamedTuple, key: jax.Array | None) -> tuple[jax.Array, Any]:
-        """``(mask of the kept entries, keep probability of each)``, for one model's params."""
+        """``(mask of the kept entries, keep probability of each)`` of a task vector ``x`` (an
+        array or a :class:`Difference`), for one model's params."""
         raise NotImplementedError
 
     def __eq__(self, other) -> bool:
@@ -363,7 +411,7 @@ class Random(Sparsifier):
         return RandomParams(density)
 
     def mask(self, x, params, key):
-        return draws.keep_mask(key, params.density, x), params.density
+        return draws.keep_mask(key, params.density, _parts(x)[0][0]), params.density
 
 
 class Ranked(Sparsifier):
@@ -518,14 +566,16 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
     return _ranked_draws(x, density, epsilon, None)[1]
 
 
-def _ranked_draws(x: jax.Array, density, epsilon, key: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
-    """DELLA's ``(mask, probabilities)`` (no mask without a key). Unsharded, each block of rows
-    is drawn as soon as it is ranked, so that the probabilities, when only the mask is used,
-    are never an array as large as ``x``."""
-    rows = x.reshape(1, -1) if x.ndim < 2 else x
-    n, inner = rows.shape[1], math.prod(rows.shape[2:])
+def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
+    """DELLA's ``(mask, probabilities)`` for an array or a :class:`Difference` ``x`` (no mask
+    without a key). Unsharded, each block of rows is drawn as soon as it is ranked, so that
+    the probabilities, when only the mask is used, are never an array as large as ``x``."""
+    x = _array_or_whole_if_sharded(x)
+    arrays, value = _parts(x)
+    shape = x.shape if len(x.shape) >= 2 else (1, x.size)
+    n, inner = shape[1], math.prod(shape[2:])
     density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
-    fused = key is not None and explicit_sharding(rows) is None
+    fused = key is not None and explicit_sharding(arrays[0]) is None
 
     def finish(rank, first_row):
         relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
@@ -538,8 +588,10 @@ def _ranked_draws(x: jax.Array, density, epsilon, key: jax.Array | None) -> tupl
 
     if fused:
         draws.check_size(x.size)
-        mask, probabilities = ranks.row_ranks(rows, finish, _magnitude_bits)
+        rows = tuple(a.reshape(shape) for a in arrays)
+        mask, probabilities = ranks.row_ranks(rows, finish, lambda *blocks: _magnitude_bits(value(blocks)))
         return mask.reshape(x.shape), probabilities.reshape(x.shape)
+    rows = x.reshape(shape)
     # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
     sharding = explicit_sharding(rows)
     if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:

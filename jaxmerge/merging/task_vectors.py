@@ -68,11 +68,11 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array 
     :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`) and rescaled; a density of 1
     leaves the task vector untouched, as in mergekit."""
     dtype = compute_dtype(base.dtype, exact)
-    delta = leaf.astype(dtype) - base.astype(dtype)
+    delta = sparsify.Difference(leaf, base, dtype)  # made where the sparsifier reads it
     mask, keep = sparsifier.mask(delta, params, key)
     keep_all = params.density >= 1
     keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
-    return sparsify.rescale(delta, mask | keep_all, rescale, keep)
+    return sparsify.rescale(delta.whole(), mask | keep_all, rescale, keep)
 
 
 @exact_jit(("consensus", "normalize", "subtract_base"))
