@@ -45,8 +45,13 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
 
     norms = jnp.stack([norm(x) for x in xs])
 
-    def unit(i):  # made where it is used rather than kept: N leaf-sized arrays fewer in memory
-        return jnp.where(norms[i] == 0, jnp.zeros_like(xs[i]), divided(xs[i], jnp.where(norms[i] == 0, 1, norms[i])))
+    def unit(i, step=None):
+        """Direction ``i``, made where it is used rather than kept (N leaf-sized arrays fewer in
+        memory); in the loop it is divided by the norm times ``step >= 0`` (exactly the norm),
+        which XLA cannot prove loop-invariant, so it does not hoist the directions out of the
+        loop into arrays of their own."""
+        r = norms[i] if step is None else norms[i] * (step >= 0).astype(norms.dtype)
+        return jnp.where(r == 0, jnp.zeros_like(xs[i]), divided(xs[i], jnp.where(r == 0, 1, r)))
     valid = norms > tol
     a = jnp.where(valid, alphas, 0)
     a = a / jnp.where(a.sum() > 0, a.sum(), 1)
@@ -59,7 +64,7 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
         step, m, _ = state
         tangent = jnp.zeros_like(m)
         for i in range(len(xs)):
-            u = unit(i)
+            u = unit(i, step)
             dot = jnp.clip(jnp.sum(m.astype(acc) * u.astype(acc)).astype(dtype), -1, 1)  # torch.dot: exact products
             theta = jnp.arccos(dot)
             skip = (theta.astype(acc) < tol) | ~valid[i]
