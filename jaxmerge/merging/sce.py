@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmerge import _hyper
 from jaxmerge._hyper import Range
@@ -34,12 +37,10 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     dtype = compute_dtype(base.dtype, exact)
     acc = acc_dtype(dtype)
     base_c = base.astype(dtype)
+    variance = sparsify.Elementwise((base, *leaves), _Variance(np.dtype(dtype)))  # made where it is read
+    k = jnp.floor(select_topk.astype(jnp.float32) * jnp.sum(variance.whole() != 0).astype(jnp.float32))
+    selected = sparsify.top_k_mask(variance, k.astype(jnp.int32)) | (select_topk >= 1)
     deltas = [leaf.astype(dtype) - base_c for leaf in leaves]
-    wide = [d.astype(acc) for d in deltas]
-    mean = total(wide, acc) / len(deltas)
-    variance = (total([jnp.square(d - mean) for d in wide], acc) / len(deltas)).astype(dtype)
-    k = jnp.floor(select_topk.astype(jnp.float32) * jnp.sum(variance != 0).astype(jnp.float32)).astype(jnp.int32)
-    selected = sparsify.top_k_mask(variance, k) | (select_topk >= 1)
     zero = jnp.zeros((), dtype)
     deltas = [jnp.where(selected, d, zero) for d in deltas]
     energy = jnp.stack([jnp.mean(jnp.square(d).astype(acc)).astype(dtype) for d in deltas])
@@ -52,6 +53,20 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     merged = total([k_ * d for k_, d in zip(kept, deltas)], dtype)
     divisor = jnp.maximum(total(kept, dtype), 1e-6)
     return (base_c + merged / divisor).astype(base.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Variance:
+    """The population variance of the task vectors ``leaf - base`` (in ``dtype``), taken in
+    its accumulation dtype and rounded to ``dtype``."""
+
+    dtype: Any
+
+    def __call__(self, base: jax.Array, *leaves: jax.Array) -> jax.Array:
+        acc = acc_dtype(self.dtype)
+        wide = [(leaf.astype(self.dtype) - base.astype(self.dtype)).astype(acc) for leaf in leaves]
+        mean = total(wide, acc) / len(wide)
+        return (total([jnp.square(d - mean) for d in wide], acc) / len(wide)).astype(self.dtype)
 
 
 def _sce_plan(spec: TreeSpec, hp: dict):

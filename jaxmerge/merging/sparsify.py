@@ -41,45 +41,54 @@ SELECT_BLOCK = 1 << 16  # entries a radix select's histogram pass reads at a tim
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("model", "base"), meta_fields=("dtype",))
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("arrays",), meta_fields=("fn",))
 @dataclasses.dataclass(frozen=True)
-class Difference:
-    """A task vector ``model - base`` (both cast to ``dtype``) that the sparsifiers make where
-    they read it: block by block inside their selection loops, elementwise elsewhere, so that
-    it is never an array of its own (one tensor less in memory per model). Explicitly sharded
-    ones are made whole first."""
+class Elementwise:
+    """An elementwise function ``fn`` of arrays of one shape (a task vector, a variance across
+    models) that the selections make where they read it: block by block inside their loops,
+    elementwise elsewhere, so that it is never an array of its own. ``fn`` is static: a
+    frozen dataclass compares by value. Explicitly sharded ones are made whole first."""
 
-    model: jax.Array
-    base: jax.Array
-    dtype: Any
-
-    def of(self, model: jax.Array, base: jax.Array) -> jax.Array:
-        return model.astype(self.dtype) - base.astype(self.dtype)
+    arrays: tuple[jax.Array, ...]
+    fn: Callable
 
     def whole(self) -> jax.Array:
-        return self.of(self.model, self.base)
+        return self.fn(*self.arrays)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.model.shape
+        return self.arrays[0].shape
 
     @property
     def size(self) -> int:
-        return self.model.size
+        return self.arrays[0].size
+
+
+@dataclasses.dataclass(frozen=True)
+class _Difference:
+    dtype: Any
+
+    def __call__(self, model: jax.Array, base: jax.Array) -> jax.Array:
+        return model.astype(self.dtype) - base.astype(self.dtype)
+
+
+def difference(model: jax.Array, base: jax.Array, dtype) -> Elementwise:
+    """The task vector ``model - base``, both cast to ``dtype``, made where it is read."""
+    return Elementwise((model, base), _Difference(np.dtype(dtype)))
 
 
 def _parts(x) -> tuple[list[jax.Array], Callable]:
-    """The arrays that ``x`` (an array or a :class:`Difference`) is read from, and the function
-    making a block of its values from their blocks."""
-    if isinstance(x, Difference):
-        return [x.model, x.base], lambda chunks: x.of(*chunks)
+    """The arrays that ``x`` (an array or an :class:`Elementwise`) is read from, and the
+    function making a block of its values from their blocks."""
+    if isinstance(x, Elementwise):
+        return list(x.arrays), lambda chunks: x.fn(*chunks)
     return [x], lambda chunks: chunks[0]
 
 
 def _array_or_whole_if_sharded(x):
-    """``x``, made whole when it is a :class:`Difference` of explicitly sharded arrays (the
+    """``x``, made whole when it is an :class:`Elementwise` of explicitly sharded arrays (the
     sharded paths index and reshard plain arrays)."""
-    return x.whole() if isinstance(x, Difference) and explicit_sharding(x.model) is not None else x
+    return x.whole() if isinstance(x, Elementwise) and explicit_sharding(x.arrays[0]) is not None else x
 
 
 def _unsigned_bits(magnitude: jax.Array) -> jax.Array:
@@ -240,7 +249,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     fraction of the selection's compile time, which dominates for small arrays.
 
     Args:
-      x: a float array of fewer than ``2**32`` entries, or a :class:`Difference`.
+      x: a float array of fewer than ``2**32`` entries, or a :class:`Elementwise`.
       k: how many entries to keep; may be traced.
 
     Returns:
@@ -361,7 +370,7 @@ class Sparsifier:
 
     def mask(self, x: jax.Array, params: NamedTuple, key: jax.Array | None) -> tuple[jax.Array, Any]:
         """``(mask of the kept entries, keep probability of each)`` of a task vector ``x`` (an
-        array or a :class:`Difference`), for one model's params."""
+        array or a :class:`Elementwise`), for one model's params."""
         raise NotImplementedError
 
     def __eq__(self, other) -> bool:
@@ -567,7 +576,7 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
 
 
 def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
-    """DELLA's ``(mask, probabilities)`` for an array or a :class:`Difference` ``x`` (no mask
+    """DELLA's ``(mask, probabilities)`` for an array or a :class:`Elementwise` ``x`` (no mask
     without a key). Unsharded, each block of rows is drawn as soon as it is ranked, so that
     the probabilities, when only the mask is used, are never an array as large as ``x``."""
     x = _array_or_whole_if_sharded(x)

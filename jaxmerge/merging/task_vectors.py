@@ -68,7 +68,7 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array 
     :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`) and rescaled; a density of 1
     leaves the task vector untouched, as in mergekit."""
     dtype = compute_dtype(base.dtype, exact)
-    delta = sparsify.Difference(leaf, base, dtype)  # made where the sparsifier reads it
+    delta = sparsify.difference(leaf, base, dtype)  # made where the sparsifier reads it
     mask, keep = sparsifier.mask(delta, params, key)
     keep_all = params.density >= 1
     keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
