@@ -591,9 +591,13 @@ def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array
         probabilities = density - epsilon + relative * 2 * epsilon
         if not fused:
             return None, probabilities
-        row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, rank.shape, 0)  # of the moved rows
-        index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, rank.shape, 1) * inner + row % inner
-        return draws.uniforms(key, index) < probabilities, probabilities
+        if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
+            uniform = draws.run(key, first_row.astype(jnp.uint32) * n, rank.size).reshape(rank.shape)
+        else:
+            row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, rank.shape, 0)  # of the moved rows
+            index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, rank.shape, 1) * inner + row % inner
+            uniform = draws.uniforms(key, index)
+        return uniform < probabilities, probabilities
 
     if fused:
         draws.check_size(x.size)
