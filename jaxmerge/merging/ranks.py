@@ -1,8 +1,9 @@
 """Ranks within rows, for DELLA's magnitude-ranked keep probabilities.
 
 An entry's rank is the number of entries of its row with a smaller key. Each row's keys are
-sorted and every entry is looked up in its sorted row (a binary search), a block of rows at
-a time so that the temporaries stay in cache. XLA's CPU sort calls a comparison per pair; for
+sorted and every entry is looked up in its sorted row (a binary search; whether a rank reaches
+a given count needs a single look-up), a block of rows at a time so that the temporaries stay
+in cache. XLA's CPU sort calls a comparison per pair; for
 large arrays a block is instead sorted by a bitonic network (Batcher, "Sorting networks and
 their applications", AFIPS 1968) laid out with the block's rows along the fast axis, so that
 each of its ``log2(m) (log2(m) + 1) / 2`` compare-exchange steps (``m`` the row length rounded
@@ -25,31 +26,24 @@ NETWORK_ROWS = 8
 RANK_BLOCK = 1 << 18  # entries ranked at a time
 
 
-def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | None = None):
-    """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
+def sorted_row_blocks(x, finish: Callable, keys_of: Callable | None = None):
+    """Sort the rows of ``x`` (along axis 1) a block at a time and ``finish`` each block.
 
     Args:
       x: an array of at least two dimensions, ranked along axis 1: the unsigned integer keys,
         or what ``keys_of`` makes them of; or a tuple of arrays of one shape, of which
         ``keys_of`` makes the keys.
-      finish: ``finish(ranks, first_row)``, a function of a block's int32 ranks (``rows x
-        n``, the ranked axis last and the others flattened into rows in order, the block's
-        first row ``first_row``) that returns a pytree of arrays shaped like them (or
-        ``None`` leaves); applied inside the loop, so that only what it returns is as large
-        as ``x`` (e.g. DELLA's keep probabilities and mask, never the ranks).
+      finish: ``finish(ordered, keys, first_row)``, a function of a block's keys (``rows x
+        n``: the ranked axis last, the others flattened into rows in order, the block's first
+        row ``first_row``) and the same rows sorted ascending (``ordered``), returning a pytree
+        of arrays shaped like ``keys`` (or ``None`` leaves). It runs inside the loop, so that
+        only what it returns is as large as ``x`` (e.g. DELLA's keep mask, never its ranks).
       keys_of: an elementwise function making a block of ``x`` (a block of each array, as
         arguments) unsigned keys, applied inside the loop (so that the keys are never an
         array as large as ``x``); default: ``x`` holds the keys.
 
     Returns:
-      ``finish``'s pytree for the whole array, each leaf shaped like ``x`` (without
-      ``finish``: the int32 ranks).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxmerge.merging import ranks
-      >>> ranks.row_ranks(jnp.asarray([[5, 1, 5, 3]], jnp.uint32)).tolist()
-      [[2, 0, 2, 1]]
+      ``finish``'s pytree for the whole array, each leaf shaped like ``x``.
     """
     arrays = x if isinstance(x, tuple) else (x,)
     keys_of = keys_of or (lambda block: block)
@@ -67,17 +61,48 @@ def row_ranks(x: jax.Array, finish: Callable | None = None, keys_of: Callable | 
             return lax.sort(chunk)
         return _sort_columns(jnp.pad(chunk.T, ((0, width - n), (0, 0)), constant_values=padding))[:n].T
 
-    def rank(b, results):
+    def step(b, results):
         start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
         chunk = keys_of(*(lax.dynamic_slice_in_dim(f, start, block) for f in flat))
-        ordered = sorted_rows(chunk)
-        found = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(ordered, chunk)
-        done = finish(found.astype(jnp.int32), start)
+        done = finish(sorted_rows(chunk), chunk, start)
         return jax.tree.map(lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, 0), results, done)
-    finish = finish or (lambda ranks, first_row: ranks)
-    shapes = jax.eval_shape(finish, jax.ShapeDtypeStruct((rows, n), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
-    results = lax.fori_loop(0, -(-rows // block), rank, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    shapes = jax.eval_shape(finish, *[jax.ShapeDtypeStruct((rows, n), key_type)] * 2,
+                            jax.ShapeDtypeStruct((), jnp.int32))
+    results = lax.fori_loop(0, -(-rows // block), step, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
     return jax.tree.map(lambda r: jnp.moveaxis(r.reshape(moved[0].shape), -1, 1), results)
+
+
+def smaller(ordered: jax.Array, keys: jax.Array) -> jax.Array:
+    """Per key, how many keys of its row are smaller (int32): a binary search of its sorted row."""
+    return jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan_unrolled"))(
+        ordered, keys).astype(jnp.int32)
+
+
+def at_least(ordered: jax.Array, keys: jax.Array, count: jax.Array) -> jax.Array:
+    """Per key, whether at least ``count`` (int32, per key) keys of its row are smaller: one
+    look-up in its sorted row (the ``count``-th smallest key is smaller than it), not a search."""
+    n = ordered.shape[-1]
+    below = jnp.take_along_axis(ordered, jnp.clip(count - 1, 0, n - 1), axis=-1) < keys
+    return (count <= 0) | ((count <= n - 1) & below)
+
+
+def row_ranks(x, keys_of: Callable | None = None) -> jax.Array:
+    """Per entry, how many entries along axis 1 have a smaller key (equal keys share a rank).
+
+    Args:
+      x: as for :func:`sorted_row_blocks`.
+      keys_of: as for :func:`sorted_row_blocks`.
+
+    Returns:
+      An int32 array shaped like ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxmerge.merging import ranks
+      >>> ranks.row_ranks(jnp.asarray([[5, 1, 5, 3]], jnp.uint32)).tolist()
+      [[2, 0, 2, 1]]
+    """
+    return sorted_row_blocks(x, lambda ordered, keys, first_row: smaller(ordered, keys), keys_of)
 
 
 def _sort_columns(block: jax.Array) -> jax.Array:

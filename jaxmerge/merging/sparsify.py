@@ -576,42 +576,60 @@ def della_probabilities(x: jax.Array, density, epsilon) -> jax.Array:
 
 
 def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
-    """DELLA's ``(mask, probabilities)`` for an array or a :class:`Elementwise` ``x`` (no mask
-    without a key). Unsharded, each block of rows is drawn as soon as it is ranked, so that
-    the probabilities, when only the mask is used, are never an array as large as ``x``."""
+    """DELLA's ``(mask, probabilities)`` for an array or an :class:`Elementwise` ``x`` (no mask
+    without a key). Unsharded, each block of rows is drawn as soon as it is sorted, and an
+    entry's keep test looks its row up once (:func:`_ranked_keep`): when only the mask is
+    used, neither the ranks nor the probabilities are searched for or kept."""
     x = _array_or_whole_if_sharded(x)
     arrays, value = _parts(x)
     shape = x.shape if len(x.shape) >= 2 else (1, x.size)
     n, inner = shape[1], math.prod(shape[2:])
     density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
-    fused = key is not None and explicit_sharding(arrays[0]) is None
 
-    def finish(rank, first_row):
+    def probabilities_of(rank):
         relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
-        probabilities = density - epsilon + relative * 2 * epsilon
-        if not fused:
-            return None, probabilities
-        if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
-            uniform = draws.run(key, first_row.astype(jnp.uint32) * n, rank.size).reshape(rank.shape)
-        else:
-            row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, rank.shape, 0)  # of the moved rows
-            index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, rank.shape, 1) * inner + row % inner
-            uniform = draws.uniforms(key, index)
-        return uniform < probabilities, probabilities
+        return density - epsilon + relative * 2 * epsilon
 
-    if fused:
+    if key is not None and explicit_sharding(arrays[0]) is None:
         draws.check_size(x.size)
+
+        def finish(ordered, keys, first_row):
+            if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
+                uniform = draws.run(key, first_row.astype(jnp.uint32) * n, keys.size).reshape(keys.shape)
+            else:
+                row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, keys.shape, 0)  # moved rows
+                index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, keys.shape, 1) * inner
+                uniform = draws.uniforms(key, index + row % inner)
+            keep = _ranked_keep(uniform, lambda count: ranks.at_least(ordered, keys, count), n, density, epsilon)
+            return keep, probabilities_of(ranks.smaller(ordered, keys))  # searched only if used
         rows = tuple(a.reshape(shape) for a in arrays)
-        mask, probabilities = ranks.row_ranks(rows, finish, lambda *blocks: _magnitude_bits(value(blocks)))
+        mask, probabilities = ranks.sorted_row_blocks(rows, finish, lambda *blocks: _magnitude_bits(value(blocks)))
         return mask.reshape(x.shape), probabilities.reshape(x.shape)
     rows = x.reshape(shape)
     # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
     sharding = explicit_sharding(rows)
     if sharding is not None and sharding.spec[1:2] != (None,) and len(sharding.spec) > 1:
         rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
-    probabilities = per_shard(lambda r: ranks.row_ranks(r, finish, _magnitude_bits)[1], rows)
-    probabilities = like(probabilities.reshape(x.shape), x)
-    return None if key is None else draws.keep_mask(key, probabilities, x), probabilities
+    rank = like(per_shard(lambda r: ranks.row_ranks(r, _magnitude_bits), rows).reshape(x.shape), x)
+    if key is None:
+        return None, probabilities_of(rank)
+    draws.check_size(x.size)
+    mask = _ranked_keep(draws.uniforms(key, flat_index(x)), lambda count: rank >= count, n, density, epsilon)
+    return mask, probabilities_of(rank)
+
+
+def _ranked_keep(uniform, at_least: Callable, n: int, density, epsilon) -> jax.Array:
+    """DELLA's keep test, from each entry's uniform ``u`` (see :mod:`~jaxmerge.merging.draws`):
+    its rank (``at_least(count)``: whether it reaches ``count``) reaches ``ceil((u - (density -
+    epsilon)) (n - 1) / (2 epsilon))`` (float32), which holds with probability ``density -
+    epsilon + 2 epsilon rank / (n - 1)``, the entry's keep probability; ``u < density`` where
+    that probability is the same for every entry (rows of one entry, or ``epsilon`` 0)."""
+    plain = uniform < density
+    if n == 1:
+        return plain
+    scaled = (uniform - (density - epsilon)) * ((n - 1) / (2 * epsilon))
+    count = jnp.ceil(jnp.clip(scaled, -1, n)).astype(jnp.int32)  # clipped: no overflow, an infinity when epsilon is 0
+    return jnp.where(epsilon > 0, at_least(count), plain)
 
 
 def della_mask(key: jax.Array, x: jax.Array, density, epsilon) -> tuple[jax.Array, jax.Array]:

@@ -15,18 +15,45 @@ def top_k(x, k):
     return mask.reshape(x.shape)
 
 
-def keep_draws(key, probability, shape):
-    """The documented random keep test: entry ``i`` is kept when ``(w_i >> 8) / 2**24 < p_i``,
-    ``w_i`` word ``i mod 2`` of the Threefry-2x32 block at counter ``(0, i // 2)`` under two
-    words drawn from ``key`` (made with ``jax.extend.random.threefry_2x32``, which takes the
-    counters' high words then their low words)."""
+def uniforms(key, shape):
+    """The documented uniforms: entry ``i`` gets ``(w_i >> 8) / 2**24`` (float32), ``w_i`` word
+    ``i mod 2`` of the Threefry-2x32 block at counter ``(0, i // 2)`` under two words drawn
+    from ``key`` (made with ``jax.extend.random.threefry_2x32``, which takes the counters' high
+    words then their low words)."""
     n = int(np.prod(shape))
     pairs = -(-n // 2)
     keypair = jax.random.bits(key, (2,), jnp.uint32)
     counters = np.concatenate([np.zeros(pairs, np.uint32), np.arange(pairs, dtype=np.uint32)])
     words = np.asarray(threefry_2x32(keypair, jnp.asarray(counters))).reshape(2, pairs).T.reshape(-1)[:n]
-    uniform = (words >> 8).astype(np.float64) / 2.0 ** 24
-    return (uniform < np.broadcast_to(np.asarray(probability, np.float32), shape).reshape(-1)).reshape(shape)
+    return ((words >> 8).astype(np.float32) * np.float32(2.0 ** -24)).reshape(shape)
+
+
+def keep_draws(key, probability, shape):
+    """The documented random keep test: entry ``i`` is kept when ``u_i < p_i``."""
+    return uniforms(key, shape) < np.broadcast_to(np.asarray(probability, np.float32), shape)
+
+
+def della_keep(key, delta, density, epsilon):
+    """DELLA's documented keep test, in float32: an entry is kept when its rank (of its float32
+    magnitude in its row) reaches ``ceil((u - (density - epsilon)) (n - 1) / (2 epsilon))``."""
+    rows = delta.astype(np.float32).reshape(1, -1) if delta.ndim < 2 else delta.astype(np.float32)
+    n = rows.shape[1]
+    u = uniforms(key, delta.shape)
+    if n == 1 or epsilon == 0:
+        return u < np.float32(density)
+    shift, scale = np.float32(density) - np.float32(epsilon), np.float32(n - 1) / (np.float32(2) * np.float32(epsilon))
+    count = np.ceil(np.clip((u - shift) * scale, -1, n))
+    return row_ranks(rows).reshape(delta.shape) >= count
+
+
+def row_ranks(rows):
+    """Per entry, the entries of smaller magnitude in its row (axis 1)."""
+    ranks = np.empty(rows.shape)
+    for index in np.ndindex(rows.shape[:1] + rows.shape[2:]):
+        row_index = (index[0], slice(None)) + index[1:]
+        magnitudes = np.abs(rows[row_index])
+        ranks[row_index] = (magnitudes[:, None] > magnitudes[None, :]).sum(1)
+    return ranks
 
 
 def magnitude(delta, density):
@@ -57,12 +84,7 @@ def rescaled(delta, mask, norm, keep=None):
 def della_probabilities(delta, density, epsilon):
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
     n = rows.shape[1]
-    ranks = np.empty(rows.shape)
-    for index in np.ndindex(rows.shape[:1] + rows.shape[2:]):
-        row_index = (index[0], slice(None)) + index[1:]
-        magnitudes = np.abs(rows[row_index])
-        ranks[row_index] = (magnitudes[:, None] > magnitudes[None, :]).sum(1)  # entries of smaller magnitude
-    relative = ranks / (n - 1) if n > 1 else np.full(rows.shape, 0.5)
+    relative = row_ranks(rows) / (n - 1) if n > 1 else np.full(rows.shape, 0.5)
     return (density - epsilon + 2 * epsilon * relative).reshape(delta.shape)
 
 

@@ -126,11 +126,11 @@ def test_kth_largest_orders_signed_values(dtype):
 
 @pytest.mark.parametrize("shape", [(7,), (6, 9), (3, 4, 5), (9, 8192)])
 def test_della_mask_draws_each_entry_at_its_flat_index(shape, monkeypatch):
-    """Unsharded, DELLA draws each block of rows as it ranks it (the last shape takes the
-    sorting network, in several blocks): the same mask as the stream drawn in order."""
+    """Unsharded, DELLA draws each block of rows as it sorts it (the last shape takes the
+    sorting network, in several blocks): the documented keep test on the stream drawn in order."""
     monkeypatch.setattr(ranks, "RANK_BLOCK", 1 << 15)
     x = np.round(np.random.default_rng(5).standard_normal(shape), 2).astype(np.float32)
     key = jax.random.key(9)
     mask, probabilities = jax.jit(sparsify.della_mask)(key, jnp.asarray(x), 0.4, 0.1)
     np.testing.assert_allclose(probabilities, reference.della_probabilities(x, 0.4, 0.1), atol=1e-6)
-    np.testing.assert_array_equal(mask, reference.keep_draws(key, np.asarray(probabilities), shape))
+    np.testing.assert_array_equal(mask, reference.della_keep(key, x, 0.4, 0.1))

@@ -93,7 +93,7 @@ def _dare(density):
 def _della(density, epsilon):
     def draw(key, d):
         p = reference.della_probabilities(d.astype(np.float32), density, epsilon).astype(np.float32)
-        return reference.keep_draws(key, p, d.shape), p
+        return reference.della_keep(key, d, density, epsilon), p
     return draw
 
 
