@@ -9,9 +9,13 @@ method (``--methods``), runs one mergekit config through
   (compiling every kernel) and again with the kernels it kept (see the README);
 - ``mergekit-yaml CONFIG OUT`` as its own process, the same config file, when mergekit is
   installed (``pip install mergekit``, or ``--mergekit PATH``);
+- the same ``jaxmerge merge`` on tiny models of the same layout (one layer of width 64), kernels
+  cached: its start-up, which the row "merge itself" subtracts from the cached run's time (its
+  "vs I/O" is at most 2.00x when the merge runs at half the I/O limit or better);
 
 and prints wall time and peak RSS (``ru_maxrss`` of each process), the times as ratios against
 the I/O limit and mergekit's measured in the same run, the memory against one model's size.
+``jaxmerge --help``'s time is printed first.
 Methods with a base merge the base and two models; the others three models (slerp two). The
 checkpoints stay in the page cache after being written when memory allows, so reads do not
 hit the disk.
@@ -44,6 +48,7 @@ SHAPES = {  # vocabulary, width, MLP width, key/value width, layers, dtype
     "small": (32000, 1024, 2816, 1024, 8, "float32"),
     "1b": (32000, 2048, 5632, 256, 22, "bfloat16"),
     "7b": (32000, 4096, 11008, 4096, 32, "bfloat16"),
+    "tiny": (256, 64, 128, 64, 1, "float32"),  # start-up
 }
 METHODS = {  # name: (needs a base, number of models, parameters per model, global parameters)
     "linear": (False, 3, "{weight: 1.0}", ""),
@@ -155,7 +160,7 @@ def write_config(workdir: Path, method: str, base: Path, models: list[Path]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--shape", choices=sorted(set(SHAPES) - {"tiny"}), default="small")
     parser.add_argument("--layers", type=int, default=None, help="layers a model (default: the shape's)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, or 'all' ({', '.join(METHODS)})")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
@@ -172,35 +177,46 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jaxmerge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        (workdir / "tiny").mkdir()
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # this process stays small: children's
             (base, *models), model_bytes = pool.apply(write_checkpoints, (workdir, args.shape, args.layers))  # RSS
+            tiny, _ = pool.apply(write_checkpoints, (workdir / "tiny", "tiny", None))
         for path in (base, *models):  # starts as a copy of it
             measure(["cat", *map(str, path.glob("*.safetensors"))])  # into the page cache
         print(f"shape {args.shape}: 4 checkpoints of {model_bytes / 2 ** 30:.2f} GiB in {workdir}; "
               f"{os.cpu_count()} CPUs; mergekit: {mergekit or 'not installed'}")
         measure([jaxmerge, "--help"])  # warm the file cache of the installed packages
-        print(f"\n{'method':<18}{'how':<21}{'seconds':>9}{'vs I/O':>8}{'mergekit/this':>15}{'peak RSS GiB':>14}"
+        print(f"jaxmerge --help: {min(measure([jaxmerge, '--help'])[0] for _ in range(3)):.2f} s")
+        print(f"\n{'method':<18}{'how':<23}{'seconds':>9}{'vs I/O':>8}{'mergekit/this':>15}{'peak RSS GiB':>14}"
               f"{'vs model':>10}")
         for method in methods:
             config, inputs = write_config(workdir, method, base, models)
+            tiny_config, _ = write_config(workdir / "tiny", method, tiny[0], tiny[1:])
             out = workdir / f"out-{method}"
+            merge = [jaxmerge, "merge", str(config), str(out), "--no-progress"]
+            tiny_merge = [jaxmerge, "merge", str(tiny_config), str(out), "--no-progress"]
             runs = {
-                "I/O limit": lambda: [sys.executable, "-c", IO_LIMIT.format(chunk=CHUNK), *map(str, inputs), str(out)],
-                "jaxmerge, compiling": lambda: [jaxmerge, "merge", str(config), str(out), "--no-progress"],
-                "jaxmerge, cached": lambda: [jaxmerge, "merge", str(config), str(out), "--no-progress"],
-                **({"mergekit-yaml": lambda: [mergekit, str(config), str(out), "--quiet"]} if mergekit else {}),
+                "I/O limit": [sys.executable, "-c", IO_LIMIT.format(chunk=CHUNK), *map(str, inputs), str(out)],
+                "jaxmerge, compiling": merge,
+                "jaxmerge, cached": merge,
+                **({"mergekit-yaml": [mergekit, str(config), str(out), "--quiet"]} if mergekit else {}),
+                "jaxmerge, tiny, compiling": tiny_merge,
+                "jaxmerge, start-up": tiny_merge,
             }
             rows = {}
             for rep in range(args.reps):  # the best time and the largest peak of each
                 cache = {"JAX_COMPILATION_CACHE_DIR": str(workdir / f"xla-{method}-{rep}")}  # empty, then filled
                 for how, command in runs.items():
-                    seconds, rss = measure(command(), cache if how.startswith("jaxmerge") else None)
+                    seconds, rss = measure(command, cache if how.startswith("jaxmerge") else None)
                     shutil.rmtree(out)
                     best = rows.get(how, (seconds, rss))
                     rows[how] = (min(best[0], seconds), max(best[1], rss))
+            del rows["jaxmerge, tiny, compiling"]  # it fills the cache the start-up run reads
+            rows["jaxmerge, merge itself"] = (rows["jaxmerge, cached"][0] - rows["jaxmerge, start-up"][0],
+                                              rows["jaxmerge, cached"][1])
             for how, (seconds, rss) in rows.items():
                 versus = f"{rows['mergekit-yaml'][0] / seconds:>14.2f}x" if mergekit else f"{'':>15}"
-                print(f"{method:<18}{how:<21}{seconds:>9.2f}{seconds / rows['I/O limit'][0]:>7.2f}x{versus}"
+                print(f"{method:<18}{how:<23}{seconds:>9.2f}{seconds / rows['I/O limit'][0]:>7.2f}x{versus}"
                       f"{rss / 2 ** 30:>14.2f}{rss / model_bytes:>9.2f}x", flush=True)
     finally:
         if not args.keep:
