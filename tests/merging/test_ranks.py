@@ -13,12 +13,13 @@ def _reference(keys):
 
 
 @pytest.mark.parametrize(("shape", "dtype"), [
-    ((70, 1024), np.uint32),  # the network, a power-of-two row, blocks overlapping at the end
-    ((40, 1700), np.uint16),  # the network, rows padded to 2048, 16-bit keys at their maximum too
+    ((13, 256), np.uint32),  # the network, a power-of-two row, blocks overlapping at the end
+    ((10, 200), np.uint16),  # the network, rows padded to 256, 16-bit keys at their maximum too
     ((9, 6, 3), np.uint32),  # the sort, the ranked axis not the last
 ])
 def test_row_ranks_count_the_smaller_keys_of_each_row(shape, dtype, monkeypatch):
-    monkeypatch.setattr(ranks, "RANK_BLOCK", 1 << 15)
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 1024)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 1024)
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 300, size=shape).astype(dtype)  # many equal keys
     keys.flat[::7] = np.iinfo(dtype).max
