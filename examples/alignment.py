@@ -124,7 +124,7 @@ def mlp_section():
 def cnn_section():
     graphdef, first = nnx.split(CNN(rngs=nnx.Rngs(10)))
     second = nnx.split(CNN(rngs=nnx.Rngs(11)))[1]
-    a, b = (train(graphdef, p, x_train, y_train, steps=600, learning_rate=3e-3, seed=s)
+    a, b = (train(graphdef, p, x_train, y_train, steps=400, learning_rate=3e-3, seed=s)
             for s, p in enumerate((first, second)))
     apply = logits_fn(graphdef)
     native = lambda params, x: nnx.merge(graphdef, params)(x, native=True)  # noqa: E731
