@@ -1,10 +1,19 @@
 """Strict test setup: 8 simulated CPU devices, strict dtype promotion, no rank broadcasting.
 
-XLA's CPU back end compiles without LLVM's optimisations (``--xla_backend_optimization_level=0``):
-the suite's time is mostly compilation of small programs, and this takes a quarter off it; the
-programs and their results are the same up to floating-point rounding."""
+The suite's time is mostly compilation of small programs. XLA's CPU back end compiles without
+LLVM's optimisations (``--xla_backend_optimization_level=0``), which takes a quarter off it (the
+programs and their results are the same up to floating-point rounding), and the session keeps
+one persistent compilation cache that the xdist workers share (a tenth off: many tests compile
+the same kernels for the same small trees). JAX writes an entry without a lock (a lock per
+access cost more than the cache saved), so a worker may find an entry half written: JAX then
+warns and compiles the program itself, and that warning (or its twin for writing) alone is not
+an error here. The cache
+is removed at the end.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
@@ -17,6 +26,28 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    """The session's compilation cache: made by the controller, handed to each worker."""
+    if hasattr(config, "workerinput"):
+        directory = config.workerinput["xla_cache"]
+    else:
+        directory = config.xla_cache = tempfile.mkdtemp(prefix="jaxmerge-tests-xla-")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for action in ("reading", "writing"):
+        config.addinivalue_line("filterwarnings", f"ignore:Error {action} persistent compilation cache entry:UserWarning")
+
+
+def pytest_configure_node(node):
+    node.workerinput["xla_cache"] = node.config.xla_cache
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(config.xla_cache, ignore_errors=True)
 
 
 @pytest.fixture
