@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmerge.errors import JaxmergeError
+
 
 def explicit_sharding(x) -> NamedSharding | None:
     """``x``'s sharding if its type carries an explicit, non-trivial one, else None."""
@@ -65,6 +67,13 @@ def per_shard(fn: Callable, x) -> jax.Array:
     # unchecked: ``fn`` may loop with a carry that starts replicated and takes per-shard values
     return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(sharding.spec,), out_specs=sharding.spec,
                          check_vma=False)(x)
+
+
+def check_indexable(size: int, what: str) -> None:
+    """Refuse ``size`` entries where :func:`flat_index`'s 32-bit indices cannot number them;
+    ``what`` begins the message (e.g. ``'top_k_mask supports'``)."""
+    if size >= 2 ** 32:
+        raise JaxmergeError(f"{what} fewer than 2**32 entries, got {size}")
 
 
 def flat_index(x: jax.Array) -> jax.Array:

@@ -7,8 +7,7 @@ one persistent compilation cache that the xdist workers share (a tenth off: many
 the same kernels for the same small trees). JAX writes an entry without a lock (a lock per
 access cost more than the cache saved), so a worker may find an entry half written: JAX then
 warns and compiles the program itself, and that warning (or its twin for writing) alone is not
-an error here. The cache
-is removed at the end.
+an error here. The cache is removed at the end.
 """
 
 import os

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxmerge._sharding import explicit_sharding, flat_index, like, local_then_sum, per_shard, reshard
+from jaxmerge._sharding import check_indexable, explicit_sharding, flat_index, like, local_then_sum, per_shard, reshard
 from jaxmerge._tree import acc_dtype
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging import draws, ranks
@@ -173,10 +173,13 @@ def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, 
     return lax.fori_loop(0, len(digits), step, start)
 
 
+def _magnitude_keys(value: Callable) -> Callable:
+    """``keys_of`` for :func:`_radix_select`: the magnitude keys of ``value(chunks)``."""
+    return lambda chunks, index: (_magnitude_bits(value(chunks)), True)
+
+
 def _signed_keys(chunks, index):
     return _ordered_keys(chunks[0]), True
-
-
 
 
 def _ordered_keys(x: jax.Array) -> jax.Array:
@@ -232,8 +235,7 @@ def kth_largest_magnitude(x: jax.Array, k) -> jax.Array:
       >>> float(sparsify.kth_largest_magnitude(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 2))
       2.0
     """
-    magnitude_keys = lambda chunks, index: (_magnitude_bits(chunks[0]), True)  # made block by block
-    key, _, _ = _radix_select(magnitude_keys, [x], jnp.clip(k, 1, x.size))
+    key, _, _ = _radix_select(_magnitude_keys(_parts(x)[1]), [x], jnp.clip(k, 1, x.size))  # made block by block
     return lax.bitcast_convert_type(key, x.dtype)
 
 
@@ -266,8 +268,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
       >>> sparsify.top_k_mask(jnp.asarray([2.0, -2.0, 2.0]), 2).tolist()  # ties: the lower indices
       [True, True, False]
     """
-    if x.size >= 2 ** 32:
-        raise JaxmergeError(f"top_k_mask supports fewer than 2**32 entries, got {x.size}")
+    check_indexable(x.size, "top_k_mask supports")
     k = jnp.asarray(k, jnp.int32)
     x = _array_or_whole_if_sharded(x)
     arrays, value = _parts(x)
@@ -277,8 +278,7 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
         ranks = jnp.zeros(x.size, jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
         return (ranks < k).reshape(x.shape)
 
-    def magnitude_keys(chunks, index):
-        return _magnitude_bits(value(chunks)), True
+    magnitude_keys = _magnitude_keys(value)
     threshold, need, equal = _radix_select(magnitude_keys, arrays, jnp.clip(k, 1, x.size))
 
     def lowest_indices_of_equal():
@@ -605,6 +605,7 @@ def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array
         rows = tuple(a.reshape(shape) for a in arrays)
         mask, probabilities = ranks.sorted_row_blocks(rows, finish, lambda *blocks: _magnitude_bits(value(blocks)))
         return mask.reshape(x.shape), probabilities.reshape(x.shape)
+    x = value(arrays)  # a plain array from here on
     rows = x.reshape(shape)
     # sorting needs the ranked axis whole on each device: gather it (only it) if it is sharded
     sharding = explicit_sharding(rows)
