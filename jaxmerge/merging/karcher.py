@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmerge import _hyper
+from jaxmerge import _blocks, _hyper
 from jaxmerge._hyper import Range
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
@@ -31,11 +31,13 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
     """
     dtype = compute_dtype(leaves[0].dtype, exact)
     acc = acc_dtype(dtype)
-    xs = [leaf.astype(dtype) for leaf in leaves]
+    count = len(leaves)
     alphas = weights.astype(acc) / weights.astype(acc).sum()
 
-    def norm(v):
-        return jnp.linalg.norm(v.astype(acc))
+    def norms_of(values_of, arrays):
+        """The norms of the values ``values_of(chunks)`` makes from ``arrays``, block by block."""
+        return jnp.sqrt(jnp.stack(_blocks.sums(lambda c: [jnp.square(v.astype(acc)) for v in values_of(c)],
+                                               arrays, acc)))
 
     def divided(v, n):  # a tensor over a float32 scalar, rounded to the compute dtype (torch's promotion)
         return (v.astype(acc) / n).astype(dtype)
@@ -43,39 +45,54 @@ def karcher_kernel(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
     def times(c, v):  # a float32 scalar times a tensor, rounded to the compute dtype
         return (c * v.astype(acc)).astype(dtype)
 
-    norms = jnp.stack([norm(x) for x in xs])
+    norms = norms_of(lambda xs: [x.astype(dtype) for x in xs], leaves)
 
-    def unit(i, step=None):
-        """Direction ``i``, made where it is used rather than kept (N leaf-sized arrays fewer in
-        memory); in the loop it is divided by the norm times ``step >= 0`` (exactly the norm),
-        which XLA cannot prove loop-invariant, so it does not hoist the directions out of the
-        loop into arrays of their own."""
+    def unit(xs, i, step=None):
+        """Direction ``i`` of the leaves' values ``xs``; in the loop it is divided by the norm
+        times ``step >= 0`` (exactly the norm), which XLA cannot prove loop-invariant, so it
+        does not hoist the directions out of the loop into arrays of their own."""
         r = norms[i] if step is None else norms[i] * (step >= 0).astype(norms.dtype)
-        return jnp.where(r == 0, jnp.zeros_like(xs[i]), divided(xs[i], jnp.where(r == 0, 1, r)))
+        x = xs[i].astype(dtype)
+        return jnp.where(r == 0, jnp.zeros_like(x), divided(x, jnp.where(r == 0, 1, r)))
     valid = norms > tol
     a = jnp.where(valid, alphas, 0)
     a = a / jnp.where(a.sum() > 0, a.sum(), 1)
-    start = functools.reduce(lambda m, i: m + times(a[i], unit(i)), range(len(xs)), jnp.zeros_like(xs[0]))
-    start_norm = norm(start)
-    first_valid = functools.reduce(lambda m, i: jnp.where(jnp.argmax(valid) == i, unit(i), m), range(len(xs)), unit(0))
-    mean = jnp.where(start_norm < tol, first_valid, divided(start, jnp.where(start_norm > 0, start_norm, 1)))
+
+    def start(xs):
+        return functools.reduce(lambda m, i: m + times(a[i], unit(xs, i)), range(count),
+                                jnp.zeros_like(xs[0], dtype))
+    start_norm = norms_of(lambda xs: [start(xs)], leaves)[0]
+
+    def first_valid(xs):
+        return functools.reduce(lambda m, i: jnp.where(jnp.argmax(valid) == i, unit(xs, i), m), range(count),
+                                unit(xs, 0))
+    mean = jnp.where(start_norm < tol, first_valid(leaves),
+                     divided(start(leaves), jnp.where(start_norm > 0, start_norm, 1)))
 
     def tangent_step(state):
         step, m, _ = state
-        tangent = jnp.zeros_like(m)
-        for i in range(len(xs)):
-            u = unit(i, step)
-            dot = jnp.clip(jnp.sum(m.astype(acc) * u.astype(acc)).astype(dtype), -1, 1)  # torch.dot: exact products
-            theta = jnp.arccos(dot)
-            skip = (theta.astype(acc) < tol) | ~valid[i]
-            coef = times(a[i], theta / jnp.where(skip, 1, jnp.sin(theta)))
-            tangent = jnp.where(skip, tangent, tangent + coef * (u - dot * m))
-        size = norm(tangent)
+        dots = _blocks.sums(lambda c: [c[-1].astype(acc) * unit(c, i, step).astype(acc) for i in range(count)],
+                            [*leaves, m], acc)
+        dots = [jnp.clip(d.astype(dtype), -1, 1) for d in dots]  # torch.dot: exact products
+        thetas = [jnp.arccos(d) for d in dots]
+        skips = [(theta.astype(acc) < tol) | ~valid[i] for i, theta in enumerate(thetas)]
+        coefs = [times(a[i], theta / jnp.where(skip, 1, jnp.sin(theta)))
+                 for i, (theta, skip) in enumerate(zip(thetas, skips))]
+
+        def tangent(c):  # c: blocks of the leaves and of m, or the whole arrays
+            t = jnp.zeros_like(c[-1])
+            for i in range(count):
+                t = jnp.where(skips[i], t, t + coefs[i] * (unit(c, i, step) - dots[i] * c[-1]))
+            return t
+        size = norms_of(lambda c: [tangent(c)], [*leaves, m])[0]
         done = size < tol
-        moved = times(jnp.cos(size), m) + times(jnp.sin(size), divided(tangent, jnp.where(size > 0, size, 1)))
-        moved_norm = norm(moved)
-        moved = jnp.where(moved_norm > tol, divided(moved, jnp.where(moved_norm > 0, moved_norm, 1)), moved)
-        return step + 1, jnp.where(done, m, moved), done
+
+        def moved(c):
+            return times(jnp.cos(size), c[-1]) + times(jnp.sin(size), divided(tangent(c), jnp.where(size > 0, size, 1)))
+        moved_norm = norms_of(lambda c: [moved(c)], [*leaves, m])[0]
+        new = moved([*leaves, m])
+        new = jnp.where(moved_norm > tol, divided(new, jnp.where(moved_norm > 0, moved_norm, 1)), new)
+        return step + 1, jnp.where(done, m, new), done
 
     _, mean, _ = lax.while_loop(lambda s: (s[0] < max_iter) & ~s[2], tangent_step,
                                 (jnp.zeros((), jnp.int32), mean, jnp.zeros((), bool)))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge import _hyper
+from jaxmerge import _blocks, _hyper
 from jaxmerge._hyper import Range
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, compute_dtype, exact_jit, total
 from jaxmerge.merging import sparsify
@@ -36,14 +36,18 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     """
     dtype = compute_dtype(base.dtype, exact)
     acc = acc_dtype(dtype)
-    base_c = base.astype(dtype)
-    variance = sparsify.Elementwise((base, *leaves), _Variance(np.dtype(dtype)))  # made where it is read
-    k = jnp.floor(select_topk.astype(jnp.float32) * jnp.sum(variance.whole() != 0).astype(jnp.float32))
+    arrays, zero = (base, *leaves), jnp.zeros((), dtype)
+    spread = _Variance(np.dtype(dtype))
+    variance = sparsify.Elementwise(arrays, spread)  # made where it is read
+    nonzero = _blocks.sums(lambda c: [spread(*c) != 0], arrays, jnp.int32)[0]
+    k = jnp.floor(select_topk.astype(jnp.float32) * nonzero.astype(jnp.float32))
     selected = sparsify.top_k_mask(variance, k.astype(jnp.int32)) | (select_topk >= 1)
-    deltas = [leaf.astype(dtype) - base_c for leaf in leaves]
-    zero = jnp.zeros((), dtype)
-    deltas = [jnp.where(selected, d, zero) for d in deltas]
-    energy = jnp.stack([jnp.mean(jnp.square(d).astype(acc)).astype(dtype) for d in deltas])
+
+    def selected_deltas(c):  # c: the base, the models and the selection, whole or a block of each
+        return [jnp.where(c[-1], leaf.astype(dtype) - c[0].astype(dtype), zero) for leaf in c[1:-1]]
+    squares = _blocks.sums(lambda c: [jnp.square(d) for d in selected_deltas(c)], [*arrays, selected], acc)
+    energy = jnp.stack([(s / base.size).astype(dtype) for s in squares])  # mean squares
+    deltas = selected_deltas([*arrays, selected])
     energy_sum = jnp.sum(energy.astype(acc)).astype(dtype).astype(acc)
     negligible = jnp.abs(energy_sum) < 1e-6
     weights = jnp.where(negligible, jnp.full_like(energy, 1 / len(deltas)),
@@ -52,7 +56,7 @@ def sce_kernel(base: jax.Array, leaves: Sequence[jax.Array], select_topk: jax.Ar
     kept = [jnp.where(jnp.sign(d) == sign, weights[i], zero) for i, d in enumerate(deltas)]
     merged = total([k_ * d for k_, d in zip(kept, deltas)], dtype)
     divisor = jnp.maximum(total(kept, dtype), 1e-6)
-    return (base_c + merged / divisor).astype(base.dtype)
+    return (base.astype(dtype) + merged / divisor).astype(base.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

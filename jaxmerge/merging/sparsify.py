@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from jaxmerge import _blocks
 from jaxmerge._sharding import check_indexable, explicit_sharding, flat_index, like, local_then_sum, per_shard, reshard
 from jaxmerge._tree import acc_dtype
 from jaxmerge.errors import JaxmergeError
@@ -37,7 +38,6 @@ from jaxmerge.merging import draws, ranks
 
 _DIGIT_BITS = 11
 SORT_LIMIT = 4096  # top_k_mask ranks arrays up to this size by sorting: compiling a sort is far quicker
-SELECT_BLOCK = 1 << 16  # entries a radix select's histogram pass reads at a time
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
@@ -112,23 +112,14 @@ def _digit_shifts(width: int) -> list[tuple[int, int]]:
 
 
 def _blocked_histogram(digits_of: Callable, arrays: Sequence[jax.Array], bins: int) -> jax.Array:
-    """A histogram over the entries of ``arrays`` (all of one shape), read block by block of
-    their flattened entries so that no temporary is larger than a block:
+    """A histogram over the entries of ``arrays`` (all of one shape), read block by block
+    (:func:`jaxmerge._blocks.fold`) so that no temporary is larger than a block:
     ``digits_of(chunks, index) -> (bin of each entry, whether it counts)``, with ``index``
-    each entry's flat index. The last block starts early enough to end with the arrays; the
-    entries it shares with the one before count once."""
-    flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].size
-    if n == 0:
-        return jnp.zeros(bins, jnp.int32)
-    size = min(n, SELECT_BLOCK)
-
-    def block(b, hist):
-        start = jnp.minimum(b * size, n - size)
-        index = start.astype(jnp.uint32) + lax.iota(jnp.uint32, size)
-        digit, counts = digits_of([lax.dynamic_slice(f, (start,), (size,)) for f in flat], index)
-        return hist.at[digit].add((counts & (index >= (b * size).astype(jnp.uint32))).astype(jnp.int32))
-    return lax.fori_loop(0, -(-n // size), block, jnp.zeros(bins, jnp.int32))
+    each entry's flat index."""
+    def step(chunks, index, fresh, hist):
+        digit, counts = digits_of(chunks, index)
+        return hist.at[digit].add((counts & fresh).astype(jnp.int32))
+    return _blocks.fold(step, arrays, jnp.zeros(bins, jnp.int32))
 
 
 def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, *args) -> tuple[jax.Array, ...]:

@@ -116,7 +116,10 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
     sparsified by its own jitted call, so that only one model's selection temporaries are
     alive at a time (this bounds the memory of streamed merges of large tensors), and each
     model's leaf is dropped from ``leaves`` once used (a streamed input is then freed);
-    then the sparse task vectors are combined.
+    then the sparse task vectors are combined. Each call is waited for before the next is
+    made: JAX allocates a call's result when it dispatches it, so without the wait every
+    sparse task vector would be allocated while every input is still held (a streamed
+    TIES merge of two models peaked at six tensors of the largest shape, not four).
 
     Args:
       base, leaves: the base's and the models' leaves.
@@ -136,6 +139,8 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
         deltas.append(sparse_task_vector(base, leaves[j], own, model_key, sparsifier=sparsifier, rescale=rescale,
                                          exact=exact))
         leaves[j] = None
+        if not isinstance(deltas[-1], jax.core.Tracer):
+            deltas[-1].block_until_ready()
     return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize, exact=exact)
 
 
