@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, norm, scaled, total
+from jaxmerge import _blocks
+from jaxmerge._tree import PyTree, acc_dtype, compute_dtype, exact_jit, scaled, total
 from jaxmerge.merging.method import Param, merge_method
 
 
@@ -27,22 +28,28 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     """
     dtype = compute_dtype(base.dtype, exact)
     acc = acc_dtype(dtype)
-    rows = base.astype(dtype).reshape(1, -1) if base.ndim < 2 else base.astype(dtype)
-    axes = (rows.ndim - 1,) if filter_wise else tuple(range(rows.ndim))
-    models = [leaf.astype(dtype).reshape(rows.shape) for leaf in leaves]
-    deltas = [m - rows for m in models]
+    rows = base.reshape(1, -1) if base.ndim < 2 else base
+    models = [leaf.reshape(rows.shape) for leaf in leaves]
+    n = len(leaves)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
 
-    norms = [norm(d, axes, keepdims=True) for d in deltas]
-    cosines = [jnp.clip(jnp.sum((deltas[i] * deltas[j]).astype(acc), axis=axes, keepdims=True).astype(dtype)
-                        / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
-               for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    def statistics(c):  # squares of the task vectors and their pairwise products, from the base and the models
+        deltas = [m.astype(dtype) - c[0].astype(dtype) for m in c[1:]]
+        return [jnp.square(d.astype(acc)) for d in deltas] + [(deltas[i] * deltas[j]).astype(acc) for i, j in pairs]
+    if filter_wise:
+        sums = [jnp.sum(v, axis=-1, keepdims=True) for v in statistics([rows, *models])]
+    else:
+        sums = _blocks.sums(statistics, [rows, *models], acc)
+    norms = [jnp.sqrt(s).astype(dtype) for s in sums[:n]]
+    cosines = [jnp.clip(dot.astype(dtype) / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
+               for (i, j), dot in zip(pairs, sums[n:])]
     cos = (total(cosines, acc) / len(cosines)).astype(dtype)
     n = len(leaves)
     denominator = 1 + scaled(cos, n - 1)
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0, scaled(cos, n) / jnp.where(singular, 1, denominator))
-    average = functools.reduce(lambda x, y: x + y, models) / n
-    return (t * average + (1 - t) * rows).reshape(base.shape).astype(base.dtype)
+    average = functools.reduce(lambda x, y: x + y, [m.astype(dtype) for m in models]) / n
+    return (t * average + (1 - t) * rows.astype(dtype)).reshape(base.shape).astype(base.dtype)
 
 
 @merge_method("model_stock", base="required", min_models=2, references=("2403.19522",),
