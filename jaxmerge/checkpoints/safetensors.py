@@ -29,6 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxmerge import _libc
 from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -462,6 +463,9 @@ class SafetensorsWriter:
         try:
             handle.seek(offset)
             handle.write(memoryview(data.reshape(-1).view(np.uint8)))
+            handle.flush()
+            if _libc.SYNC_FILE_RANGE is not None:  # the disk writes start now, not at close's fsync
+                _libc.SYNC_FILE_RANGE(handle.fileno(), offset, nbytes, _libc.SYNC_FILE_RANGE_WRITE)
         except OSError as error:
             raise CheckpointError(f"{self.directory / self.file_names[shard]}: cannot write tensor {name!r} "
                                   f"({error.strerror or error})") from None

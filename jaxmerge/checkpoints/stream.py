@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import glob
@@ -35,6 +34,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from jaxmerge import _libc
 from jaxmerge._driver import run
 from jaxmerge._signals import raise_if_received
 from jaxmerge._tree import TreeSpec, flatten_models, is_float, leaf_spec
@@ -343,18 +343,8 @@ def _release_memory() -> None:
     system (``malloc_trim``): XLA's compiler frees tens of MB of working memory that would
     otherwise stay resident while the next large tensor is merged."""
     gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
+    if _libc.MALLOC_TRIM is not None:
+        _libc.MALLOC_TRIM(0)
 
 
 def _reader_threads() -> int:
