@@ -338,11 +338,12 @@ class CheckpointSource:
 
 
 def _release_memory() -> None:
-    """Free the last tensor's buffers now (XLA lets go of host buffers it wrapped at a garbage
-    collection), and give the memory that glibc's allocator keeps after frees back to the
-    system (``malloc_trim``): XLA's compiler frees tens of MB of working memory that would
-    otherwise stay resident while the next large tensor is merged."""
-    gc.collect()
+    """Free the last tensor's buffers now: JAX lets go of host buffers it wrapped when Python
+    collects garbage, which a generation-0 collection does in well under a millisecond (a
+    full one took 45 ms). Then give the memory glibc's allocator keeps after frees back to
+    the system (``malloc_trim``): XLA's compiler frees tens of MB of working memory that
+    would otherwise stay resident while the next large tensor is merged."""
+    gc.collect(0)
     if _libc.MALLOC_TRIM is not None:
         _libc.MALLOC_TRIM(0)
 
