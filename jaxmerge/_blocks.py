@@ -28,7 +28,8 @@ def fold(step: Callable, arrays: Sequence[jax.Array], init):
     ``chunks`` are the arrays' entries of one block, ``index`` their flat indices (uint32) and
     ``fresh`` whether an earlier block has not already covered them: the last block starts
     early enough to end with the arrays, so the entries it shares with the one before come
-    again, not fresh. Arrays of at most ``BLOCK`` entries are one block.
+    again, not fresh. Arrays of at most ``BLOCK`` entries are one block, with no loop (and
+    ``fresh`` a scalar).
 
     Returns:
       The last carry (``init`` for empty arrays).
@@ -37,7 +38,9 @@ def fold(step: Callable, arrays: Sequence[jax.Array], init):
     n = flat[0].size
     if n == 0:
         return init
-    size = min(n, BLOCK)
+    if n <= BLOCK:  # one block: no loop to compile
+        return step(flat, lax.iota(jnp.uint32, n), jnp.ones((), jnp.bool_), init)
+    size = BLOCK
 
     def body(b, carry):
         start = jnp.minimum(b * size, n - size)
