@@ -113,14 +113,16 @@ def test_rescale_leaves_tiny_vectors_alone():
                                   np.asarray([1e-9, 0, 1e-9, 0], np.float32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_kth_largest_orders_signed_values(dtype):
-    x = np.random.default_rng(4).standard_normal(3000)
+@pytest.mark.parametrize(("dtype", "n"), [(jnp.float32, 3000), (jnp.float32, 5000), (jnp.bfloat16, 5000),
+                                          (jnp.float16, 5000)])  # sorted up to SORT_LIMIT, radix-selected above
+def test_kth_largest_orders_signed_values(dtype, n):
+    assert (n <= sparsify.SORT_LIMIT) == (n == 3000)
+    x = np.random.default_rng(4).standard_normal(n)
     x[:7] = 0.0
     x[7] = -0.0
     x = np.asarray(jnp.asarray(x, dtype), np.float64)
     expected = np.sort(x)[::-1]
-    for k in (1, 2, 1500, 2990, 2993, 3000):
+    for k in (1, 2, 1500, n - 10, n - 7, n):
         assert float(sparsify.kth_largest(jnp.asarray(x, dtype), k)) == expected[k - 1]
 
 
