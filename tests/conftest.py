@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # what the examples run with (tests/test_examples.py)
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    (USER_XLA_FLAGS or "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 
 os.environ["JAXMERGE_NO_COMPILATION_CACHE"] = "1"  # the command's cache stays out of the tests (one test turns it on)
