@@ -58,12 +58,10 @@ def sums(values_of: Callable, arrays: Sequence[jax.Array], dtype) -> tuple[jax.A
     than ``jnp.sum``'s. Explicitly sharded arrays are summed by ``jnp.sum`` (each device holds
     only its shards).
     """
-    one = [jax.ShapeDtypeStruct((1,), a.dtype) for a in arrays]
-    count = len(jax.eval_shape(values_of, one))
-    zero = jnp.zeros((), dtype)
-
     if explicit_sharding(arrays[0]) is not None:  # XLA's own sums, on each device's shards
         return tuple(jnp.sum(v.astype(dtype)) for v in values_of(list(arrays)))
+    count = len(jax.eval_shape(values_of, [jax.ShapeDtypeStruct((1,), a.dtype) for a in arrays]))
+    zero = jnp.zeros((), dtype)
 
     def step(chunks, index, fresh, totals):
         return tuple(t + jnp.sum(jnp.where(fresh, v.astype(dtype), zero)) for t, v in zip(totals, values_of(chunks)))
