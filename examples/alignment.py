@@ -6,9 +6,10 @@ between two such models the test loss rises (a barrier). Each alignment method m
 second model's units onto the first's before interpolating: weight matching, activation
 matching and the straight-through estimator (Git Re-Basin; the last on the MLPs only),
 optimal-transport fusion, REPAIR after weight matching, PLeaS, and the fusion of a narrower
-MLP (64-256-256-10) into the first one's width. Prints one table per network (loss barrier over 11 points of the line, and the
-test loss and accuracy of the merged model at t = 0.5) and the layer-wise barriers, and
-writes the interpolation curves to alignment.png (or the path given as the first argument).
+MLP (64-256-256-10) into the first one's width. Prints one table per network (loss barrier
+over 11 points of the line, and the test loss and accuracy of the merged model at t = 0.5) and
+the layer-wise barriers, and writes the interpolation curves to alignment.png (or the path
+given as the first argument).
 """
 
 import sys

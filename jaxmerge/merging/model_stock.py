@@ -44,7 +44,6 @@ def model_stock_kernel(base: jax.Array, leaves: Sequence[jax.Array], *, filter_w
     cosines = [jnp.clip(dot.astype(dtype) / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
                for (i, j), dot in zip(pairs, sums[n:])]
     cos = (total(cosines, acc) / len(cosines)).astype(dtype)
-    n = len(leaves)
     denominator = 1 + scaled(cos, n - 1)
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0, scaled(cos, n) / jnp.where(singular, 1, denominator))

@@ -37,7 +37,7 @@ from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging import draws, ranks
 
 _DIGIT_BITS = 11
-SORT_LIMIT = 4096  # top_k_mask ranks arrays up to this size by sorting: compiling a sort is far quicker
+SORT_LIMIT = 4096  # top_k_mask and kth_largest sort arrays up to this size: compiling a sort is far quicker
 _UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
