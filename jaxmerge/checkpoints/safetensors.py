@@ -29,7 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxmerge import _libc
+from jaxmerge.checkpoints._direct import RangeWriter
 from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -439,15 +439,15 @@ class SafetensorsWriter:
                 offset += nbytes
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)
-            handle = open(self.directory / file_name, "wb")
-            handle.write(struct.pack("<Q", 0) + encoded)  # a zero length until close: unloadable while partial
-            self._header_lengths.append(len(encoded))
             start = 8 + len(encoded)
+            with open(self.directory / file_name, "wb") as handle:
+                handle.write(struct.pack("<Q", 0) + encoded)  # a zero length until close: unloadable while partial
+                handle.truncate(start + offset)
+            self._header_lengths.append(len(encoded))
             for name, _, _ in entries:
                 begin, end = header[name]["data_offsets"]
                 self.plan[name] = (shard, start + begin, end - begin)
-            handle.truncate(start + offset)
-            self._handles.append(handle)
+            self._handles.append(RangeWriter(self.directory / file_name))
 
     def write(self, name: str, array) -> None:
         """Write one planned tensor (a NumPy array, or a JAX array brought to the host).
@@ -459,13 +459,8 @@ class SafetensorsWriter:
         data = np.ascontiguousarray(jax.device_get(array))
         if data.nbytes != nbytes:
             raise JaxmergeError(f"tensor {name!r} has {data.nbytes} bytes, planned {nbytes}")
-        handle = self._handles[shard]
         try:
-            handle.seek(offset)
-            handle.write(memoryview(data.reshape(-1).view(np.uint8)))
-            handle.flush()
-            if _libc.SYNC_FILE_RANGE is not None:  # the disk writes start now, not at close's fsync
-                _libc.SYNC_FILE_RANGE(handle.fileno(), offset, nbytes, _libc.SYNC_FILE_RANGE_WRITE)
+            self._handles[shard].write(memoryview(data.reshape(-1).view(np.uint8)), offset)
         except OSError as error:
             raise CheckpointError(f"{self.directory / self.file_names[shard]}: cannot write tensor {name!r} "
                                   f"({error.strerror or error})") from None
@@ -473,16 +468,13 @@ class SafetensorsWriter:
     def abort(self) -> None:
         """Close the files without finishing them (the caller removes the directory)."""
         for handle in self._handles:
-            handle.close()
+            handle.abort()
 
     def close(self) -> None:
         """Flush and close the shards, and write the index when there are several."""
         for handle, length in zip(self._handles, self._header_lengths):
-            handle.seek(0)
-            handle.write(struct.pack("<Q", length))  # last: a process killed before it leaves no loadable shard
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the directory is renamed into place
-            handle.close()
+            handle.write(struct.pack("<Q", length), 0)  # last: a process killed before it leaves no loadable shard
+            handle.close()  # on disk (fsync) before the directory is renamed into place
         if len(self.file_names) > 1:
             weight_map = {name: self.file_names[shard] for name, (shard, _, _) in self.plan.items()}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}

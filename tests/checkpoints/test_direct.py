@@ -1,0 +1,112 @@
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from jaxmerge.checkpoints import _direct
+from jaxmerge.checkpoints._direct import BLOCK, RangeWriter
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Direct writes from two blocks up, staged two blocks at a time: every path on small data."""
+    monkeypatch.setattr(_direct, "DIRECT_MIN_BYTES", 2 * BLOCK)
+    monkeypatch.setattr(_direct, "STAGING_BYTES", 2 * BLOCK)
+
+
+def _has_direct_io(path) -> bool:
+    fd = _direct._open_direct(path)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def _direct_writes(monkeypatch, writer) -> list:
+    """The ``(offset, length)`` of every write on ``writer``'s direct file descriptor."""
+    calls, pwrite = [], os.pwrite
+
+    def spy(fd, data, offset):
+        if fd == writer._direct:
+            calls.append((offset, len(data)))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    return calls
+
+
+@pytest.mark.parametrize("offset", [0, 1, BLOCK - 3, BLOCK, 5 * BLOCK + 100])
+@pytest.mark.parametrize("length", [17, 3 * BLOCK, 7 * BLOCK + 5])
+def test_a_range_lands_exactly_and_the_bytes_around_it_are_kept(tmp_path, small_blocks, monkeypatch, offset, length):
+    rng = np.random.default_rng(offset * 31 + length)
+    before = rng.integers(0, 256, 16 * BLOCK, dtype=np.uint8)
+    path = tmp_path / "file"
+    path.write_bytes(before.tobytes())
+    data = rng.integers(0, 256, length + 1, dtype=np.uint8)[1:]  # at an unaligned address
+    writer = RangeWriter(path)
+    calls = _direct_writes(monkeypatch, writer)
+    writer.write(memoryview(data), offset)
+    writer.close()
+    expected = before.copy()
+    expected[offset:offset + length] = data
+    np.testing.assert_array_equal(np.fromfile(path, np.uint8), expected)
+    middle = (offset + length) // BLOCK * BLOCK - -(-offset // BLOCK) * BLOCK  # the whole blocks inside the range
+    if _has_direct_io(path) and middle >= 2 * BLOCK:
+        assert sum(n for _, n in calls) == middle
+        assert all(o % BLOCK == 0 and n % BLOCK == 0 and n <= 2 * BLOCK for o, n in calls)  # staged
+    else:
+        assert calls == []
+
+
+def test_aligned_data_is_written_without_staging(tmp_path, small_blocks, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(8 * BLOCK))
+    if not _has_direct_io(path):
+        pytest.skip(f"{tmp_path} has no direct I/O")
+    buffer = mmap.mmap(-1, 8 * BLOCK)  # page-aligned
+    data = np.frombuffer(buffer, np.uint8)
+    data[:] = np.arange(data.size) % 251
+    writer = RangeWriter(path)
+    calls = _direct_writes(monkeypatch, writer)
+    writer.write(memoryview(buffer)[:6 * BLOCK], BLOCK)
+    writer.close()
+    assert calls == [(BLOCK, 6 * BLOCK)]  # one write straight from the data
+    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[BLOCK:7 * BLOCK], data[:6 * BLOCK])
+
+
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path, small_blocks, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(8 * BLOCK))
+    writer = RangeWriter(path)
+    if writer._direct is None:
+        pytest.skip(f"{tmp_path} has no direct I/O")
+    pwrite, direct = os.pwrite, writer._direct
+
+    def refuse(fd, data, offset):
+        if fd == direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    data = np.arange(5 * BLOCK, dtype=np.uint8)
+    writer.write(memoryview(data), 10)
+    writer.write(memoryview(data), 6 * BLOCK // 2)
+    assert writer._direct is None
+    writer.close()
+    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[3 * BLOCK:8 * BLOCK], data)
+    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[10:3 * BLOCK], data[:3 * BLOCK - 10])
+
+
+def test_other_write_errors_are_raised(tmp_path, small_blocks, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(8 * BLOCK))
+    writer = RangeWriter(path)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        writer.write(memoryview(np.zeros(5 * BLOCK, np.uint8)), 0)
+    writer.abort()
