@@ -367,7 +367,8 @@ class SafetensorsWriter:
     whole one; :meth:`write` then puts each tensor's bytes in its place, in any order, and
     :meth:`close` flushes the files, writes their header lengths and, for several shards, writes
     ``model.safetensors.index.json``. One shard is named ``model.safetensors``, several
-    ``model-0000i-of-0000n.safetensors``.
+    ``model-0000i-of-0000n.safetensors``. The data goes around the page cache where the file
+    system allows it (:class:`~jaxmerge.checkpoints._direct.RangeWriter`).
 
     Args:
       directory: an existing directory to write the shards into.
