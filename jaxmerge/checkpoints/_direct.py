@@ -32,13 +32,11 @@ class RangeWriter:
 
     Args:
       path: the file, which must exist (at its final size, or it grows as ranges are written).
-      direct: try ``O_DIRECT`` for the aligned middles of ranges (default ``True``).
     """
 
-    def __init__(self, path: str | os.PathLike, direct: bool = True):
-        self.path = path
+    def __init__(self, path: str | os.PathLike):
         self._buffered = os.open(path, os.O_WRONLY)
-        self._direct = _open_direct(path) if direct else None
+        self._direct = _open_direct(path)
         self._staging: mmap.mmap | None = None
 
     def write(self, data: memoryview, offset: int) -> None:
@@ -103,10 +101,8 @@ def _open_direct(path) -> int | None:
         return None
     try:
         return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as error:
-        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without direct I/O
-            return None
-        raise
+    except OSError:  # a file system without direct I/O (the file itself opened for writing)
+        return None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
