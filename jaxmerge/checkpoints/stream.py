@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -325,21 +324,17 @@ class CheckpointSource:
 
     def leaves(self):
         sizes = [self.spec.size(i) * leaf_spec(leaf).dtype.itemsize for i, leaf in enumerate(self.spec.leaves)]
-        _STREAMING.set()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-                    concurrent.futures.ThreadPoolExecutor(max_workers=_reader_threads()) as self._readers:
-                upcoming = pool.submit(self._read, 0) if self.names else None
-                for i in range(len(self.names)):
-                    current = upcoming.result() if upcoming is not None else self._read(i)
-                    ahead = i + 1 < len(self.names) and sizes[i + 1] <= PREFETCH_BYTES  # bounds memory
-                    upcoming = pool.submit(self._read, i + 1) if ahead else None
-                    yield current
-                    del current
-                    if sizes[i] >= COLLECT_BYTES:
-                        _release_memory()
-        finally:
-            _STREAMING.clear()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=_reader_threads()) as self._readers:
+            upcoming = pool.submit(self._read, 0) if self.names else None
+            for i in range(len(self.names)):
+                current = upcoming.result() if upcoming is not None else self._read(i)
+                ahead = i + 1 < len(self.names) and sizes[i + 1] <= PREFETCH_BYTES  # bounds memory
+                upcoming = pool.submit(self._read, i + 1) if ahead else None
+                yield current
+                del current
+                if sizes[i] >= COLLECT_BYTES:
+                    _release_memory()
 
 
 def _release_memory() -> None:
@@ -351,22 +346,6 @@ def _release_memory() -> None:
     gc.collect(0)
     if _libc.MALLOC_TRIM is not None:
         _libc.MALLOC_TRIM(0)
-
-
-_STREAMING = threading.Event()  # set while a stream runs: only then does compiling trim
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def _trim_after_compiling(event: str, duration: float, **_) -> None:
-    """While a stream runs, give XLA's compiler's freed working memory back as soon as a kernel
-    is compiled, before it runs on the tensor's inputs (``malloc_trim``, as
-    :func:`_release_memory`): DELLA's compiling runs peaked at 1.31-1.52x one model, and at
-    1.23-1.43x with this (six runs each)."""
-    if _STREAMING.is_set() and event == _COMPILE_EVENT and _libc.MALLOC_TRIM is not None:
-        _libc.MALLOC_TRIM(0)
-
-
-jax.monitoring.register_event_duration_secs_listener(_trim_after_compiling)
 
 
 def _reader_threads() -> int:

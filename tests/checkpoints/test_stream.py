@@ -5,7 +5,7 @@ import pytest
 
 import jaxmerge
 from jaxmerge import checkpoints
-from jaxmerge.checkpoints import CheckpointError, StreamOptions, stream
+from jaxmerge.checkpoints import CheckpointError, StreamOptions
 from jaxmerge.checkpoints import stream_merge as _stream_merge
 from tests.checkpoints.hf import llama_tensors, write_model
 
@@ -116,15 +116,3 @@ def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path):
         stream_merge(FailingPlan(), paths, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tune0", "tune1", "tune2"]
 
-
-
-def test_compiling_during_a_stream_trims_the_heap_and_compiling_outside_one_does_not(tmp_path, monkeypatch):
-    trims = []
-    monkeypatch.setattr(stream._libc, "MALLOC_TRIM", trims.append)
-    tensors = {"w": np.arange(3 * 41, dtype=np.float32).reshape(3, 41)}  # a shape no other test compiles for
-    paths = [write_model(tmp_path / f"model{i}", {"w": tensors["w"] * (i + 1)}) for i in range(2)]
-    stream_merge(jaxmerge.plan("linear"), paths, tmp_path / "merged", progress=False)  # compiles the average
-    assert trims and set(trims) == {0}
-    trims.clear()
-    jax.jit(lambda x: x * 3)(jnp.ones((3, 43)))  # a compile outside a stream
-    assert trims == []
