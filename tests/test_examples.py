@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import USER_XLA_FLAGS
+from tests.conftest import COMPILING_XLA_FLAGS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -25,9 +25,7 @@ def run_examples(*specs: str) -> dict[str, str]:
     """Run example scripts (``name`` or ``name::argument``) one after the other in one Python
     process, each as ``__main__`` with its own globals, so that they share its start-up (the
     imports of JAX, Flax and scikit-learn); their outputs by name."""
-    environment = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
-    if USER_XLA_FLAGS is not None:  # as a user runs them: the suite's 8 devices and unoptimised code cost a fifth
-        environment["XLA_FLAGS"] = USER_XLA_FLAGS
+    environment = {**os.environ, "XLA_FLAGS": COMPILING_XLA_FLAGS}  # one device, as a user runs them
     result = subprocess.run([sys.executable, "-c", RUNNER, *specs], cwd=EXAMPLES, capture_output=True, text=True,
                             check=False, timeout=900, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
