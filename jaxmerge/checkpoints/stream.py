@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -331,9 +332,15 @@ class CheckpointSource:
                 current = upcoming.result() if upcoming is not None else self._read(i)
                 ahead = i + 1 < len(self.names) and sizes[i + 1] <= PREFETCH_BYTES  # bounds memory
                 upcoming = pool.submit(self._read, i + 1) if ahead else None
-                yield current
+                large = sizes[i] >= COLLECT_BYTES
+                if large:
+                    _TRIM_AFTER_COMPILING.set()
+                try:
+                    yield current
+                finally:
+                    _TRIM_AFTER_COMPILING.clear()
                 del current
-                if sizes[i] >= COLLECT_BYTES:
+                if large:
                     _release_memory()
 
 
@@ -346,6 +353,22 @@ def _release_memory() -> None:
     gc.collect(0)
     if _libc.MALLOC_TRIM is not None:
         _libc.MALLOC_TRIM(0)
+
+
+_TRIM_AFTER_COMPILING = threading.Event()  # set while a large tensor is merged
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _trim_after_compiling(event: str, duration: float, **_) -> None:
+    """While a large tensor is merged, give the working memory XLA's compiler has just freed
+    back to the system before the new kernel runs on the tensor's inputs (``malloc_trim``,
+    as :func:`_release_memory`). Only then: a trim hands back every free page of the heap,
+    which the next allocations must fault in again."""
+    if event == _COMPILE_EVENT and _TRIM_AFTER_COMPILING.is_set() and _libc.MALLOC_TRIM is not None:
+        _libc.MALLOC_TRIM(0)
+
+
+jax.monitoring.register_event_duration_secs_listener(_trim_after_compiling)
 
 
 def _reader_threads() -> int:

@@ -5,7 +5,7 @@ import pytest
 
 import jaxmerge
 from jaxmerge import checkpoints
-from jaxmerge.checkpoints import CheckpointError, StreamOptions
+from jaxmerge.checkpoints import CheckpointError, StreamOptions, stream
 from jaxmerge.checkpoints import stream_merge as _stream_merge
 from tests.checkpoints.hf import llama_tensors, write_model
 
@@ -96,8 +96,9 @@ def test_errors_leave_no_output(family, tmp_path):
     assert not [p for p in tmp_path.iterdir() if "jaxmerge-tmp" in p.name]  # no staging directories
 
 
-def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path):
+def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path, monkeypatch):
     base, tunes, base_path, paths = family
+    monkeypatch.setattr(stream, "COLLECT_BYTES", 1)  # every tensor counts as large: it fails in one
     calls = []
     plan = jaxmerge.plan("linear")
 
@@ -115,4 +116,25 @@ def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         stream_merge(FailingPlan(), paths, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tune0", "tune1", "tune2"]
+    assert not stream._TRIM_AFTER_COMPILING.is_set()
+
+
+def test_compiling_while_a_large_tensor_is_merged_trims_the_heap(tmp_path, monkeypatch):
+    trims = []
+    monkeypatch.setattr(stream._libc, "MALLOC_TRIM", trims.append)
+    monkeypatch.setattr(stream, "_release_memory", lambda: None)  # leaves only the trims after compiling
+
+    def merge(columns):  # shapes no other test compiles for
+        w = np.arange(3 * columns, dtype=np.float32).reshape(3, columns)
+        paths = [write_model(tmp_path / f"{columns}-{i}", {"w": w * (i + 1)}) for i in range(2)]
+        stream_merge(jaxmerge.plan("linear"), paths, tmp_path / f"{columns}-merged", progress=False)
+
+    merge(61)
+    assert trims == []  # compiled, but for a small tensor
+    monkeypatch.setattr(stream, "COLLECT_BYTES", 1)
+    merge(67)
+    assert trims and set(trims) == {0}
+    trims.clear()
+    jax.jit(lambda x: x * 3)(jnp.ones((3, 71)))  # compiled outside a stream
+    assert trims == [] and not stream._TRIM_AFTER_COMPILING.is_set()
 
