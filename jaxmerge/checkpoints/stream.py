@@ -347,10 +347,15 @@ class CheckpointSource:
 def _release_memory() -> None:
     """Free the last tensor's buffers now: JAX lets go of host buffers it wrapped when Python
     collects garbage, which a generation-0 collection does in well under a millisecond (a
-    full one took 45 ms). Then give the memory glibc's allocator keeps after frees back to
-    the system (``malloc_trim``): XLA's compiler frees tens of MB of working memory that
-    would otherwise stay resident while the next large tensor is merged."""
+    full one took 45 ms). Then trim the heap (:func:`_trim_heap`): XLA's compiler frees tens
+    of MB of working memory that would otherwise stay resident while the next large tensor is
+    merged."""
     gc.collect(0)
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the memory glibc's allocator keeps after frees back to the system (``malloc_trim``)."""
     if _libc.MALLOC_TRIM is not None:
         _libc.MALLOC_TRIM(0)
 
@@ -361,11 +366,11 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 def _trim_after_compiling(event: str, duration: float, **_) -> None:
     """While a large tensor is merged, give the working memory XLA's compiler has just freed
-    back to the system before the new kernel runs on the tensor's inputs (``malloc_trim``,
-    as :func:`_release_memory`). Only then: a trim hands back every free page of the heap,
-    which the next allocations must fault in again."""
-    if event == _COMPILE_EVENT and _TRIM_AFTER_COMPILING.is_set() and _libc.MALLOC_TRIM is not None:
-        _libc.MALLOC_TRIM(0)
+    back to the system before the new kernel runs on the tensor's inputs (:func:`_trim_heap`).
+    Only then: a trim hands back every free page of the heap, which the next allocations must
+    fault in again."""
+    if event == _COMPILE_EVENT and _TRIM_AFTER_COMPILING.is_set():
+        _trim_heap()
 
 
 jax.monitoring.register_event_duration_secs_listener(_trim_after_compiling)
