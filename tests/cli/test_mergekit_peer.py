@@ -35,6 +35,8 @@ def _configs(root):
                         "models": [{"model": m["model"]} for m in models]},
         "nuslerp": {"merge_method": "nuslerp", "models": [{"model": m["model"], "parameters": {"weight": w}}
                                                           for m, w in zip(models[:2], [1.0, 0.4])]},
+        "karcher": {"merge_method": "karcher", "models": [{"model": m["model"]} for m in models],
+                    "parameters": {"max_iter": 20, "tol": 1e-6}},
         "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": m["model"]} for m in models],
                 "parameters": {"select_topk": 0.6}},
         "frankenmerge": {"merge_method": "passthrough", "slices": [
@@ -57,7 +59,7 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "model_stock", "nuslerp", "sce", "frankenmerge",
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "model_stock", "nuslerp", "karcher", "sce", "frankenmerge",
                                   "gradient_slerp"])
 def test_the_same_numbers_as_mergekit(root, tmp_path, name):
     config = tmp_path / "merge.yaml"

@@ -69,3 +69,26 @@ def test_tol_may_be_traced():
     models = [random_tree(i) for i in range(2)]
     out = jax.jit(lambda tol: jaxmerge.karcher(models, tol=tol))(1e-5)
     assert_trees_match(out, jaxmerge.karcher(models), f32_tol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 1000])
+def test_a_direction_opposite_to_the_mean_adds_no_step(size):
+    """``[x, x, -x]``: the mean direction starts at ``x``'s, and the third direction, opposite,
+    has no part orthogonal to it, so the mean stays ``x``'s. (Steps over the arrays divide that
+    part's rounding error, 1e-16, by ``sin(pi)``, also 1e-16: a full step in a direction of
+    rounding errors for ``size=1000`` in float64, none for ``size=1``, where it is exactly 0.)"""
+    x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    out = jaxmerge.karcher([{"w": jnp.asarray(v)} for v in (x, x, -x)])["w"]
+    np.testing.assert_allclose(out, x, rtol=1e-6, atol=1e-6)
+
+
+def test_nearly_parallel_large_leaves_match_float64():
+    """Three fine-tunes of one start (angles about 0.1 apart) over 2**20 entries: the steps on
+    the Gram matrix lose nothing to iterating over the arrays (mergekit's own float32 arrays
+    are 1e-5 away on such leaves)."""
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal(1 << 20)
+    xs = [(start + 0.1 * rng.standard_normal(start.size)).astype(np.float32) for _ in range(3)]
+    out = jaxmerge.karcher([{"w": jnp.asarray(x)} for x in xs], [1.0, 2.0, 0.5])["w"]
+    expected = numpy_karcher([x.astype(np.float64) for x in xs], [1.0, 2.0, 0.5])
+    assert np.abs(np.asarray(out, np.float64) - expected).max() < 1e-6 * np.abs(expected).max()
