@@ -400,4 +400,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxmerge.cli.entry import finish
+
+    finish(main())
