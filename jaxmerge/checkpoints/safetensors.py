@@ -463,8 +463,16 @@ class SafetensorsWriter:
         try:
             self._handles[shard].write(memoryview(data.reshape(-1).view(np.uint8)), offset)
         except OSError as error:
-            raise CheckpointError(f"{self.directory / self.file_names[shard]}: cannot write tensor {name!r} "
-                                  f"({error.strerror or error})") from None
+            raise self._write_error(shard, error) from None
+
+    def _write_error(self, shard: int, error: OSError) -> CheckpointError:
+        """A failed write, naming the tensor whose bytes it held (writes reach the disk after
+        :meth:`write` returns, so the failure may be an earlier tensor's)."""
+        offset = getattr(error, "offset", None)
+        names = [name for name, (s, begin, nbytes) in self.plan.items()
+                 if s == shard and offset is not None and begin <= offset < begin + nbytes]
+        what = f"write tensor {names[0]!r}" if names else "write the header" if offset is not None else "finish it"
+        return CheckpointError(f"{self.directory / self.file_names[shard]}: cannot {what} ({error.strerror or error})")
 
     def abort(self) -> None:
         """Close the files without finishing them (the caller removes the directory)."""
@@ -473,9 +481,12 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         """Flush and close the shards, and write the index when there are several."""
-        for handle, length in zip(self._handles, self._header_lengths):
-            handle.write(struct.pack("<Q", length), 0)  # last: a process killed before it leaves no loadable shard
-            handle.close()  # on disk (fsync) before the directory is renamed into place
+        for shard, (handle, length) in enumerate(zip(self._handles, self._header_lengths)):
+            try:
+                handle.write(struct.pack("<Q", length), 0)  # last: a process killed before it leaves no loadable shard
+                handle.close()  # on disk (fsync) before the directory is renamed into place
+            except OSError as error:
+                raise self._write_error(shard, error) from None
         if len(self.file_names) > 1:
             weight_map = {name: self.file_names[shard] for name, (shard, _, _) in self.plan.items()}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}

@@ -1,6 +1,7 @@
 import errno
 import mmap
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -109,4 +110,59 @@ def test_other_write_errors_are_raised(tmp_path, small_blocks, monkeypatch):
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match="No space"):
         writer.write(memoryview(np.zeros(5 * BLOCK, np.uint8)), 0)
+    writer.abort()
+
+
+def _held_direct_writes(monkeypatch, writer):
+    """Direct writes on ``writer`` wait for ``release`` (set by the test); ``started`` is set
+    when the first one is under way."""
+    started, release, pwrite, direct = threading.Event(), threading.Event(), os.pwrite, writer._direct
+
+    def held(fd, data, offset):
+        if fd == direct:
+            started.set()
+            assert release.wait(60), "the test never released the disk"
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", held)
+    return started, release
+
+
+def test_a_staged_write_returns_while_the_disk_writes_it(tmp_path, small_blocks, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(8 * BLOCK))
+    writer = RangeWriter(path)
+    if writer._direct is None:
+        pytest.skip(f"{tmp_path} has no direct I/O")
+    started, release = _held_direct_writes(monkeypatch, writer)
+    data = np.arange(4 * BLOCK + 1, dtype=np.uint8)[1:]  # unaligned: two staged chunks, one per staging buffer
+    writer.write(memoryview(data), 2 * BLOCK)
+    assert started.wait(60) and not release.is_set()  # returned with the disk's write under way
+    data[:] = 0  # the caller's bytes were copied: it may reuse them
+    release.set()
+    writer.close()
+    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[2 * BLOCK:6 * BLOCK], np.arange(1, 4 * BLOCK + 1) % 256)
+
+
+def test_a_failed_staged_write_is_raised_later_with_its_offset(tmp_path, small_blocks, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(16 * BLOCK))
+    writer = RangeWriter(path)
+    if writer._direct is None:
+        pytest.skip(f"{tmp_path} has no direct I/O")
+    pwrite, direct = os.pwrite, writer._direct
+
+    def full_at_the_start(fd, data, offset):
+        if fd == direct and offset == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_at_the_start)
+    data = np.arange(2 * BLOCK + 1, dtype=np.uint8)[1:]
+    writer.write(memoryview(data), 0)  # staged; fails on the disk's thread
+    with pytest.raises(_direct.RangeWriteError, match="No space") as raised:
+        writer.write(memoryview(data), 4 * BLOCK)
+        writer.write(memoryview(data), 8 * BLOCK)  # waits for the first staging buffer again
+        writer.close()
+    assert raised.value.offset == 0 and raised.value.errno == errno.ENOSPC
     writer.abort()

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import struct
 
 import jax.numpy as jnp
@@ -82,3 +84,28 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
         path.write_bytes(content)
         with pytest.raises(CheckpointError, match=rf"^{path}: truncated or corrupt safetensors file: "):
             SafetensorsReader(path)
+
+
+def test_a_failed_write_names_its_tensor_even_when_a_later_call_reports_it(tmp_path, monkeypatch):
+    """Writes reach the disk after ``write`` returns: the error names the tensor it held."""
+    from jaxmerge.checkpoints import _direct
+    from jaxmerge.checkpoints._direct import BLOCK
+
+    monkeypatch.setattr(_direct, "DIRECT_MIN_BYTES", 2 * BLOCK)
+    monkeypatch.setattr(_direct, "STAGING_BYTES", 2 * BLOCK)
+    a, b = (np.arange(4 * BLOCK + 1, dtype=np.uint8)[1:].view(np.float32) for _ in range(2))  # unaligned: staged
+    writer = checkpoints.SafetensorsWriter(tmp_path, [("a", a.shape, a.dtype), ("b", b.shape, b.dtype)])
+    _, a_offset, _ = writer.plan["a"]
+    pwrite = os.pwrite
+
+    def fail_a(fd, data, offset):
+        if a_offset <= offset < a_offset + a.nbytes:
+            raise OSError(errno.EIO, "Input/output error")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fail_a)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot write tensor 'a' \(Input/output error\)"):
+        writer.write("a", a)
+        writer.write("b", b)
+        writer.close()
+    writer.abort()
