@@ -76,27 +76,39 @@ def test_aligned_data_is_written_without_staging(tmp_path, small_blocks, monkeyp
     np.testing.assert_array_equal(np.fromfile(path, np.uint8)[BLOCK:7 * BLOCK], data[:6 * BLOCK])
 
 
-def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path, small_blocks, monkeypatch):
+def _direct_writer(tmp_path, blocks: int) -> RangeWriter:
+    """A writer of a new file of ``blocks`` zero blocks; the test is skipped without direct I/O."""
     path = tmp_path / "file"
-    path.write_bytes(bytes(8 * BLOCK))
+    path.write_bytes(bytes(blocks * BLOCK))
     writer = RangeWriter(path)
     if writer._direct is None:
         pytest.skip(f"{tmp_path} has no direct I/O")
+    return writer
+
+
+def _failing_direct_writes(monkeypatch, writer, code: int, at: int | None = None) -> None:
+    """Direct writes on ``writer`` (only the one at offset ``at``, if given) fail with ``code``."""
     pwrite, direct = os.pwrite, writer._direct
 
-    def refuse(fd, data, offset):
-        if fd == direct:
-            raise OSError(errno.EINVAL, "Invalid argument")
+    def fail(fd, data, offset):
+        if fd == direct and at in (None, offset):
+            raise OSError(code, os.strerror(code))
         return pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", refuse)
+    monkeypatch.setattr(os, "pwrite", fail)
+
+
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path, small_blocks, monkeypatch):
+    writer = _direct_writer(tmp_path, 8)
+    _failing_direct_writes(monkeypatch, writer, errno.EINVAL)
     data = np.arange(5 * BLOCK, dtype=np.uint8)
     writer.write(memoryview(data[:3 * BLOCK - 10]), 10)
     writer.write(memoryview(data), 3 * BLOCK)
     writer.close()
     assert writer._direct is None
-    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[3 * BLOCK:8 * BLOCK], data)
-    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[10:3 * BLOCK], data[:3 * BLOCK - 10])
+    written = np.fromfile(tmp_path / "file", np.uint8)
+    np.testing.assert_array_equal(written[3 * BLOCK:8 * BLOCK], data)
+    np.testing.assert_array_equal(written[10:3 * BLOCK], data[:3 * BLOCK - 10])
 
 
 def test_other_write_errors_are_raised(tmp_path, small_blocks, monkeypatch):
@@ -129,11 +141,7 @@ def _held_direct_writes(monkeypatch, writer):
 
 
 def test_a_staged_write_returns_while_the_disk_writes_it(tmp_path, small_blocks, monkeypatch):
-    path = tmp_path / "file"
-    path.write_bytes(bytes(8 * BLOCK))
-    writer = RangeWriter(path)
-    if writer._direct is None:
-        pytest.skip(f"{tmp_path} has no direct I/O")
+    writer = _direct_writer(tmp_path, 8)
     started, release = _held_direct_writes(monkeypatch, writer)
     data = np.arange(4 * BLOCK + 1, dtype=np.uint8)[1:]  # unaligned: two staged chunks, one per staging buffer
     writer.write(memoryview(data), 2 * BLOCK)
@@ -141,23 +149,13 @@ def test_a_staged_write_returns_while_the_disk_writes_it(tmp_path, small_blocks,
     data[:] = 0  # the caller's bytes were copied: it may reuse them
     release.set()
     writer.close()
-    np.testing.assert_array_equal(np.fromfile(path, np.uint8)[2 * BLOCK:6 * BLOCK], np.arange(1, 4 * BLOCK + 1) % 256)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "file", np.uint8)[2 * BLOCK:6 * BLOCK],
+                                  np.arange(1, 4 * BLOCK + 1) % 256)
 
 
 def test_a_failed_staged_write_is_raised_later_with_its_offset(tmp_path, small_blocks, monkeypatch):
-    path = tmp_path / "file"
-    path.write_bytes(bytes(16 * BLOCK))
-    writer = RangeWriter(path)
-    if writer._direct is None:
-        pytest.skip(f"{tmp_path} has no direct I/O")
-    pwrite, direct = os.pwrite, writer._direct
-
-    def full_at_the_start(fd, data, offset):
-        if fd == direct and offset == 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", full_at_the_start)
+    writer = _direct_writer(tmp_path, 16)
+    _failing_direct_writes(monkeypatch, writer, errno.ENOSPC, at=0)
     data = np.arange(2 * BLOCK + 1, dtype=np.uint8)[1:]
     with pytest.raises(_direct.RangeWriteError, match="No space") as raised:  # raised by whichever call finds it
         writer.write(memoryview(data), 0)  # staged; fails on the disk's thread
