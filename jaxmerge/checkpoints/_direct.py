@@ -33,7 +33,7 @@ import numpy as np
 from jaxmerge import _libc
 
 BLOCK = 4096  # the largest logical block size of common disks: a multiple of every smaller one
-STAGING_BYTES = 8 << 20  # two of them: the 16 MiB that one staging buffer took before writes had a thread
+STAGING_BYTES = 8 << 20  # each of STAGING_BUFFERS: 16 MiB in all
 STAGING_BUFFERS = 2
 DIRECT_MIN_BYTES = 1 << 20  # smaller ranges go through the page cache: one direct write waits for the disk
 
