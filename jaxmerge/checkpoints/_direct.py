@@ -61,6 +61,7 @@ class RangeWriter:
         self._disk: concurrent.futures.ThreadPoolExecutor | None = None  # the writes' thread, once one is staged
         self._queued: collections.deque = collections.deque()  # (number, future, direct, data, offset), in order
         self._count = 0  # writes queued so far
+        self._copied = 0  # bytes of the page-cache writes queued (copies)
         self._staging: list[mmap.mmap] = []
         self._last_from: list[int] = []  # per staging buffer, the number of the last write from it
         self._turn = 0
@@ -85,8 +86,11 @@ class RangeWriter:
 
     def _write_buffered(self, data: memoryview, offset: int) -> None:
         """Through the page cache: queued behind the writes on their way when it is small (a
-        copy), else written now."""
+        copy; the queued copies stay within a staging buffer's size, waiting for the oldest
+        writes past it), else written now."""
         if self._disk is not None and len(data) < DIRECT_MIN_BYTES:
+            while self._copied and self._copied + len(data) > STAGING_BYTES:
+                self._settle(through=self._queued[0][0])
             self._queue(False, memoryview(bytes(data)), offset)
             return
         try:
@@ -119,6 +123,7 @@ class RangeWriter:
         future = self._disk.submit(write, self._direct if direct else self._buffered, data, offset)
         self._count += 1
         self._queued.append((self._count, future, direct, data, offset))
+        self._copied += 0 if direct else len(data)
         self._settle()
         return self._count
 
@@ -137,6 +142,7 @@ class RangeWriter:
         ``through``; a failed one is handled by :meth:`_failed`."""
         while self._queued and (self._queued[0][0] <= through or self._queued[0][1].done()):
             _, future, direct, data, offset = self._queued.popleft()
+            self._copied -= 0 if direct else len(data)
             try:
                 future.result()
             except OSError as error:
@@ -175,7 +181,7 @@ class RangeWriter:
         for fd in self._files:
             os.close(fd)
         self._buffered = self._direct = self._disk = None
-        self._files, self._staging, self._queued = [], [], collections.deque()  # buffers unmapped when collected
+        self._files, self._staging, self._queued, self._copied = [], [], collections.deque(), 0  # unmapped when collected
 
 
 def _open_direct(path) -> int | None:

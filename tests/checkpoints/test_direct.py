@@ -164,3 +164,24 @@ def test_a_failed_staged_write_is_raised_later_with_its_offset(tmp_path, small_b
         writer.close()
     assert raised.value.offset == 0 and raised.value.errno == errno.ENOSPC
     writer.abort()
+
+
+def test_queued_page_cache_writes_wait_past_a_staging_buffers_worth(tmp_path, small_blocks, monkeypatch):
+    """With the disk held, small writes queue as copies up to one staging buffer's size
+    (two blocks here), then wait: five of 3000 bytes cannot all be queued."""
+    writer = _direct_writer(tmp_path, 16)
+    started, release = _held_direct_writes(monkeypatch, writer)
+    staged = np.arange(2 * BLOCK + 1, dtype=np.uint8)[1:]
+    writer.write(memoryview(staged), 0)  # the disk's thread starts, held on this write
+    assert started.wait(60)
+    small = np.full(3000, 7, np.uint8)
+    writing = threading.Thread(target=lambda: [writer.write(memoryview(small), 4 * BLOCK + 3000 * i) for i in range(5)])
+    writing.start()
+    writing.join(1)  # however long it is given, it cannot finish while the disk is held
+    assert writing.is_alive() and writer._copied <= 2 * BLOCK
+    release.set()
+    writing.join(60)
+    writer.close()
+    written = np.fromfile(tmp_path / "file", np.uint8)
+    np.testing.assert_array_equal(written[:2 * BLOCK], staged)
+    assert (written[4 * BLOCK:4 * BLOCK + 15000] == 7).all()
