@@ -471,7 +471,7 @@ class SafetensorsWriter:
         offset = getattr(error, "offset", None)
         names = [name for name, (s, begin, nbytes) in self.plan.items()
                  if s == shard and offset is not None and begin <= offset < begin + nbytes]
-        what = f"write tensor {names[0]!r}" if names else "write the header" if offset is not None else "finish it"
+        what = f"write tensor {names[0]!r}" if names else "write the header" if offset is not None else "finish the file"
         return CheckpointError(f"{self.directory / self.file_names[shard]}: cannot {what} ({error.strerror or error})")
 
     def abort(self) -> None:
