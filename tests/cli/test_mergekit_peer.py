@@ -94,6 +94,23 @@ def _tokenizer_configs(root):
     }
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_karcher_in_16_bits_is_mergekits_to_a_last_bit(root, tmp_path, dtype):
+    """Both compute each step in the models' dtype; the sums' order differs, so a last bit may
+    (README): never more than one in float16, in a few bfloat16 entries."""
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "karcher", "dtype": dtype,
+                                      "models": [{"model": str(root / f"m{i}")} for i in range(3)]}))
+    subprocess.run([MERGEKIT, str(config), str(tmp_path / "mergekit")], check=False, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert main(["merge", str(config), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+    bits = [np.abs(np.asarray(ours[t]).view(np.int16).astype(np.int32) - np.asarray(theirs[t]).view(np.int16))
+            for t in theirs]
+    apart = np.concatenate([b.ravel() for b in bits])
+    assert np.mean(apart > 1) <= (0.005 if dtype == "bfloat16" else 0), np.mean(apart > 1)
+
+
 @pytest.mark.parametrize("name", ["union", "base", "tokens"])
 def test_the_same_vocabulary_and_rows_as_mergekit(models, tmp_path, name):
     """Token by token: mergekit numbers new tokens in its hash order, so ids may differ."""
