@@ -8,6 +8,7 @@ import signal
 import sys
 
 from jaxmerge.checkpoints import stream
+from jaxmerge.cli.entry import finish
 from jaxmerge.cli.main import main
 
 
@@ -26,4 +27,4 @@ def pause_after(count: int) -> None:
 
 if __name__ == "__main__":
     pause_after(int(sys.argv[1]))
-    sys.exit(main(sys.argv[2:]))
+    finish(main(sys.argv[2:]))
