@@ -93,6 +93,10 @@ class RangeWriter:
                 self._settle(through=self._queued[0][0])
             self._queue(False, memoryview(bytes(data)), offset)
             return
+        self._write_through_cache(data, offset)
+
+    def _write_through_cache(self, data: memoryview, offset: int) -> None:
+        """Through the page cache, now."""
         try:
             _pwrite_buffered(self._buffered, data, offset)
         except OSError as error:
@@ -157,10 +161,7 @@ class RangeWriter:
         if self._direct is not None:
             self._direct = None
             self._settle(through=self._count)
-        try:
-            _pwrite_buffered(self._buffered, data, offset)
-        except OSError as again:
-            raise RangeWriteError(again, offset) from again
+        self._write_through_cache(data, offset)
 
     def close(self) -> None:
         """Wait for the writes on their way, ``fsync`` and close the file.
