@@ -53,6 +53,15 @@ def _inner_products(leaves: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     return _blocks.sums(lambda c: [c[i].astype(acc) * c[j].astype(acc) for i, j in _pairs(len(leaves))], leaves, acc)
 
 
+def _step_weights(weights: jax.Array, norms: jax.Array, tol) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(w, valid, a)``: the weights normalised to sum 1 (in the norms' dtype), which leaves
+    have a norm above ``tol``, and the valid leaves' weights normalised again (the steps')."""
+    alphas = weights.astype(norms.dtype) / weights.astype(norms.dtype).sum()
+    valid = norms > tol
+    a = jnp.where(valid, alphas, 0)
+    return alphas, valid, a / jnp.where(a.sum() > 0, a.sum(), 1)
+
+
 OPPOSITE = 2.0 ** -17  # 1 + cos(theta) at which a direction counts as opposite to the mean (theta > pi - 0.004)
 
 
@@ -74,10 +83,7 @@ def _sphere_mean(products: Sequence[jax.Array], weights: jax.Array, tol: jax.Arr
     norms = jnp.sqrt(jnp.diagonal(gram))
     divisors = jnp.where(norms == 0, 1, norms)
     g = jnp.clip(gram / divisors[:, None] / divisors[None, :], -1, 1)
-    alphas = weights.astype(acc) / weights.astype(acc).sum()
-    valid = norms > tol
-    a = jnp.where(valid, alphas, 0)
-    a = a / jnp.where(a.sum() > 0, a.sum(), 1)
+    alphas, valid, a = _step_weights(weights, norms, tol)
 
     def norm(b):
         return jnp.sqrt(jnp.maximum(b @ g @ b, 0))
@@ -116,7 +122,6 @@ def _rounded_karcher(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.A
     dtype = compute_dtype(leaves[0].dtype, exact)
     acc = acc_dtype(dtype)
     count = len(leaves)
-    alphas = weights.astype(acc) / weights.astype(acc).sum()
 
     def norms_of(values_of, arrays):
         """The norms of the values ``values_of(chunks)`` makes from ``arrays``, block by block."""
@@ -138,9 +143,7 @@ def _rounded_karcher(leaves: Sequence[jax.Array], weights: jax.Array, tol: jax.A
         r = norms[i] if step is None else norms[i] * (step >= 0).astype(norms.dtype)
         x = xs[i].astype(dtype)
         return jnp.where(r == 0, jnp.zeros_like(x), divided(x, jnp.where(r == 0, 1, r)))
-    valid = norms > tol
-    a = jnp.where(valid, alphas, 0)
-    a = a / jnp.where(a.sum() > 0, a.sum(), 1)
+    alphas, valid, a = _step_weights(weights, norms, tol)
 
     def start(xs):
         return functools.reduce(lambda m, i: m + times(a[i], unit(xs, i)), range(count),
