@@ -29,6 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxmerge._host import aligned_empty
 from jaxmerge.checkpoints._direct import RangeWriter
 from jaxmerge.errors import CheckpointError, JaxmergeError, JaxmergeWarning
 
@@ -225,14 +226,6 @@ def _files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
-def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
-    """An uninitialised byte buffer starting on an ``alignment`` boundary: XLA's CPU client
-    wraps such host memory without copying it."""
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + nbytes]
-
-
 class SafetensorsReader:
     """A Hugging Face safetensors checkpoint, opened lazily: only headers are read until a tensor is asked for.
 
@@ -321,7 +314,7 @@ class SafetensorsReader:
           CheckpointError: the file ends before the tensor's last byte.
         """
         info = self.tensors[name]
-        raw = _aligned_bytes(info.nbytes)
+        raw = aligned_empty((info.nbytes,), np.uint8)
         with open(info.file, "rb") as f:
             f.seek(info.offset)
             if f.readinto(memoryview(raw)) != info.nbytes:

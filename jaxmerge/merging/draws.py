@@ -8,7 +8,9 @@ not on its sharding, and each block of the generator gives two entries (``jax.ra
 spends one on each). An unsharded leaf is drawn a block of entries at a time, so that the
 generator's temporaries stay in cache instead of being four arrays the size of the leaf: on
 CPU this is about four times faster than ``jax.random.bernoulli`` (``benchmarks/merge_checkpoints.py``
-measures DARE and DELLA end to end). An explicitly sharded leaf draws each entry from its
+measures DARE and DELLA end to end). A large leaf held by the CPU outside ``jax.jit`` may
+instead be drawn by a loop on the host over the same blocks (:func:`host_keep_mask`), with one
+compiled kernel for leaves of every size. An explicitly sharded leaf draws each entry from its
 own flat index, shard by shard, with the same result.
 
 References:
@@ -21,9 +23,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
+from jaxmerge._host import assemble
 from jaxmerge._sharding import check_indexable, explicit_sharding, flat_index
 
 DRAW_BLOCK = 1 << 19  # entries drawn at a time
@@ -114,6 +118,31 @@ def keep_mask(key: jax.Array, probability, like: jax.Array) -> jax.Array:
     if explicit_sharding(like) is not None or like.size == 0:
         return uniforms(key, flat_index(like)) < probability
     return _blocked_mask(_keypair(key), probability, like.size).reshape(like.shape)
+
+
+@partial(jax.jit, static_argnames="pairs")
+def _mask_block(keypair: jax.Array, first_pair, probability, pairs: int) -> jax.Array:
+    """The mask of the ``2 * pairs`` entries from pair ``first_pair`` on (see :func:`_blocked_mask`)."""
+    return _run(keypair, first_pair, pairs) < probability
+
+
+def host_keep_mask(key: jax.Array, probability, n: int) -> np.ndarray:
+    """:func:`keep_mask` of a flat array of ``n >= DRAW_BLOCK`` entries with one ``probability``,
+    drawn by a loop on the host, block by block as the jitted loop draws them, by one kernel
+    compiled for arrays of every size.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmerge.merging import draws
+      >>> key, like = jax.random.key(0), jnp.zeros(draws.DRAW_BLOCK + 3)
+      >>> bool((draws.host_keep_mask(key, 0.3, like.size) == draws.keep_mask(key, 0.3, like)).all())
+      True
+    """
+    check_size(n)
+    keypair, probability = _keypair(key), jnp.asarray(probability, jnp.float32)
+    pairs, size = -(-n // 2), DRAW_BLOCK // 2
+    starts = [min(b * size, pairs - size) for b in range(-(-pairs // size))]  # as in the jitted loop
+    return assemble(2 * pairs, ((2 * s, (_mask_block(keypair, np.uint32(s), probability, size),)) for s in starts))[0][:n]
 
 
 def _blocked_mask(keypair: jax.Array, probability: jax.Array, n: int) -> jax.Array:

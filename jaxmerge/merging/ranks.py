@@ -10,20 +10,47 @@ each of its ``log2(m) (log2(m) + 1) / 2`` compare-exchange steps (``m`` the row 
 up to a power of two) is a vectorised minimum and maximum over the block: 1.4-1.6x faster
 than the sort for rows of 1024-2816 entries on CPU, at the price of a longer compilation,
 which is why small arrays keep the sort.
+
+On CPU, the blocks of a concrete two-dimensional array can instead be sorted and finished by
+a loop on the host (:func:`host_row_blocks`), each block by one kernel compiled for its
+block shape: every array whose rows have the same length then shares one compilation of
+the network, which is far slower to compile than the rest of a merge's kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmerge._host import assemble
+
 NETWORK_MIN = 1 << 16  # arrays of at least this many entries, and NETWORK_ROWS rows, are sorted by the network
 NETWORK_ROWS = 8
 RANK_BLOCK = 1 << 18  # entries ranked at a time
+
+
+def layout(rows: int, n: int) -> tuple[int, bool]:
+    """``(rows per block, whether the network sorts them)`` for ranking ``rows`` rows of ``n``."""
+    network = rows * n >= NETWORK_MIN and rows >= NETWORK_ROWS
+    return max(1, min(rows, RANK_BLOCK // (_width(n) if network else n))), network
+
+
+def _width(n: int) -> int:
+    """The network's row length: ``n`` rounded up to a power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sort_rows(chunk: jax.Array, network: bool) -> jax.Array:
+    """The rows of a block of unsigned keys sorted ascending, by the network or by ``lax.sort``."""
+    if not network:
+        return lax.sort(chunk)
+    n = chunk.shape[1]
+    padding = jnp.asarray(np.iinfo(chunk.dtype).max, chunk.dtype)  # sorts last
+    return _sort_columns(jnp.pad(chunk.T, ((0, _width(n) - n), (0, 0)), constant_values=padding))[:n].T
 
 
 def sorted_row_blocks(x, finish: Callable, keys_of: Callable | None = None):
@@ -51,25 +78,37 @@ def sorted_row_blocks(x, finish: Callable, keys_of: Callable | None = None):
     moved = [jnp.moveaxis(a, 1, -1) for a in arrays]
     flat = [m.reshape(-1, m.shape[-1]) for m in moved]
     rows, n = flat[0].shape
-    width = 1 << max(0, (n - 1).bit_length())  # the network's row length
-    network = rows * n >= NETWORK_MIN and rows >= NETWORK_ROWS
-    block = max(1, min(rows, RANK_BLOCK // (width if network else n)))
-    padding = jnp.asarray(np.iinfo(key_type).max, key_type)  # sorts last
-
-    def sorted_rows(chunk):
-        if not network:
-            return lax.sort(chunk)
-        return _sort_columns(jnp.pad(chunk.T, ((0, width - n), (0, 0)), constant_values=padding))[:n].T
+    block, network = layout(rows, n)
 
     def step(b, results):
         start = jnp.minimum(b * block, rows - block)  # the last block ends with the array
         chunk = keys_of(*(lax.dynamic_slice_in_dim(f, start, block) for f in flat))
-        done = finish(sorted_rows(chunk), chunk, start)
+        done = finish(sort_rows(chunk, network), chunk, start)
         return jax.tree.map(lambda whole, part: lax.dynamic_update_slice_in_dim(whole, part, start, 0), results, done)
     shapes = jax.eval_shape(finish, *[jax.ShapeDtypeStruct((rows, n), key_type)] * 2,
                             jax.ShapeDtypeStruct((), jnp.int32))
     results = lax.fori_loop(0, -(-rows // block), step, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
     return jax.tree.map(lambda r: jnp.moveaxis(r.reshape(moved[0].shape), -1, 1), results)
+
+
+def host_row_blocks(kernel: Callable, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """:func:`sorted_row_blocks`' loop, run on the host over two-dimensional NumPy arrays of
+    one shape (views of arrays on the CPU) whose rows the network sorts (see :func:`layout`).
+
+    Args:
+      kernel: ``kernel(blocks, first_row)``, a jitted function of a block of rows of each
+        array (every block has the same shape, so it compiles once for all arrays whose rows
+        have the same length) and the block's first row, returning a tuple of arrays shaped
+        like the block.
+      arrays: the arrays, ``rows x n``.
+
+    Returns:
+      ``kernel``'s results for the whole arrays, as NumPy arrays.
+    """
+    rows, n = arrays[0].shape
+    block, _ = layout(rows, n)
+    starts = [min(b * block, rows - block) for b in range(-(-rows // block))]  # the last block ends with the arrays
+    return assemble(rows, ((s, kernel([a[s:s + block] for a in arrays], np.int32(s))) for s in starts))
 
 
 def smaller(ordered: jax.Array, keys: jax.Array) -> jax.Array:

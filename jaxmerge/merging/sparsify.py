@@ -3,8 +3,10 @@
 These are array-level, jit-compatible building blocks; the task-vector merges (TIES, DARE,
 breadcrumbs, DELLA, SCE) are made of them. Each sparsifier is a typed strategy
 (:class:`Magnitude`, :class:`Breadcrumbs`, :class:`Random`, :class:`Ranked`) that resolves
-its hyperparameters once per leaf and makes the mask inside the jitted kernel; the public
-``*_mask`` functions run the same strategies on one array. :func:`rescale` then zeroes the
+its hyperparameters once per leaf and makes the mask inside the jitted kernel (or, for the
+large leaves of an eager merge on the CPU, DARE's and DELLA's random masks by a loop on the
+host over blocks of one shape, so that leaves of every shape share one compiled kernel); the
+public ``*_mask`` functions run the same strategies on one array. :func:`rescale` then zeroes the
 dropped entries and rescales the kept ones.
 
 Exact top-k without sorting: ``jnp.sort`` and ``lax.top_k`` are 20-100x slower than a
@@ -31,8 +33,9 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxmerge import _blocks
+from jaxmerge._host import on_host
 from jaxmerge._sharding import check_indexable, explicit_sharding, flat_index, like, local_then_sum, per_shard, reshard
-from jaxmerge._tree import acc_dtype
+from jaxmerge._tree import acc_dtype, exact_jit
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.merging import draws, ranks
 
@@ -347,7 +350,7 @@ def _concrete_pairs(a, b) -> list[tuple[float, float]]:
 class Sparsifier:
     """How a task vector is sparsified: a typed strategy that resolves its hyperparameters once
     per leaf (:meth:`leaf_params`, a NamedTuple of arrays) and then makes the mask inside the
-    jitted kernel (:meth:`mask`). Instances are hashable, so a kernel takes one as a static
+    jitted kernel (:meth:`mask`), or before it from the host (:meth:`host_mask`). Instances are hashable, so a kernel takes one as a static
     argument. The public ``*_mask`` functions of this module call the same two methods.
 
     Attributes:
@@ -367,6 +370,16 @@ class Sparsifier:
         """``(mask of the kept entries, keep probability of each)`` of a task vector ``x`` (an
         array or a :class:`Elementwise`), for one model's params."""
         raise NotImplementedError
+
+    def host_mask(self, x: Elementwise, params: NamedTuple, key: jax.Array | None, *, exact: bool,
+                  with_keep: bool) -> tuple[np.ndarray, Any] | None:
+        """:meth:`mask`'s pair for a task vector of arrays on the host (see
+        :func:`~jaxmerge._host.on_host`), made by a loop on the host over blocks of one
+        shape, each by a kernel compiled once for leaves of every shape; or ``None`` where the
+        jitted kernel makes the mask (the default). The mask is the one :meth:`mask` makes;
+        the keep probability is left out (``None``) unless ``with_keep``. ``exact`` is the
+        kernel's (see :func:`~jaxmerge._tree.compute_dtype`)."""
+        return None
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other)
@@ -417,6 +430,11 @@ class Random(Sparsifier):
     def mask(self, x, params, key):
         return draws.keep_mask(key, params.density, _parts(x)[0][0]), params.density
 
+    def host_mask(self, x, params, key, *, exact, with_keep):
+        if x.size < draws.DRAW_BLOCK or not on_host(_parts(x)[0]):
+            return None
+        return draws.host_keep_mask(key, params.density, x.size).reshape(x.shape), params.density
+
 
 class Ranked(Sparsifier):
     """DELLA's MagPrune (arXiv 2406.11617): keep each entry with a probability that rises with
@@ -434,6 +452,15 @@ class Ranked(Sparsifier):
 
     def mask(self, x, params, key):
         return _ranked_draws(x, params.density, params.epsilon, key)
+
+    def host_mask(self, x, params, key, *, exact, with_keep):
+        if not (isinstance(x, Elementwise) and len(x.shape) == 2 and ranks.layout(*x.shape)[1] and on_host(x.arrays)):
+            return None
+        draws.check_size(x.size)
+        drawn = ranks.host_row_blocks(functools.partial(_ranked_block, key=key, density=params.density,
+                                                        epsilon=params.epsilon, fn=x.fn, probabilities=with_keep,
+                                                        exact=exact), [np.asarray(a) for a in x.arrays])
+        return drawn if with_keep else (drawn[0], None)
 
 
 MAGNITUDE, BREADCRUMBS, RANDOM, RANKED = Magnitude(), Breadcrumbs(), Random(), Ranked()
@@ -578,25 +605,13 @@ def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array
     x = _array_or_whole_if_sharded(x)
     arrays, value = _parts(x)
     shape = x.shape if len(x.shape) >= 2 else (1, x.size)
-    n, inner = shape[1], math.prod(shape[2:])
+    n = shape[1]
     density, epsilon = jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32)
-
-    def probabilities_of(rank):
-        relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
-        return density - epsilon + relative * 2 * epsilon
-
     if key is not None and explicit_sharding(arrays[0]) is None:
         draws.check_size(x.size)
 
         def finish(ordered, keys, first_row):
-            if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
-                uniform = draws.run(key, first_row.astype(jnp.uint32) * n, keys.size).reshape(keys.shape)
-            else:
-                row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, keys.shape, 0)  # moved rows
-                index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, keys.shape, 1) * inner
-                uniform = draws.uniforms(key, index + row % inner)
-            keep = _ranked_keep(uniform, lambda count: ranks.at_least(ordered, keys, count), n, density, epsilon)
-            return keep, probabilities_of(ranks.smaller(ordered, keys))  # searched only if used
+            return _ranked_block_draws(ordered, keys, first_row, key, n, math.prod(shape[2:]), density, epsilon, True)
         rows = tuple(a.reshape(shape) for a in arrays)
         mask, probabilities = ranks.sorted_row_blocks(rows, finish, lambda *blocks: _magnitude_bits(value(blocks)))
         return mask.reshape(x.shape), probabilities.reshape(x.shape)
@@ -608,10 +623,44 @@ def _ranked_draws(x, density, epsilon, key: jax.Array | None) -> tuple[jax.Array
         rows = reshard(rows, PartitionSpec(sharding.spec[0], None, *sharding.spec[2:]), rows)
     rank = like(per_shard(lambda r: ranks.row_ranks(r, _magnitude_bits), rows).reshape(x.shape), x)
     if key is None:
-        return None, probabilities_of(rank)
+        return None, _probabilities(rank, n, density, epsilon)
     draws.check_size(x.size)
     mask = _ranked_keep(draws.uniforms(key, flat_index(x)), lambda count: rank >= count, n, density, epsilon)
-    return mask, probabilities_of(rank)
+    return mask, _probabilities(rank, n, density, epsilon)
+
+
+def _probabilities(rank: jax.Array, n: int, density, epsilon) -> jax.Array:
+    """DELLA's keep probabilities of entries of these ranks in rows of ``n``."""
+    relative = rank.astype(jnp.float32) / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5)
+    return density - epsilon + relative * 2 * epsilon
+
+
+def _ranked_block_draws(ordered, keys, first_row, key, n: int, inner: int, density, epsilon, probabilities: bool):
+    """DELLA's keep mask (and, if ``probabilities``, the keep probabilities) of one block of
+    rows (:func:`jaxmerge.merging.ranks.sorted_row_blocks`' layout: the ranked axis, of ``n``
+    entries, moved last; ``inner`` the product of the axes after it), given its keys and
+    their sorted rows."""
+    if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
+        uniform = draws.run(key, first_row.astype(jnp.uint32) * n, keys.size).reshape(keys.shape)
+    else:
+        row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, keys.shape, 0)  # moved rows
+        index = (row // inner) * (n * inner) + lax.broadcasted_iota(jnp.uint32, keys.shape, 1) * inner
+        uniform = draws.uniforms(key, index + row % inner)
+    keep = _ranked_keep(uniform, lambda count: ranks.at_least(ordered, keys, count), n, density, epsilon)
+    if not probabilities:
+        return keep
+    return keep, _probabilities(ranks.smaller(ordered, keys), n, density, epsilon)  # searched only if used
+
+
+@exact_jit(("fn", "probabilities"))
+def _ranked_block(blocks, first_row, key, density, epsilon, *, fn, probabilities, exact=False):
+    """:func:`_ranked_block_draws` of a block of rows of a matrix whose task vector is
+    ``fn(*blocks)``, sorted by the network, as a tuple: one kernel for every matrix with
+    rows of the same length."""
+    keys = _magnitude_bits(fn(*blocks))
+    drawn = _ranked_block_draws(ranks.sort_rows(keys, True), keys, first_row, key, keys.shape[1], 1,
+                                jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32), probabilities)
+    return drawn if probabilities else (drawn,)
 
 
 def _ranked_keep(uniform, at_least: Callable, n: int, density, epsilon) -> jax.Array:
@@ -700,11 +749,13 @@ def rescale(x: jax.Array, mask: jax.Array, norm: str | None, keep_probability=No
       >>> sparsify.rescale(x, mask, "density", 0.5).tolist()
       [0.0, -6.0, 4.0]
     """
+    if norm in (None, "density"):
+        kept = jnp.where(mask, x, jnp.zeros((), x.dtype))
+        return kept if norm is None else kept / jnp.asarray(keep_probability, x.dtype)
+    # the original's norm first, so that the kept entries can then overwrite ``x`` in place
+    # (else XLA may keep both as arrays of their own: one more large temporary)
+    x, before = lax.optimization_barrier((x, _norm(x, norm)))
     kept = jnp.where(mask, x, jnp.zeros((), x.dtype))
-    if norm is None:
-        return kept
-    if norm == "density":
-        return kept / jnp.asarray(keep_probability, x.dtype)
-    before, after = _norm(x, norm), _norm(kept, norm)
+    after = _norm(kept, norm)
     small = (before < epsilon) | (after < epsilon)
     return kept * jnp.where(small, jnp.ones((), x.dtype), before / jnp.where(small, 1, after))

@@ -60,18 +60,20 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
 
 
 @exact_jit(("sparsifier", "rescale"))
-def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, *, sparsifier: Sparsifier,
-                       rescale: str | None, exact: bool = False) -> jax.Array:
+def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, made=None, *,
+                       sparsifier: Sparsifier, rescale: str | None, exact: bool = False) -> jax.Array:
     """``leaf - base`` in float32 (``exact``: in the base's dtype, see
     :func:`~jaxmerge._tree.compute_dtype`), sparsified by ``sparsifier`` with this model's
     ``params`` (a NamedTuple of scalars, see
     :meth:`~jaxmerge.merging.sparsify.Sparsifier.leaf_params`) and rescaled; a density of 1
-    leaves the task vector untouched, as in mergekit."""
+    leaves the task vector untouched, as in mergekit. ``made``: the sparsifier's ``(mask,
+    keep probability)``, when made already (:meth:`~jaxmerge.merging.sparsify.Sparsifier.host_mask`)."""
     dtype = compute_dtype(base.dtype, exact)
     delta = sparsify.difference(leaf, base, dtype)  # made where the sparsifier reads it
-    mask, keep = sparsifier.mask(delta, params, key)
+    mask, keep = sparsifier.mask(delta, params, key) if made is None else made
     keep_all = params.density >= 1
-    keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
+    if rescale == "density":
+        keep = jnp.where(keep_all, jnp.ones((), dtype), jnp.asarray(keep, dtype))
     return sparsify.rescale(delta.whole(), mask | keep_all, rescale, keep)
 
 
@@ -116,9 +118,12 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
     sparsified by its own jitted call, so that only one model's selection temporaries are
     alive at a time (this bounds the memory of streamed merges of large tensors), and each
     model's leaf is dropped from ``leaves`` once used (a streamed input is then freed);
-    then the sparse task vectors are combined. Each call is waited for before the next is
-    made: JAX allocates a call's result when it dispatches it, so without the wait every
-    sparse task vector would be allocated while every input is still held (a streamed
+    then the sparse task vectors are combined. Outside ``jax.jit``, a sparsifier may make a
+    large leaf's mask from the host first
+    (:meth:`~jaxmerge.merging.sparsify.Sparsifier.host_mask`): DARE's and DELLA's, whose
+    kernels then compile once for leaves of every shape. Each call is waited for before the
+    next is made: JAX allocates a call's result when it dispatches it, so without the wait
+    every sparse task vector would be allocated while every input is still held (a streamed
     TIES merge of two models peaked at six tensors of the largest shape, not four).
 
     Args:
@@ -136,9 +141,11 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
     for j in range(len(leaves)):
         own = type(params)(*(field[j] for field in params))
         model_key = None if key is None else jax.random.fold_in(key, j)
-        deltas.append(sparse_task_vector(base, leaves[j], own, model_key, sparsifier=sparsifier, rescale=rescale,
+        made = sparsifier.host_mask(sparsify.difference(leaves[j], base, compute_dtype(base.dtype, exact)), own,
+                                    model_key, exact=exact, with_keep=rescale == "density")
+        deltas.append(sparse_task_vector(base, leaves[j], own, model_key, made, sparsifier=sparsifier, rescale=rescale,
                                          exact=exact))
-        leaves[j] = None
+        leaves[j] = made = None
         if not isinstance(deltas[-1], jax.core.Tracer):
             deltas[-1].block_until_ready()
     return combine_task_vectors(base, deltas, weights, lambda_, consensus=consensus, normalize=normalize, exact=exact)

@@ -45,3 +45,10 @@ def test_keep_rate_matches_the_probability_and_keys_of_any_kind_work():
 def test_too_large_arrays_are_refused():
     with pytest.raises(JaxmergeError, match="2\\*\\*32"):
         draws.keep_mask(jax.random.key(0), 0.5, jax.ShapeDtypeStruct((1 << 16, 1 << 16), jnp.float32))
+
+
+@pytest.mark.parametrize("n", [16, 21, 8])
+def test_host_drawn_masks_follow_the_documented_stream(n, monkeypatch):
+    monkeypatch.setattr(draws, "DRAW_BLOCK", 8)  # several blocks, the last one overlapping, or one
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(draws.host_keep_mask(key, 0.4, n), keep_draws(key, 0.4, (n,)))

@@ -24,3 +24,20 @@ def test_row_ranks_count_the_smaller_keys_of_each_row(shape, dtype, monkeypatch)
     keys = rng.integers(0, 300, size=shape).astype(dtype)  # many equal keys
     keys.flat[::7] = np.iinfo(dtype).max
     np.testing.assert_array_equal(ranks.row_ranks(jnp.asarray(keys)), _reference(keys))
+
+
+def test_host_row_blocks_give_each_block_its_rows_and_first_row(monkeypatch):
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 64)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 64)  # blocks of 4 rows of 16: the last one overlapping
+    keys = np.random.default_rng(1).integers(0, 50, size=(10, 13)).astype(np.uint32)
+    firsts = []
+
+    def kernel(blocks, first_row):
+        firsts.append(int(first_row))
+        ordered = ranks.sort_rows(jnp.asarray(blocks[0]), True)
+        return ranks.smaller(ordered, blocks[0]), blocks[1] + first_row
+
+    counts, offsets = ranks.host_row_blocks(kernel, [keys, np.zeros_like(keys, np.int32)])
+    assert firsts == [0, 4, 6]
+    np.testing.assert_array_equal(counts, _reference(keys))
+    np.testing.assert_array_equal(offsets[:, 0], [0, 0, 0, 0, 4, 4, 6, 6, 6, 6])

@@ -137,3 +137,36 @@ def test_della_mask_draws_each_entry_at_its_flat_index(shape, monkeypatch):
     mask, probabilities = jax.jit(sparsify.della_mask)(key, jnp.asarray(x), 0.4, 0.1)
     np.testing.assert_allclose(probabilities, reference.della_probabilities(x, 0.4, 0.1), atol=1e-6)
     np.testing.assert_array_equal(mask, reference.della_keep(key, x, 0.4, 0.1))
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((9, 64), np.float32), ((33, 50), jnp.bfloat16)])
+def test_della_masks_made_on_the_host_follow_the_documented_test(shape, dtype, monkeypatch):
+    """A matrix whose rows the network sorts, outside jax.jit, is drawn by a loop on the host
+    over blocks of rows (small blocks here stand for large ones); the rest is left to the kernel."""
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 256)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 256)
+    rng = np.random.default_rng(6)
+    base = jnp.asarray(rng.standard_normal(shape), dtype)
+    model = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.standard_normal(shape), 1), dtype)
+    delta = np.asarray(model, np.float32) - np.asarray(base, np.float32)
+    key, params = jax.random.key(2), sparsify.RankedParams(0.4, 0.1)
+    x = sparsify.difference(model, base, np.float32)
+    mask, probabilities = sparsify.RANKED.host_mask(x, params, key, exact=False, with_keep=True)
+    np.testing.assert_array_equal(mask, reference.della_keep(key, delta, 0.4, 0.1))
+    np.testing.assert_allclose(probabilities, reference.della_probabilities(delta, 0.4, 0.1), atol=1e-6)
+    assert sparsify.RANKED.host_mask(x, params, key, exact=False, with_keep=False)[1] is None
+    flat = sparsify.difference(model.reshape(-1), base.reshape(-1), np.float32)
+    assert sparsify.RANKED.host_mask(flat, params, key, exact=False, with_keep=False) is None  # one row: the kernel
+    under_jit = []
+    jax.jit(lambda m, b: under_jit.append(sparsify.RANKED.host_mask(sparsify.difference(m, b, np.float32), params,
+                                                                     key, exact=False, with_keep=False)))(model, base)
+    assert under_jit == [None]
+
+
+def test_rescale_of_a_given_mask_needs_no_temporary_as_large_as_the_vector():
+    """The original's norm is taken before the kept entries are made, so that they can overwrite
+    the task vector in place (otherwise XLA may hold both at once)."""
+    shape = (256, 1024)
+    arrays = [jax.ShapeDtypeStruct(shape, jnp.float32)] * 2 + [jax.ShapeDtypeStruct(shape, jnp.bool_)]
+    kernel = jax.jit(lambda a, b, mask: sparsify.rescale(a - b, mask, "l1"))
+    assert kernel.lower(*arrays).compile().memory_analysis().temp_size_in_bytes < 4 * 256 * 1024

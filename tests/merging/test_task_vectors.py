@@ -220,3 +220,41 @@ def test_none_means_the_default():
     base, models = _models(2)
     assert_trees_match(jaxmerge.ties(base, models, density=0.5, majority_sign=None, rescale=None),
                        jaxmerge.ties(base, models, density=0.5))
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della", "della_linear"])
+def test_masks_of_large_matrices_are_drawn_on_the_host_as_in_the_kernel(name, monkeypatch):
+    """Outside jax.jit, the masks of matrices of at least DRAW_BLOCK entries (DARE) or whose rows
+    the sorting network ranks (DELLA) are drawn by a loop on the host over blocks of one shape
+    (small blocks here stand for large ones): the output is the jitted one, bit for bit."""
+    from jaxmerge.merging import draws, ranks
+
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 256)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 256)
+    monkeypatch.setattr(draws, "DRAW_BLOCK", 256)
+    host_loops = []
+
+    def counted(loop):
+        def spy(*args):
+            host_loops.append(loop.__name__)
+            return loop(*args)
+        return spy
+    for module, loop in ((ranks, "host_row_blocks"), (draws, "host_keep_mask")):
+        monkeypatch.setattr(module, loop, counted(getattr(module, loop)))
+    rng = np.random.default_rng(8)
+    shapes = {"w": ((40, 64), jnp.float32), "v": ((33, 50), jnp.bfloat16), "b": ((64,), jnp.float32)}
+
+    def tree(scale, base=None):
+        return {k: jnp.asarray((0 if base is None else np.asarray(base[k], np.float32)) + scale * rng.standard_normal(s),
+                               d) for k, (s, d) in shapes.items()}
+    base = tree(1.0)
+    models = [tree(0.1, base) for _ in range(3)]
+    fn, kwargs = RANDOM[name][:2]
+    key, weights = jax.random.key(4), [0.5, 1.0, 0.7]
+    eager = fn(base, models, weights, key=key, **kwargs)
+    assert len(host_loops) == 6  # two matrices of three models
+    jitted = jax.jit(lambda b, ms: fn(b, ms, weights, key=key, **kwargs))(base, models)
+    assert len(host_loops) == 6
+    assert_trees_match(eager, jitted, f32_tol=0)
+    expected = _random_reference(base, models, key, weights, *RANDOM[name][2:])
+    assert_trees_match(eager, expected, f32_tol=2e-5)

@@ -1,0 +1,47 @@
+"""Arrays on the host: NumPy buffers that XLA's CPU client wraps without copying, and the
+JAX arrays that NumPy reads without copying."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import jax
+import numpy as np
+
+ALIGNMENT = 64  # bytes: XLA's CPU client wraps host buffers aligned to this without copying them
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``ALIGNMENT`` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def on_host(arrays: Sequence) -> bool:
+    """Whether ``arrays`` are NumPy arrays, or concrete (not traced) JAX arrays held whole by
+    one CPU device: NumPy reads either without a copy."""
+    return all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+                                              and len(a.sharding.device_set) == 1
+                                              and next(iter(a.sharding.device_set)).platform == "cpu")
+               for a in arrays)
+
+
+def assemble(length: int, blocks: Iterable[tuple[int, tuple]]) -> tuple[np.ndarray, ...]:
+    """Arrays of ``length`` along axis 0 assembled from ``blocks``: ``(start, parts)``, each part
+    the result of a kernel dispatched (not yet finished) for the rows from ``start`` on. A
+    block is copied in once the next one is dispatched, so that the copy overlaps its work."""
+    results: tuple[np.ndarray, ...] = ()
+    pending = None
+    for block in itertools.chain(blocks, [None]):  # a last round copies the last block in
+        if pending is not None:
+            start, parts = pending
+            if not results:
+                results = tuple(aligned_empty((length, *p.shape[1:]), p.dtype) for p in parts)
+            for whole, part in zip(results, parts):
+                whole[start:start + part.shape[0]] = part
+        pending = block
+    return results
