@@ -243,8 +243,9 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
 
     Among entries whose magnitude equals the threshold, those with the lowest flat index are
     kept, as a stable descending sort would keep them. Costs a few histogram passes over
-    ``x`` (:func:`kth_largest_magnitude`), plus an index selection when several entries
-    share the threshold magnitude; no sort. Arrays of at most ``SORT_LIMIT`` entries (not
+    ``x`` (:func:`kth_largest_magnitude`), plus a counting pass when some of the entries
+    sharing the threshold magnitude are dropped (frequent in task vectors: a difference of
+    two float32 values near 1 has few distinct values near 0.01); no sort. Arrays of at most ``SORT_LIMIT`` entries (not
     explicitly sharded) are ranked by a stable sort instead: the same mask, and on CPU a
     fraction of the selection's compile time, which dominates for small arrays.
 
@@ -279,21 +280,54 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     magnitude_keys = _magnitude_keys(value)
     threshold, need, equal = _radix_select(magnitude_keys, arrays, jnp.clip(k, 1, x.size))
 
-    def lowest_indices_of_equal():
-        """Among the entries of magnitude ``threshold``, the lowest flat indices as the largest
-        keys (``~index``); sharded, the flat index is carried as an array of its own (a shard's
-        blocks know theirs only within the shard)."""
-        def keys(chunks, index, threshold):
-            if sharded:
-                index, chunks = chunks[-1], chunks[:-1]
-            return ~index, magnitude_keys(chunks, index)[0] == threshold
-        return _radix_select(keys, arrays + ([flat_index(x)] if sharded else []), need, threshold)[0]
+    def last_kept_index():
+        """The flat index of the ``need``-th entry of magnitude ``threshold``: counted in one
+        pass (:func:`_nth_flagged`); sharded, by a radix selection of the largest keys
+        ``~index``, the flat index carried as an array of its own (a shard's blocks know theirs
+        only within the shard)."""
+        if not sharded:
+            return _nth_flagged(lambda chunks, index: magnitude_keys(chunks, index)[0] == threshold, arrays, need)
 
-    every = jnp.zeros((), jnp.uint32)  # ~index >= 0 keeps every equal entry
-    cutoff = lax.cond(equal == need, lambda: every, lowest_indices_of_equal)
+        def keys(chunks, index, threshold):
+            return ~chunks[-1], magnitude_keys(chunks[:-1], index)[0] == threshold
+        return ~_radix_select(keys, arrays + [flat_index(x)], need, threshold)[0]
+
+    every = jnp.full((), np.iinfo(np.uint32).max, jnp.uint32)  # keeps every equal entry
+    last = lax.cond(equal == need, lambda: every, last_kept_index)
     keys = magnitude_keys(arrays, None)[0]  # fused into the mask: never a whole array
-    mask = (keys > threshold) | ((keys == threshold) & (~flat_index(arrays[0]) >= cutoff))
+    mask = (keys > threshold) | ((keys == threshold) & (flat_index(arrays[0]) <= last))
     return mask & (k > 0)
+
+
+def _nth_flagged(flags_of: Callable, arrays: Sequence[jax.Array], n: jax.Array) -> jax.Array:
+    """The flat index (uint32) of the ``n``-th entry (1-based; ``1 <= n <=`` their count) for
+    which ``flags_of(chunks, index)`` holds, over blocks of unsharded ``arrays``
+    (:func:`jaxmerge._blocks.fold`): one pass counting each block's flags, and, in the block
+    where the count reaches ``n``, a look-up among its rows of ``_ROW`` entries, then in the
+    row (a radix selection of the index would take a histogram pass per 11 bits)."""
+    def step(chunks, index, fresh, carry):
+        seen, found = carry
+        flags = flags_of(chunks, index) & fresh
+        count = jnp.sum(flags, dtype=jnp.int32)
+        crossing = (seen < n) & (seen + count >= n)
+        found = lax.cond(crossing, lambda: _nth_in_block(flags, index, n - seen), lambda: found)
+        return seen + count, found
+    return _blocks.fold(step, arrays, (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.uint32)))[1]
+
+
+_ROW = 256  # entries per row of a block in _nth_in_block
+
+
+def _nth_in_block(flags: jax.Array, index: jax.Array, n: jax.Array) -> jax.Array:
+    """``index`` of the ``n``-th set entry of the flat ``flags`` (1-based): the row holding it
+    from the rows' counts, then the entry from the row's."""
+    pad = -flags.size % _ROW
+    rows = jnp.pad(flags, (0, pad)).reshape(-1, _ROW)
+    counts = jnp.sum(rows, axis=1, dtype=jnp.int32)
+    before = jnp.cumsum(counts) - counts  # set entries in the rows above each row
+    row = jnp.sum(before + counts < n)  # rows wholly before the n-th
+    column = jnp.sum(jnp.cumsum(rows[row].astype(jnp.int32)) < n - before[row])
+    return jnp.pad(index, (0, pad)).reshape(-1, _ROW)[row, column]
 
 
 def num_kept(density, size: int):

@@ -170,3 +170,17 @@ def test_rescale_of_a_given_mask_needs_no_temporary_as_large_as_the_vector():
     arrays = [jax.ShapeDtypeStruct(shape, jnp.float32)] * 2 + [jax.ShapeDtypeStruct(shape, jnp.bool_)]
     kernel = jax.jit(lambda a, b, mask: sparsify.rescale(a - b, mask, "l1"))
     assert kernel.lower(*arrays).compile().memory_analysis().temp_size_in_bytes < 4 * 256 * 1024
+
+
+def test_ties_at_the_threshold_are_broken_across_blocks(monkeypatch):
+    """The entry ending the kept ties is found by counting each block's ties: in a middle
+    block, in the last (overlapping) one, and at a block's first or last entry."""
+    from jaxmerge import _blocks
+
+    monkeypatch.setattr(_blocks, "BLOCK", 1024)  # five blocks, the last starting at 3979, rows of 256
+    x = np.zeros(5003, np.float32)
+    x[[7, 1023, 1024, 2500, 3978, 3979, 4100, 5002]] = 1.0  # ties at the threshold, around the blocks' ends
+    x[[5, 9]] = 2.0
+    kernel = jax.jit(sparsify.top_k_mask)
+    for k in range(1, 11):
+        np.testing.assert_array_equal(kernel(jnp.asarray(x), k), reference.top_k(x.astype(np.float64), k))
