@@ -15,9 +15,9 @@ _QUANTILES = (0.25, 0.5, 0.75)
 
 def _quantiles(x: jax.Array, qs: tuple[float, ...]) -> jax.Array:
     """The entries at index ``floor(q (n - 1))`` of the sorted ``x`` (q in float32, as mergekit),
-    selected together: the vectorised selection reads ``x`` once a pass for all of them."""
+    selected together: each pass of the selection counts each entry once for all of them."""
     ks = [x.size - int(np.float32(q) * np.float32(x.size - 1)) for q in qs]
-    return jax.vmap(lambda k: kth_largest(x, k))(jnp.asarray(ks, jnp.int32))
+    return kth_largest(x, jnp.asarray(ks, jnp.int32))
 
 
 @exact_jit()

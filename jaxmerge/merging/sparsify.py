@@ -129,12 +129,16 @@ def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, 
     """The k-th largest of the unsigned keys that ``keys_of(chunks, index, *args) -> (keys,
     valid)`` gives for blocks of ``arrays`` (counting only valid ones; ``args`` are scalars),
     for k >= 1; with it, the rank of the k-th among the keys equal to it (``k`` minus the
-    count of larger keys) and the count of keys equal to it.
+    count of larger keys) and the count of keys equal to it. ``k`` may be a vector of ranks
+    (each result is then a vector), selected together in the same passes.
 
     One loop step per radix digit, most significant first: a histogram of that digit over
     the keys whose higher digits equal those chosen so far, then the digit whose bin holds
-    the k-th largest. The keys are made block by block, never for a whole array; explicitly
-    sharded arrays are counted shard by shard and the histograms summed.
+    the k-th largest. With several ranks, a key counts in the histogram of the first rank
+    whose chosen digits its higher digits equal (ranks with the same digits so far share that
+    histogram), so each pass adds each key once however many ranks it selects. The keys are
+    made block by block, never for a whole array; explicitly sharded arrays are counted shard
+    by shard and the histograms summed.
     """
     one = [jax.ShapeDtypeStruct((1,), a.dtype) for a in arrays]
     width = jax.eval_shape(lambda chunks: keys_of(chunks, jnp.zeros(1, jnp.uint32), *args)[0], one).dtype.itemsize * 8
@@ -145,26 +149,32 @@ def _radix_select(keys_of: Callable, arrays: Sequence[jax.Array], k: jax.Array, 
         ("mask", [(1 << bits) - 1 for _, bits in digits]),
         ("higher", [(1 << width) - (1 << (shift + bits)) for shift, bits in digits]))}  # bits above the digit
     bins = 1 << _DIGIT_BITS
+    ranks = jnp.asarray(k, jnp.int32).reshape(-1)
 
     def step(j, carry):
         prefix, k, _ = carry
         shift, mask, higher = table["shift"][j], table["mask"][j], table["higher"][j]
+        chosen = prefix & higher
+        owner = jnp.argmax(chosen[:, None] == chosen[None, :], axis=1)  # the first rank with the same digits
 
         def histogram(*operands):
-            local, (prefix, shift, mask, higher, *rest) = operands[:len(arrays)], operands[len(arrays):]
+            local, (chosen, shift, mask, higher, *rest) = operands[:len(arrays)], operands[len(arrays):]
 
             def digits_of(chunks, index):
                 keys, valid = keys_of(chunks, index, *rest)
-                return ((keys >> shift) & mask).astype(jnp.int32), ((keys & higher) == (prefix & higher)) & valid
-            return _blocked_histogram(digits_of, local, bins)
-        hist = local_then_sum(histogram, arrays, (prefix, shift, mask, higher, *args))
-        at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = count of digits >= d
-        d = jnp.sum(at_least >= k) - 1
-        above = jnp.where(d + 1 < bins, at_least[jnp.minimum(d + 1, bins - 1)], 0)
-        return prefix | (d.astype(key_type) << shift), k - above, hist[d]
+                matches = (keys & higher)[..., None] == chosen.reshape((1,) * keys.ndim + chosen.shape)
+                digit = ((keys >> shift) & mask).astype(jnp.int32)
+                return digit + jnp.argmax(matches, axis=-1).astype(jnp.int32) * bins, jnp.any(matches, axis=-1) & valid
+            return _blocked_histogram(digits_of, local, chosen.size * bins)
+        hist = local_then_sum(histogram, arrays, (chosen, shift, mask, higher, *args)).reshape(-1, bins)[owner]
+        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # at_least[r, d] = count of digits >= d
+        d = jnp.sum(at_least >= k[:, None], axis=1) - 1
+        rows = jnp.arange(k.size)
+        above = jnp.where(d + 1 < bins, at_least[rows, jnp.minimum(d + 1, bins - 1)], 0)
+        return prefix | (d.astype(key_type) << shift), k - above, hist[rows, d]
 
-    start = (jnp.zeros((), key_type), jnp.asarray(k, jnp.int32), jnp.zeros((), jnp.int32))
-    return lax.fori_loop(0, len(digits), step, start)
+    start = (jnp.zeros(ranks.shape, key_type), ranks, jnp.zeros(ranks.shape, jnp.int32))
+    return tuple(r.reshape(jnp.shape(k)) for r in lax.fori_loop(0, len(digits), step, start))
 
 
 def _magnitude_keys(value: Callable) -> Callable:
@@ -198,16 +208,20 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
 
     Args:
       x: a float array.
-      k: the rank, 1-based; clipped to ``[1, x.size]``; may be traced.
+      k: the rank, 1-based; clipped to ``[1, x.size]``; may be traced. A vector of ranks is
+        selected in the same passes.
 
     Returns:
-      A scalar of ``x``'s dtype: the k-th largest entry (equal entries counted separately).
+      A scalar of ``x``'s dtype (a vector for a vector ``k``): the k-th largest entry (equal
+      entries counted separately).
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from jaxmerge import sparsify
       >>> float(sparsify.kth_largest(jnp.asarray([0.5, -4.0, 2.0, -1.0]), 3))
       -1.0
+      >>> sparsify.kth_largest(jnp.asarray([0.5, -4.0, 2.0, -1.0]), jnp.asarray([1, 4])).tolist()
+      [2.0, -4.0]
     """
     k = jnp.clip(k, 1, x.size)
     if x.size <= SORT_LIMIT and explicit_sharding(x) is None:
@@ -267,20 +281,25 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
       >>> sparsify.top_k_mask(jnp.asarray([2.0, -2.0, 2.0]), 2).tolist()  # ties: the lower indices
       [True, True, False]
     """
+    return _top_k_masks(x, jnp.asarray(k, jnp.int32)[None])[0]
+
+
+def _top_k_masks(x, ks: jax.Array) -> tuple[jax.Array, ...]:
+    """:func:`top_k_mask` for each count of the vector ``ks``, selected together (see
+    :func:`_radix_select`)."""
     check_indexable(x.size, "top_k_mask supports")
-    k = jnp.asarray(k, jnp.int32)
     x = _array_or_whole_if_sharded(x)
     arrays, value = _parts(x)
     sharded = explicit_sharding(arrays[0]) is not None
     if x.size <= SORT_LIMIT and not sharded:
         order = jnp.argsort(-jnp.abs(value(arrays)).reshape(-1), stable=True)  # equal magnitudes: lower index first
-        ranks = jnp.zeros(x.size, jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
-        return (ranks < k).reshape(x.shape)
+        ranks = jnp.zeros(x.size, jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32)).reshape(x.shape)
+        return tuple(ranks < k for k in ks)
 
     magnitude_keys = _magnitude_keys(value)
-    threshold, need, equal = _radix_select(magnitude_keys, arrays, jnp.clip(k, 1, x.size))
+    thresholds, needs, equals = _radix_select(magnitude_keys, arrays, jnp.clip(ks, 1, x.size))
 
-    def last_kept_index():
+    def last_kept_index(threshold, need):
         """The flat index of the ``need``-th entry of magnitude ``threshold``: counted in one
         pass (:func:`_nth_flagged`); sharded, by a radix selection of the largest keys
         ``~index``, the flat index carried as an array of its own (a shard's blocks know theirs
@@ -293,18 +312,20 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
         return ~_radix_select(keys, arrays + [flat_index(x)], need, threshold)[0]
 
     every = jnp.full((), np.iinfo(np.uint32).max, jnp.uint32)  # keeps every equal entry
-    last = lax.cond(equal == need, lambda: every, last_kept_index)
-    keys = magnitude_keys(arrays, None)[0]  # fused into the mask: never a whole array
-    mask = (keys > threshold) | ((keys == threshold) & (flat_index(arrays[0]) <= last))
-    return mask & (k > 0)
+    keys = magnitude_keys(arrays, None)[0]  # fused into the masks: never a whole array
+    masks = []
+    for k, threshold, need, equal in zip(ks, thresholds, needs, equals):
+        last = lax.cond(equal == need, lambda: every, functools.partial(last_kept_index, threshold, need))
+        masks.append(((keys > threshold) | ((keys == threshold) & (flat_index(arrays[0]) <= last))) & (k > 0))
+    return tuple(masks)
 
 
 def _nth_flagged(flags_of: Callable, arrays: Sequence[jax.Array], n: jax.Array) -> jax.Array:
     """The flat index (uint32) of the ``n``-th entry (1-based; ``1 <= n <=`` their count) for
     which ``flags_of(chunks, index)`` holds, over blocks of unsharded ``arrays``
     (:func:`jaxmerge._blocks.fold`): one pass counting each block's flags, and, in the block
-    where the count reaches ``n``, a look-up among its rows of ``_ROW`` entries, then in the
-    row (a radix selection of the index would take a histogram pass per 11 bits)."""
+    where the count reaches ``n``, a binary search (a radix selection of the index would take
+    a histogram pass per 11 bits)."""
     def step(chunks, index, fresh, carry):
         seen, found = carry
         flags = flags_of(chunks, index) & fresh
@@ -315,19 +336,18 @@ def _nth_flagged(flags_of: Callable, arrays: Sequence[jax.Array], n: jax.Array) 
     return _blocks.fold(step, arrays, (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.uint32)))[1]
 
 
-_ROW = 256  # entries per row of a block in _nth_in_block
-
-
 def _nth_in_block(flags: jax.Array, index: jax.Array, n: jax.Array) -> jax.Array:
-    """``index`` of the ``n``-th set entry of the flat ``flags`` (1-based): the row holding it
-    from the rows' counts, then the entry from the row's."""
-    pad = -flags.size % _ROW
-    rows = jnp.pad(flags, (0, pad)).reshape(-1, _ROW)
-    counts = jnp.sum(rows, axis=1, dtype=jnp.int32)
-    before = jnp.cumsum(counts) - counts  # set entries in the rows above each row
-    row = jnp.sum(before + counts < n)  # rows wholly before the n-th
-    column = jnp.sum(jnp.cumsum(rows[row].astype(jnp.int32)) < n - before[row])
-    return jnp.pad(index, (0, pad)).reshape(-1, _ROW)[row, column]
+    """``index`` of the ``n``-th set entry of the flat ``flags`` (1-based, and there are that
+    many): a binary search for the shortest prefix of ``flags`` holding ``n`` set entries."""
+    position = lax.iota(jnp.int32, flags.size)
+
+    def halve(_, bounds):
+        short, long = bounds  # the prefix of length ``short`` holds fewer than n, that of ``long`` n
+        middle = (short + long) // 2
+        enough = jnp.sum(flags & (position < middle), dtype=jnp.int32) >= n
+        return jnp.where(enough, short, middle), jnp.where(enough, middle, long)
+    _, long = lax.fori_loop(0, flags.size.bit_length(), halve, (jnp.int32(0), jnp.int32(flags.size)))
+    return index[long - 1]
 
 
 def num_kept(density, size: int):
@@ -569,7 +589,8 @@ def band_mask(x: jax.Array, top, count) -> jax.Array:
       >>> sparsify.band_mask(jnp.asarray([4.0, 3.0, 2.0, 1.0]), 1, 2).tolist()
       [False, True, True, False]
     """
-    return top_k_mask(x, top + count) & ~top_k_mask(x, top)
+    kept, outliers = _top_k_masks(x, jnp.stack([jnp.asarray(top + count, jnp.int32), jnp.asarray(top, jnp.int32)]))
+    return kept & ~outliers
 
 
 def random_mask(key: jax.Array, x: jax.Array, density) -> jax.Array:

@@ -184,3 +184,21 @@ def test_ties_at_the_threshold_are_broken_across_blocks(monkeypatch):
     kernel = jax.jit(sparsify.top_k_mask)
     for k in range(1, 11):
         np.testing.assert_array_equal(kernel(jnp.asarray(x), k), reference.top_k(x.astype(np.float64), k))
+
+
+def test_ranks_selected_together_are_each_the_sorted_entry():
+    """Several ranks share each pass of one radix selection: ranks whose digits agree so far
+    share a histogram, the others count their own keys (here ties, both signs, and ranks in
+    one and in different top digits)."""
+    x = np.round(np.random.default_rng(2).standard_normal(9000), 2).astype(np.float32)
+    ks = np.asarray([1, 2, 17, 4500, 4501, 8999, 9000], np.int32)
+    expected = np.sort(x)[::-1][ks - 1]
+    np.testing.assert_array_equal(sparsify.kth_largest(jnp.asarray(x), jnp.asarray(ks)), expected)
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.1), (0.9, 0.3), (0.01, 0.0)])
+def test_band_mask_with_ties_matches_the_reference(density, gamma):
+    x = np.round(np.random.default_rng(3).standard_normal((90, 80)), 1)  # above SORT_LIMIT, many ties
+    params = sparsify.BREADCRUMBS.leaf_params(x.size, density=density, gamma=gamma)
+    mask = jax.jit(sparsify.band_mask)(jnp.asarray(x, jnp.float32), params.top, params.k)
+    np.testing.assert_array_equal(mask, reference.breadcrumbs(x, density, gamma))
