@@ -14,7 +14,10 @@ def test_on_host_means_numpy_or_a_concrete_array_on_one_cpu_device():
     assert not _host.on_host([jax.device_put(jnp.zeros(4), NamedSharding(mesh, P()))])  # two copies
     seen = []
     jax.jit(lambda x: seen.append(_host.on_host([x])) or x)(jnp.zeros(3))
-    assert seen == [False]
+    concrete = jnp.zeros(3)  # closed over: concrete, but the traced key says a trace is active
+    jax.jit(lambda key: seen.append(_host.on_host([concrete], {"key": key, "p": 0.5})) or key)(jnp.zeros(2))
+    assert seen == [False, False]
+    assert _host.on_host([concrete], {"key": jnp.zeros(2), "p": 0.5})
 
 
 def test_aligned_empty_is_wrapped_by_jax_without_a_copy():

@@ -485,7 +485,7 @@ class Random(Sparsifier):
         return draws.keep_mask(key, params.density, _parts(x)[0][0]), params.density
 
     def host_mask(self, x, params, key, *, exact, with_keep):
-        if x.size < draws.DRAW_BLOCK or not on_host(_parts(x)[0]):
+        if x.size < draws.DRAW_BLOCK or not on_host(_parts(x)[0], key, params):
             return None
         return draws.host_keep_mask(key, params.density, x.size).reshape(x.shape), params.density
 
@@ -508,7 +508,8 @@ class Ranked(Sparsifier):
         return _ranked_draws(x, params.density, params.epsilon, key)
 
     def host_mask(self, x, params, key, *, exact, with_keep):
-        if not (isinstance(x, Elementwise) and len(x.shape) == 2 and ranks.layout(*x.shape)[1] and on_host(x.arrays)):
+        if not (isinstance(x, Elementwise) and len(x.shape) == 2 and ranks.layout(*x.shape)[1]
+                and on_host(x.arrays, key, params)):
             return None
         draws.check_size(x.size)
         drawn = ranks.host_row_blocks(functools.partial(_ranked_block, key=key, density=params.density,

@@ -258,3 +258,27 @@ def test_masks_of_large_matrices_are_drawn_on_the_host_as_in_the_kernel(name, mo
     assert_trees_match(eager, jitted, f32_tol=0)
     expected = _random_reference(base, models, key, weights, *RANDOM[name][2:])
     assert_trees_match(eager, expected, f32_tol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della"])
+def test_host_masks_step_aside_under_a_trace(name, monkeypatch):
+    """Inside jax.jit or jax.vmap, even with concrete leaves closed over, a traced key or
+    density makes the host loop's kernels return tracers: the kernel draws the masks instead
+    (as jaxmerge.coefficients.search calls merges)."""
+    from jaxmerge.merging import draws, ranks
+
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 256)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 256)
+    monkeypatch.setattr(draws, "DRAW_BLOCK", 256)
+    rng = np.random.default_rng(9)
+    base = {"w": jnp.asarray(rng.standard_normal((41, 64)), jnp.float32)}
+    models = [{"w": base["w"] + jnp.asarray(0.1 * rng.standard_normal((41, 64)), jnp.float32)} for _ in range(2)]
+    fn, kwargs = RANDOM[name][:2]
+    key = jax.random.key(5)
+    eager = fn(base, models, key=key, **kwargs)
+    closed = jax.jit(lambda: fn(base, models, key=key, **kwargs))()
+    traced_key = jax.jit(lambda k: fn(base, models, key=k, **kwargs))(key)
+    density = jnp.full(2, kwargs["density"], jnp.float32)
+    mapped = jax.vmap(lambda d: fn(base, models, key=key, **{**kwargs, "density": d}))(density)
+    for out in (closed, traced_key, jax.tree.map(lambda x: x[1], mapped)):
+        assert_trees_match(out, eager, f32_tol=1e-6)  # the same masks; sums fused otherwise round apart
