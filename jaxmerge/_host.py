@@ -35,6 +35,12 @@ def on_host(arrays: Sequence, *values) -> bool:
     return all(map(readable, arrays)) and not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(values))
 
 
+def block_starts(length: int, block: int) -> list[int]:
+    """The first index of each block of ``block`` entries covering ``length`` (``>= block``):
+    the last one starts early enough to end with the array, as the jitted loops place it."""
+    return [min(b * block, length - block) for b in range(-(-length // block))]
+
+
 def assemble(length: int, blocks: Iterable[tuple[int, tuple]]) -> tuple[np.ndarray, ...]:
     """Arrays of ``length`` along axis 0 assembled from ``blocks``: ``(start, parts)``, each part
     the result of a kernel dispatched (not yet finished) for the rows from ``start`` on. A

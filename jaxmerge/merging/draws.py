@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from jaxmerge._host import assemble
+from jaxmerge._host import assemble, block_starts
 from jaxmerge._sharding import check_indexable, explicit_sharding, flat_index
 
 DRAW_BLOCK = 1 << 19  # entries drawn at a time
@@ -141,8 +141,8 @@ def host_keep_mask(key: jax.Array, probability, n: int) -> np.ndarray:
     check_size(n)
     keypair, probability = _keypair(key), jnp.asarray(probability, jnp.float32)
     pairs, size = -(-n // 2), DRAW_BLOCK // 2
-    starts = [min(b * size, pairs - size) for b in range(-(-pairs // size))]  # as in the jitted loop
-    return assemble(2 * pairs, ((2 * s, (_mask_block(keypair, np.uint32(s), probability, size),)) for s in starts))[0][:n]
+    blocks = ((2 * s, (_mask_block(keypair, np.uint32(s), probability, size),)) for s in block_starts(pairs, size))
+    return assemble(2 * pairs, blocks)[0][:n]
 
 
 def _blocked_mask(keypair: jax.Array, probability: jax.Array, n: int) -> jax.Array:

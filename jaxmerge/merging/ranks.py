@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmerge._host import assemble
+from jaxmerge._host import assemble, block_starts
 
 NETWORK_MIN = 1 << 16  # arrays of at least this many entries, and NETWORK_ROWS rows, are sorted by the network
 NETWORK_ROWS = 8
@@ -107,8 +107,7 @@ def host_row_blocks(kernel: Callable, arrays: Sequence[np.ndarray]) -> tuple[np.
     """
     rows, n = arrays[0].shape
     block, _ = layout(rows, n)
-    starts = [min(b * block, rows - block) for b in range(-(-rows // block))]  # the last block ends with the arrays
-    return assemble(rows, ((s, kernel([a[s:s + block] for a in arrays], np.int32(s))) for s in starts))
+    return assemble(rows, ((s, kernel([a[s:s + block] for a in arrays], np.int32(s))) for s in block_starts(rows, block)))
 
 
 def smaller(ordered: jax.Array, keys: jax.Array) -> jax.Array:

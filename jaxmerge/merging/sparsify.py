@@ -6,8 +6,8 @@ breadcrumbs, DELLA, SCE) are made of them. Each sparsifier is a typed strategy
 its hyperparameters once per leaf and makes the mask inside the jitted kernel (or, for the
 large leaves of an eager merge on the CPU, DARE's and DELLA's random masks by a loop on the
 host over blocks of one shape, so that leaves of every shape share one compiled kernel); the
-public ``*_mask`` functions run the same strategies on one array. :func:`rescale` then zeroes the
-dropped entries and rescales the kept ones.
+public ``*_mask`` functions run the same strategies on one array. :func:`rescale` then
+zeroes the dropped entries and rescales the kept ones.
 
 Exact top-k without sorting: ``jnp.sort`` and ``lax.top_k`` are 20-100x slower than a
 selection on XLA's CPU backend. :func:`kth_largest_magnitude` instead runs a radix select
@@ -259,9 +259,10 @@ def top_k_mask(x: jax.Array, k) -> jax.Array:
     kept, as a stable descending sort would keep them. Costs a few histogram passes over
     ``x`` (:func:`kth_largest_magnitude`), plus a counting pass when some of the entries
     sharing the threshold magnitude are dropped (frequent in task vectors: a difference of
-    two float32 values near 1 has few distinct values near 0.01); no sort. Arrays of at most ``SORT_LIMIT`` entries (not
-    explicitly sharded) are ranked by a stable sort instead: the same mask, and on CPU a
-    fraction of the selection's compile time, which dominates for small arrays.
+    two float32 values near 1 has few distinct values near 0.01); no sort. Arrays of at
+    most ``SORT_LIMIT`` entries (not explicitly sharded) are ranked by a stable sort
+    instead: the same mask, and on CPU a fraction of the selection's compile time, which
+    dominates for small arrays.
 
     Args:
       x: a float array of fewer than ``2**32`` entries, or a :class:`Elementwise`.
@@ -404,8 +405,9 @@ def _concrete_pairs(a, b) -> list[tuple[float, float]]:
 class Sparsifier:
     """How a task vector is sparsified: a typed strategy that resolves its hyperparameters once
     per leaf (:meth:`leaf_params`, a NamedTuple of arrays) and then makes the mask inside the
-    jitted kernel (:meth:`mask`), or before it from the host (:meth:`host_mask`). Instances are hashable, so a kernel takes one as a static
-    argument. The public ``*_mask`` functions of this module call the same two methods.
+    jitted kernel (:meth:`mask`), or before it from the host (:meth:`host_mask`). Instances
+    are hashable, so a kernel takes one as a static argument. The public ``*_mask``
+    functions of this module call the same two methods.
 
     Attributes:
       hyperparameters: the per-model hyperparameters it reads, by name.

@@ -59,6 +59,11 @@ def elect_sign(weighted: Sequence[jax.Array], method: str) -> jax.Array:
     return jnp.where(summed >= 0, 1, -1).astype(dtype)
 
 
+def _task_vector(leaf: jax.Array, base: jax.Array, exact: bool) -> sparsify.Elementwise:
+    """``leaf - base`` in the dtype the merge computes in, made where it is read."""
+    return sparsify.difference(leaf, base, compute_dtype(base.dtype, exact))
+
+
 @exact_jit(("sparsifier", "rescale"))
 def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array | None, made=None, *,
                        sparsifier: Sparsifier, rescale: str | None, exact: bool = False) -> jax.Array:
@@ -69,7 +74,7 @@ def sparse_task_vector(base: jax.Array, leaf: jax.Array, params, key: jax.Array 
     leaves the task vector untouched, as in mergekit. ``made``: the sparsifier's ``(mask,
     keep probability)``, when made already (:meth:`~jaxmerge.merging.sparsify.Sparsifier.host_mask`)."""
     dtype = compute_dtype(base.dtype, exact)
-    delta = sparsify.difference(leaf, base, dtype)  # made where the sparsifier reads it
+    delta = _task_vector(leaf, base, exact)  # made where the sparsifier reads it
     mask, keep = sparsifier.mask(delta, params, key) if made is None else made
     keep_all = params.density >= 1
     if rescale == "density":
@@ -141,8 +146,8 @@ def task_vector_kernel(base: jax.Array, leaves: list, weights, lambda_, params, 
     for j in range(len(leaves)):
         own = type(params)(*(field[j] for field in params))
         model_key = None if key is None else jax.random.fold_in(key, j)
-        made = sparsifier.host_mask(sparsify.difference(leaves[j], base, compute_dtype(base.dtype, exact)), own,
-                                    model_key, exact=exact, with_keep=rescale == "density")
+        made = sparsifier.host_mask(_task_vector(leaves[j], base, exact), own, model_key, exact=exact,
+                                    with_keep=rescale == "density")
         deltas.append(sparse_task_vector(base, leaves[j], own, model_key, made, sparsifier=sparsifier, rescale=rescale,
                                          exact=exact))
         leaves[j] = made = None
