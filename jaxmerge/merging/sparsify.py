@@ -514,9 +514,10 @@ class Ranked(Sparsifier):
                 and on_host(x.arrays, key, params)):
             return None
         draws.check_size(x.size)
-        drawn = ranks.host_row_blocks(functools.partial(_ranked_block, key=key, density=params.density,
-                                                        epsilon=params.epsilon, fn=x.fn, probabilities=with_keep,
-                                                        exact=exact), [np.asarray(a) for a in x.arrays])
+        drawn = ranks.host_row_blocks(functools.partial(_block_keys, fn=x.fn, exact=exact),
+                                      functools.partial(_ranked_block, key=key, density=params.density,
+                                                        epsilon=params.epsilon, probabilities=with_keep),
+                                      [np.asarray(a) for a in x.arrays])
         return drawn if with_keep else (drawn[0], None)
 
 
@@ -710,14 +711,18 @@ def _ranked_block_draws(ordered, keys, first_row, key, n: int, inner: int, densi
     return keep, _probabilities(ranks.smaller(ordered, keys), n, density, epsilon)  # searched only if used
 
 
-@exact_jit(("fn", "probabilities"))
-def _ranked_block(blocks, first_row, key, density, epsilon, *, fn, probabilities, exact=False):
-    """:func:`_ranked_block_draws` of a block of rows of a matrix whose task vector is
-    ``fn(*blocks)``, sorted by the network, as a tuple: one kernel for every matrix with
-    rows of the same length."""
-    keys = _magnitude_bits(fn(*blocks))
-    drawn = _ranked_block_draws(ranks.sort_rows(keys, True), keys, first_row, key, keys.shape[1], 1,
-                                jnp.asarray(density, jnp.float32), jnp.asarray(epsilon, jnp.float32), probabilities)
+@exact_jit(("fn",))
+def _block_keys(blocks, *, fn, exact=False):
+    """The magnitude keys of a block of rows of a matrix whose task vector is ``fn(*blocks)``."""
+    return _magnitude_bits(fn(*blocks))
+
+
+@functools.partial(jax.jit, static_argnames="probabilities")
+def _ranked_block(ordered, keys, first_row, key, density, epsilon, *, probabilities):
+    """:func:`_ranked_block_draws` of a block of rows of a matrix, as a tuple: one kernel for
+    every matrix with rows of the same length."""
+    drawn = _ranked_block_draws(ordered, keys, first_row, key, keys.shape[1], 1, jnp.asarray(density, jnp.float32),
+                                jnp.asarray(epsilon, jnp.float32), probabilities)
     return drawn if probabilities else (drawn,)
 
 

@@ -32,12 +32,15 @@ def test_host_row_blocks_give_each_block_its_rows_and_first_row(monkeypatch):
     keys = np.random.default_rng(1).integers(0, 50, size=(10, 13)).astype(np.uint32)
     firsts = []
 
-    def kernel(blocks, first_row):
-        firsts.append(int(first_row))
-        ordered = ranks.sort_rows(jnp.asarray(blocks[0]), True)
-        return ranks.smaller(ordered, blocks[0]), blocks[1] + first_row
+    def keys_of(blocks):
+        return jnp.asarray(blocks[0]) + jnp.asarray(blocks[1]).astype(jnp.uint32)
 
-    counts, offsets = ranks.host_row_blocks(kernel, [keys, np.zeros_like(keys, np.int32)])
+    def finish(ordered, keys, first_row):
+        firsts.append(int(first_row))
+        np.testing.assert_array_equal(ordered, np.sort(keys, axis=-1))
+        return ranks.smaller(jnp.asarray(ordered), keys), jnp.zeros(keys.shape, jnp.int32) + first_row
+
+    counts, offsets = ranks.host_row_blocks(keys_of, finish, [keys, np.zeros_like(keys, np.int32)])
     assert firsts == [0, 4, 6]
     np.testing.assert_array_equal(counts, _reference(keys))
     np.testing.assert_array_equal(offsets[:, 0], [0, 0, 0, 0, 4, 4, 6, 6, 6, 6])
