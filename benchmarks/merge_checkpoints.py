@@ -166,7 +166,8 @@ def main() -> None:
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                         help="path of mergekit-yaml ('none' to skip; default: the one on the PATH)")
     parser.add_argument("--reps", type=int, default=1, help="runs of each, the best time reported (default 1)")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="a new or empty directory for the checkpoints (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
@@ -174,6 +175,9 @@ def main() -> None:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     mergekit = None if args.mergekit in (None, "none") else args.mergekit
     jaxmerge = shutil.which("jaxmerge") or str(Path(sys.executable).with_name("jaxmerge"))
+    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty: give a new or empty one (it is removed at "
+                     "the end unless --keep)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jaxmerge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
