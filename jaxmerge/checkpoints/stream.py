@@ -328,6 +328,7 @@ class CheckpointSource:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
                 concurrent.futures.ThreadPoolExecutor(max_workers=_reader_threads()) as self._readers:
             upcoming = pool.submit(self._read, 0) if self.names else None
+            _start_compiler()
             for i in range(len(self.names)):
                 current = upcoming.result() if upcoming is not None else self._read(i)
                 ahead = i + 1 < len(self.names) and sizes[i + 1] <= PREFETCH_BYTES  # bounds memory
@@ -342,6 +343,18 @@ class CheckpointSource:
                 del current
                 if large:
                     _release_memory()
+
+
+@jax.jit
+def _successor(x):
+    return x + 1
+
+
+def _start_compiler() -> None:
+    """Run a trivial kernel. A process's first kernel starts XLA's client and MLIR (0.04-0.1 s
+    before any compilation), which then happens while the first tensor is read instead of
+    after (linear merges of 0.63 GiB models: medians 1.91 -> 1.83 s, 12 alternating runs)."""
+    jax.block_until_ready(_successor(np.float32(0)))
 
 
 def _release_memory() -> None:
