@@ -175,9 +175,9 @@ def main() -> None:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     mergekit = None if args.mergekit in (None, "none") else args.mergekit
     jaxmerge = shutil.which("jaxmerge") or str(Path(sys.executable).with_name("jaxmerge"))
-    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
-        parser.error(f"--workdir {args.workdir} is not empty: give a new or empty one (it is removed at "
-                     "the end unless --keep)")
+    if args.workdir and args.workdir.exists() and (not args.workdir.is_dir() or any(args.workdir.iterdir())):
+        parser.error(f"--workdir {args.workdir} is not an empty directory: give a new or empty one (it is removed "
+                     "at the end unless --keep)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jaxmerge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -431,7 +431,7 @@ class Sparsifier:
                   with_keep: bool) -> tuple[np.ndarray, Any] | None:
         """:meth:`mask`'s pair for a task vector of arrays on the host (see
         :func:`~jaxmerge._host.on_host`), made by a loop on the host over blocks of one
-        shape, each by a kernel compiled once for leaves of every shape; or ``None`` where the
+        shape, by kernels compiled once for leaves of every shape; or ``None`` where the
         jitted kernel makes the mask (the default). The mask is the one :meth:`mask` makes;
         the keep probability is left out (``None``) unless ``with_keep``. ``exact`` is the
         kernel's (see :func:`~jaxmerge._tree.compute_dtype`)."""

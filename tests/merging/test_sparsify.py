@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxmerge import sparsify
+from jaxmerge._tree import compute_dtype, exact_jit
 from jaxmerge.merging import ranks
 from tests.merging import reference
 
@@ -161,6 +162,40 @@ def test_della_masks_made_on_the_host_follow_the_documented_test(shape, dtype, m
     jax.jit(lambda m, b: under_jit.append(sparsify.RANKED.host_mask(sparsify.difference(m, b, np.float32), params,
                                                                      key, exact=False, with_keep=False)))(model, base)
     assert under_jit == [None]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "exact", "epsilon"), [
+    ((33, 50), jnp.float16, True, 0.2),  # 16-bit arithmetic, rows padded to 64 in the network
+    ((129, 2), jnp.bfloat16, False, 0.0),  # rows of two; epsilon 0: one probability for all
+    ((300, 1), jnp.float32, True, 0.2),  # rows of one entry
+])
+def test_della_masks_made_on_the_host_are_the_kernels(shape, dtype, exact, epsilon, monkeypatch):
+    """The host loop (keys made by a kernel, rows sorted by NumPy, the block drawn by another
+    kernel) gives the jitted path's mask and keep probabilities bit for bit, for task vectors
+    with infinities, NaNs and signed zeros too."""
+    monkeypatch.setattr(ranks, "NETWORK_MIN", 256)
+    monkeypatch.setattr(ranks, "RANK_BLOCK", 256)
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(shape)
+    model = base + 0.1 * rng.standard_normal(shape)
+    model.flat[::11] = np.resize([np.inf, -np.inf, np.nan, 0.0, -0.0], model.flat[::11].shape)
+    base, model = jnp.asarray(base, dtype), jnp.asarray(model, dtype)
+    vector_dtype = compute_dtype(dtype, exact)
+    key, params = jax.random.key(3), sparsify.RANKED.leaf_params(model.size, density=0.5, epsilon=epsilon)
+
+    @exact_jit()
+    def kernel(m, b, exact=False):
+        return sparsify.RANKED.mask(sparsify.difference(m, b, vector_dtype), params, key)
+    mask, probabilities = kernel(model, base, exact=exact)
+    x = sparsify.difference(model, base, vector_dtype)
+    for with_keep in (False, True):
+        host_mask, host_probabilities = sparsify.RANKED.host_mask(x, params, key, exact=exact, with_keep=with_keep)
+        np.testing.assert_array_equal(host_mask, mask)
+        if with_keep:
+            np.testing.assert_array_equal(np.asarray(host_probabilities).view(np.uint32),
+                                          np.asarray(probabilities).view(np.uint32))
+        else:
+            assert host_probabilities is None
 
 
 def test_rescale_of_a_given_mask_needs_no_temporary_as_large_as_the_vector():
