@@ -22,17 +22,18 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def on_host(arrays: Sequence, *values) -> bool:
-    """Whether a loop on the host may read ``arrays`` and run kernels on them: they are NumPy
-    arrays (JAX computing on the CPU), or concrete JAX arrays held whole by one CPU device
-    (NumPy reads either without a copy), and no leaf of the pytrees ``values`` (a key, the
-    parameters) is traced: inside ``jax.jit``, ``jax.vmap`` or ``jax.eval_shape``, where even
-    concrete arrays may meet traced ones, the loop's kernels would return tracers."""
+    """Whether a loop on the host may read ``arrays`` and run kernels on them: JAX computes on
+    the CPU (the loop's kernels run on the default device), the arrays are NumPy arrays or
+    concrete JAX arrays held whole by one CPU device (NumPy reads either without a copy), and
+    no leaf of the pytrees ``values`` (a key, the parameters) is traced: inside ``jax.jit``,
+    ``jax.vmap`` or ``jax.eval_shape``, where even concrete arrays may meet traced ones, the
+    loop's kernels would return tracers."""
     def readable(a):
-        if isinstance(a, np.ndarray):
-            return jax.default_backend() == "cpu"
-        return (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and len(a.sharding.device_set) == 1
-                and next(iter(a.sharding.device_set)).platform == "cpu")
-    return all(map(readable, arrays)) and not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(values))
+        return isinstance(a, np.ndarray) or (
+            isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and len(a.sharding.device_set) == 1
+            and next(iter(a.sharding.device_set)).platform == "cpu")
+    return (jax.default_backend() == "cpu" and all(map(readable, arrays))
+            and not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(values)))
 
 
 def block_starts(length: int, block: int) -> list[int]:

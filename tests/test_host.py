@@ -20,6 +20,13 @@ def test_on_host_means_numpy_or_a_concrete_array_on_one_cpu_device():
     assert _host.on_host([concrete], {"key": jnp.zeros(2), "p": 0.5})
 
 
+def test_on_host_needs_jax_computing_on_the_cpu(monkeypatch):
+    """With another default backend the loop's kernels would run there, not where the arrays are."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _host.on_host([jnp.zeros(3)])
+    assert not _host.on_host([np.zeros(3)])
+
+
 def test_aligned_empty_is_wrapped_by_jax_without_a_copy():
     for shape, dtype in (((3, 5), np.float32), ((7,), np.bool_)):
         array = _host.aligned_empty(shape, dtype)
