@@ -85,7 +85,8 @@ class _CmaEs:
         self.mean, self.rounds, self.transform = jnp.asarray(mean, jnp.float32), generations, transform
 
     def start(self):
-        return self.strategy.init(self.init_key, self.mean, self.params)
+        # strongly typed, as ``tell`` returns it: else ``ask`` and ``tell`` compile twice
+        return jax.tree.map(lambda x: jnp.asarray(x, x.dtype), self.strategy.init(self.init_key, self.mean, self.params))
 
     def ask(self, r, state):
         raw, state = self.strategy.ask(jax.random.fold_in(jax.random.fold_in(self.key, r), 0), state, self.params)
