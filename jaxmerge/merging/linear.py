@@ -6,6 +6,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from jaxmerge import _hyper
 from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, weighted_sum
@@ -22,11 +23,36 @@ def average_kernel(leaves: Sequence[jax.Array], weights: jax.Array, *, normalize
     return total.astype(leaves[0].dtype)
 
 
+@functools.partial(jax.jit, static_argnames="normalize")
+def _fused_average(leaves: Sequence[jax.Array], weights: jax.Array, *, normalize: bool) -> jax.Array:
+    """mergekit 0.1.5's ``linear`` arithmetic, for 16-bit leaves: a float32 total that each model
+    adds to with a fused multiply-add (torch's ``addcmul_``), divided by the float32 sum of the
+    weights, rounded once to the leaves' dtype. XLA has no fused multiply-add and turns a
+    division by a scalar into a product with its reciprocal, so each step is computed in
+    float64 (exact for the product of two float32 numbers) and rounded to float32: the same
+    float32 result unless the float64 one lies on a float32 midpoint. Traced with x64 on."""
+    wide, narrow = jnp.float64, jnp.float32
+    weights = weights.astype(narrow)
+    total = jnp.zeros(leaves[0].shape, narrow)
+    for leaf, weight in zip(leaves, weights):
+        total = (total.astype(wide) + leaf.astype(wide) * weight.astype(wide)).astype(narrow)
+    if normalize:
+        denominator = functools.reduce(lambda a, b: a + b, list(weights))
+        total = (total.astype(wide) / denominator.astype(wide)).astype(narrow)
+    return total.astype(leaves[0].dtype)
+
+
 def _average_plan(spec: TreeSpec, hp: dict):
     w, normalize = hp["weights"], hp["normalize"]
     if normalize:
         _hyper.check_nonzero_sums(w, "weights", spec)
-    return lambda i, _, leaves: average_kernel(leaves, w[i], normalize=normalize)
+
+    def merge(i, _, leaves):
+        if hp["exact"] and jnp.dtype(leaves[0].dtype).itemsize == 2:
+            with jax.enable_x64(True):
+                return _fused_average(leaves, w[i], normalize=normalize)
+        return average_kernel(leaves, w[i], normalize=normalize)
+    return merge
 
 
 def _lerp_plan(spec: TreeSpec, hp: dict):

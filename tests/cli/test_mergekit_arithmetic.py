@@ -70,7 +70,22 @@ def ram(r, base, models, epsilon):
     return r(base + r.sum(parts))
 
 
+def linear(r, base, models, weights):
+    """mergekit 0.1.5's ``linear``: a float32 total, each model added by a fused multiply-add
+    (``addcmul_``; in float64 the product is exact, and one rounding to float32 follows), a
+    true float32 division by the weights' float32 sum, one rounding to 16 bits."""
+    w = np.asarray(weights, np.float32)
+    total = np.zeros(models[0].shape, np.float32)
+    for m, c in zip(models, w):
+        total = (total.astype(np.float64) + m.astype(np.float64) * np.float64(c)).astype(np.float32)
+    denominator = np.float32(0)
+    for c in w:
+        denominator = np.float32(denominator + c)
+    return r(total / denominator)
+
+
 CASES = {
+    "linear": ({"weights": [0.7, 0.4, 0.1], "base": False}, lambda r, b, ms: linear(r, b, ms, [0.7, 0.4, 0.1])),
     "task_arithmetic": (dict(parameters={"lambda": 0.7}, weights=[0.3, 1.0, 0.45]),
                         lambda r, b, ms: task_arithmetic(r, b, ms, [0.3, 1.0, 0.45], 0.7)),
     "model_stock": (dict(), model_stock),
@@ -92,7 +107,7 @@ def test_16_bit_merges_follow_mergekits_arithmetic(tmp_path, method, dtype_name)
         write_model(tmp_path / f"m{i}", m)
     settings, reference = CASES[method]
     weights = settings.get("weights", [None] * count)
-    config = {"merge_method": method, "base_model": str(tmp_path / "base"),
+    config = {"merge_method": method, **({"base_model": str(tmp_path / "base")} if settings.get("base", True) else {}),
               "parameters": settings.get("parameters", {}),
               "models": [{"model": str(tmp_path / f"m{i}"), **({"parameters": {"weight": w}} if w else {})}
                          for i, w in enumerate(weights)]}

@@ -59,16 +59,28 @@ def root(tmp_path_factory):
     return root
 
 
+def _both(config: dict, tmp_path) -> tuple[dict, dict]:
+    """mergekit's and jaxmerge's outputs of ``config``: ``(theirs, ours)``."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit")], check=False, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))  # its model card step may fail offline
+    assert (tmp_path / "mergekit" / "model.safetensors").exists(), "mergekit wrote no model"
+    assert main(["merge", str(path), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    return checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+
+
+def _bits_apart(theirs: dict, ours: dict) -> np.ndarray:
+    """How many units in the last place each 16-bit entry of ``ours`` is from ``theirs``'s."""
+    assert sorted(theirs) == sorted(ours)
+    return np.concatenate([np.abs(np.asarray(ours[t]).view(np.int16).astype(np.int32)
+                                  - np.asarray(theirs[t]).view(np.int16)).ravel() for t in theirs])
+
+
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "model_stock", "nuslerp", "karcher", "sce", "frankenmerge",
                                   "gradient_slerp"])
 def test_the_same_numbers_as_mergekit(root, tmp_path, name):
-    config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump(_configs(root)[name]))
-    subprocess.run([MERGEKIT, str(config), str(tmp_path / "mergekit")], check=False, capture_output=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))  # its model card step may fail offline
-    assert (tmp_path / "mergekit" / "model.safetensors").exists(), "mergekit wrote no model"
-    assert main(["merge", str(config), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
-    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+    theirs, ours = _both(_configs(root)[name], tmp_path)
     assert sorted(theirs) == sorted(ours)
     for tensor in theirs:
         np.testing.assert_allclose(np.asarray(ours[tensor]), np.asarray(theirs[tensor]), rtol=1e-5, atol=1e-5,
@@ -98,17 +110,20 @@ def _tokenizer_configs(root):
 def test_karcher_in_16_bits_is_mergekits_to_a_last_bit(root, tmp_path, dtype):
     """Both compute each step in the models' dtype; the sums' order differs, so a last bit may
     (README): never more than one in float16, in a few bfloat16 entries."""
-    config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({"merge_method": "karcher", "dtype": dtype,
-                                      "models": [{"model": str(root / f"m{i}")} for i in range(3)]}))
-    subprocess.run([MERGEKIT, str(config), str(tmp_path / "mergekit")], check=False, capture_output=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert main(["merge", str(config), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
-    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
-    bits = [np.abs(np.asarray(ours[t]).view(np.int16).astype(np.int32) - np.asarray(theirs[t]).view(np.int16))
-            for t in theirs]
-    apart = np.concatenate([b.ravel() for b in bits])
+    apart = _bits_apart(*_both({"merge_method": "karcher", "dtype": dtype,
+                                "models": [{"model": str(root / f"m{i}")} for i in range(3)]}, tmp_path))
     assert np.mean(apart > 1) <= (0.005 if dtype == "bfloat16" else 0), np.mean(apart > 1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_in_16_bits_is_mergekits_bit_for_bit(root, tmp_path, dtype, normalize):
+    """Weights whose products with the entries are inexact in float32, so that each fused
+    multiply-add and the division round as torch's do."""
+    sources = [{"model": str(root / f"m{i}"), "parameters": {"weight": w}} for i, w in enumerate([0.7, 0.4, 0.1])]
+    apart = _bits_apart(*_both({"merge_method": "linear", "dtype": dtype, "models": sources,
+                                "parameters": {"normalize": normalize}}, tmp_path))
+    assert apart.max() == 0, np.mean(apart > 0)
 
 
 @pytest.mark.parametrize("name", ["union", "base", "tokens"])
