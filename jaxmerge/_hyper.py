@@ -211,7 +211,10 @@ class Resolver:
     """Resolves hyperparameter :class:`Levels` against one tree, one value per float leaf.
 
     Layer gradients are evaluated at ``positions`` (one per leaf; default: read from the
-    leaf paths by :func:`layer_positions`).
+    leaf paths by :func:`layer_positions`). Filters match the leaf paths, those of a model's
+    own settings ``input_paths[j]`` (the names model ``j``'s leaves are read under, which
+    differ where a merge config's slice takes other layers: mergekit matches a model's
+    parameters against them).
 
     Every resolved hyperparameter has one type: a list aligned with ``spec.keys`` holding,
     for each float leaf, a float (or a tracer under ``jax.jit``) for a merge-wide value, or a
@@ -219,9 +222,11 @@ class Resolver:
     other leaves, which are passed through and need no value.
     """
 
-    def __init__(self, spec: TreeSpec, positions: Sequence[float] | None = None):
+    def __init__(self, spec: TreeSpec, positions: Sequence[float] | None = None,
+                 input_paths: Sequence[Sequence[str]] | None = None):
         self.spec = spec
         self._positions = None if positions is None else list(positions)
+        self.input_paths = input_paths
 
     @property
     def positions(self) -> list[float]:
@@ -229,11 +234,12 @@ class Resolver:
             self._positions = layer_positions(self.spec.keys)
         return self._positions
 
-    def leafwise(self, levels: Sequence, name: str, default=REQUIRED, check: Range | None = None) -> list:
+    def leafwise(self, levels: Sequence, name: str, default=REQUIRED, check: Range | None = None,
+                 paths: Sequence[str] | None = None) -> list:
         """One checked scalar per float leaf from ``levels`` (settings, highest precedence first).
 
         ``name`` labels errors (``'density of models[1]'``); a value that depends on the leaf
-        is named with its path too.
+        is named with its path too. Filters match ``paths`` (default: the leaf paths).
 
         Raises:
           JaxmergeError: a value out of ``check``'s range, not finite, or missing where there
@@ -248,7 +254,7 @@ class Resolver:
                 raise JaxmergeError(f"{name} is required but not given")
             value = checked(value, name, check) if float_leaves else None
             return [value if self.spec.is_float(i) else None for i in range(len(self.spec.keys))]
-        getters = [self._getter(setting, name) for setting in levels]
+        getters = [self._getter(setting, name, paths or self.spec.paths) for setting in levels]
         out: list = [None] * len(self.spec.keys)
         for i in float_leaves:
             value = next((v for v in (get(i) for get in getters) if v is not None), default)
@@ -269,12 +275,13 @@ class Resolver:
         n = self.spec.num_models
         if levels.per_model is not None and len(levels.per_model) != n:
             raise JaxmergeError(f"{name} has {len(levels.per_model)} entries but there are {n} models")
-        columns = [self.leafwise(levels.of_model(j), f"{name} of {model_names[j]}", default, check)
-                   for j in range(n)]
+        columns = [self.leafwise(levels.of_model(j), f"{name} of {model_names[j]}", default, check,
+                                 None if self.input_paths is None else self.input_paths[j]) for j in range(n)]
         return [None if columns[0][i] is None else vector([c[i] for c in columns]) for i in range(len(self.spec.keys))]
 
-    def _getter(self, setting, name: str) -> LeafValue:
-        """A function from leaf index to the (unchecked) value ``setting`` gives, or None."""
+    def _getter(self, setting, name: str, paths: Sequence[str]) -> LeafValue:
+        """A function from leaf index to the (unchecked) value ``setting`` gives, or None;
+        filters match ``paths``."""
         spec = self.spec
         if callable(setting) and not hasattr(setting, "shape"):
             return lambda i: setting(spec.paths[i], spec.leaves[i])
@@ -284,17 +291,17 @@ class Resolver:
         if isinstance(setting, dict) and _is_conditional(setting):
             setting = [setting]
         if isinstance(setting, (list, tuple)) and all(_is_conditional(v) for v in setting):
-            return self._conditional(setting, name)
+            return self._conditional(setting, name, paths)
         if _is_plain(setting):
             return lambda i: setting
         return self._pytree(setting, name)
 
-    def _conditional(self, entries, name: str) -> LeafValue:
+    def _conditional(self, entries, name: str, paths: Sequence[str]) -> LeafValue:
         for e in entries:
             if e.get("filter") is not None and not isinstance(e["filter"], str):
                 raise JaxmergeError(f"{name}: a filter is a substring of tensor names, got {e['filter']!r}")
-        getters = [(e.get("filter"), self._getter(e["value"], f"{name} filter {e.get('filter')!r}")) for e in entries]
-        paths = self.spec.paths
+        getters = [(e.get("filter"), self._getter(e["value"], f"{name} filter {e.get('filter')!r}", paths))
+                   for e in entries]
 
         def value(i):
             for pattern, get in getters:

@@ -530,29 +530,56 @@ class _Planned:
         readers = [open_reader(m) for m in group.models]
         base_reader = None if group.base is None else open_reader(group.base)
         names = list(group.model_names) if group.model_names is not None else [str(m) for m in group.models]
-        inputs = list(group.inputs) if group.inputs is not None else [{}] * len(readers)
+        wanted = set(group.outputs or ()).union(*(r.names for r in [*readers, base_reader] if r is not None))
+        inputs = [_untied(r, wanted, renamed) for r, renamed in zip(readers, group.inputs or [{}] * len(readers))]
+        base_inputs = None if base_reader is None else _untied(base_reader, wanted, group.base_inputs or {})
 
         def shapes(reader, renamed: dict) -> dict:
             """The reader's tensors under the output names (all of them, when the group names none:
             then a tensor that one model lacks or has extra is an error naming it)."""
-            outputs = reader.names if group.outputs is None else group.outputs
+            outputs = [*reader.names, *(n for n in renamed if n not in reader.names)] if group.outputs is None \
+                else group.outputs
             return {out: _rows(_abstract(reader, renamed.get(out, out), options.dtype), out, group.vocabulary)
                     for out in outputs}
 
         self.spec, _, _ = flatten_models([shapes(r, inputs[j]) for j, r in enumerate(readers)],
-                                         None if base_reader is None else shapes(base_reader, group.base_inputs or {}),
+                                         None if base_reader is None else shapes(base_reader, base_inputs),
                                          names=names)
         self.names = [key[0] for key in self.spec.keys]
         reference = base_reader or readers[0]
         stores = None if group.statistics is None else [_StatisticsStore(open_reader(s), options.sharding)
                                                          for s in group.statistics]
         positions = None if group.positions is None else [group.positions[n] for n in self.names]
-        self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions)
-        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, group.base_inputs or {},
+        input_paths = [[renamed.get(n, n) for n in self.names] for renamed in group.inputs or [{}] * len(readers)]
+        self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions, input_paths)
+        self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, base_inputs or {},
                                        group.vocabulary)
-        renamed = (group.base_inputs if base_reader is not None else inputs[0]) or {}
+        renamed = base_inputs if base_reader is not None else inputs[0]
         self.stored = {n: reference.shape_dtype(renamed.get(n, n))[1] for n in self.names}  # not narrowed by JAX
         self.reference = reference
+
+
+# Where a checkpoint whose embeddings are tied keeps the output embedding it leaves out: the
+# tied names of mergekit's architecture definitions.
+TIED_EMBEDDINGS = {
+    "lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "transformer.wte.weight",
+                       "wte.weight", "backbone.embeddings.weight", "shared.weight"),
+    "output.weight": ("model.tok_embeddings.weight",),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
+    "vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight",),
+}
+
+
+def _untied(reader, wanted: set, renamed: dict) -> dict:
+    """``renamed`` (output name -> the reader's tensor), plus the reader's input embedding for
+    an output embedding that another model has and this one leaves out because its embeddings
+    are tied, as mergekit reads it."""
+    present = set(reader.names)
+    tied = {out: next(t for t in TIED_EMBEDDINGS[out] if t in present) for out in wanted
+            if out in TIED_EMBEDDINGS and out not in present and out not in renamed
+            and any(t in present for t in TIED_EMBEDDINGS[out])}
+    return {**tied, **renamed}
 
 
 def _rows(abstract: jax.ShapeDtypeStruct, name: str, vocabulary) -> jax.ShapeDtypeStruct:

@@ -173,14 +173,16 @@ class Method:
         return settings
 
     def resolve(self, spec: TreeSpec, settings: Settings, model_names: Sequence[str], *, config: bool = False,
-                positions: Sequence[float] | None = None) -> dict:
+                positions: Sequence[float] | None = None, input_paths: Sequence[Sequence[str]] | None = None) -> dict:
         """Every hyperparameter checked and resolved against ``spec``: per-leaf lists for the
         model and leaf scopes, the checked value for options, and ``'exact'``, whether to compute
         as mergekit does in the models' dtype (:func:`~jaxmerge._tree.compute_dtype`). With
         ``config`` (a merge config's plan), errors name the config keys, the parameters configs
         must set have no default, and the arithmetic is mergekit's; ``positions`` are the
-        leaves' layer positions for gradients (default: read from their paths)."""
-        resolver = Resolver(spec, positions)
+        leaves' layer positions for gradients (default: read from their paths), ``input_paths``
+        per model the names its leaves are read under, which its own settings' filters match
+        (default: the leaf paths)."""
+        resolver = Resolver(spec, positions, input_paths)
         hp = {}
         for p in self.params:
             value, name = settings.get(p.name), (p.key or p.name) if config else p.name
@@ -210,12 +212,12 @@ class Method:
 
     def leaf_fn(self, spec: TreeSpec, settings: Settings, statistics: Sequence | None = None,
                 model_names: Sequence[str] | None = None, *, config: bool = False,
-                positions: Sequence[float] | None = None) -> LeafFn:
+                positions: Sequence[float] | None = None, input_paths: Sequence[Sequence[str]] | None = None) -> LeafFn:
         """The leaf function of this method on ``spec``, after checking everything (see
-        :meth:`resolve` for ``config`` and ``positions``)."""
+        :meth:`resolve` for ``config``, ``positions`` and ``input_paths``)."""
         self.check_models(spec.num_models, spec.has_base)
         names = model_names or [f"models[{j}]" for j in range(spec.num_models)]
-        hp = self.resolve(spec, settings, names, config=config, positions=positions)
+        hp = self.resolve(spec, settings, names, config=config, positions=positions, input_paths=input_paths)
         if self.statistics is None:
             return self.plan(spec, hp)
         if not isinstance(statistics, (list, tuple)) or len(statistics) != spec.num_models:
@@ -319,9 +321,9 @@ class MergePlan:
     config: bool = False
 
     def leaf_fn(self, spec: TreeSpec, statistics: Sequence | None = None, model_names: Sequence[str] | None = None,
-                positions: Sequence[float] | None = None) -> LeafFn:
+                positions: Sequence[float] | None = None, input_paths: Sequence[Sequence[str]] | None = None) -> LeafFn:
         return self.method.leaf_fn(spec, self.settings, statistics, model_names, config=self.config,
-                                   positions=positions)
+                                   positions=positions, input_paths=input_paths)
 
 
 def method(name_or_function) -> Method:

@@ -64,6 +64,30 @@ def test_linear_config(tmp_path, models, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_model_with_tied_embeddings_gives_its_input_embedding_as_its_head(tmp_path, models):
+    """As mergekit reads it: a model without ``lm_head.weight`` merges its embedding there when
+    another model has a head; when no model has one, the output has none either."""
+    base, tunes = models
+    tied = [{k: v for k, v in t.items() if k != "lm_head.weight"} for t in tunes]
+    for i, t in enumerate(tied):
+        write_model(tmp_path / f"tied{i}", t, config={"tie_word_embeddings": True})
+    as_read = {**tied[0], "lm_head.weight": tied[0]["model.embed_tokens.weight"]}
+    config = _config(tmp_path, merge_method="task_arithmetic", base_model="tied0",
+                     models=[{"model": "tune1", "parameters": {"weight": 0.6}},
+                             {"model": "base", "parameters": {"weight": 1.0}}])
+    assert _run("merge", config, tmp_path / "out", "--no-progress") == 0
+    loaded = checkpoints.load(tmp_path / "out")
+    assert sorted(loaded) == sorted(base)
+    for name in base:
+        expected = (np.asarray(as_read[name], np.float32) + 0.6 * (np.asarray(tunes[1][name]) - as_read[name])
+                    + (np.asarray(base[name]) - as_read[name]))
+        np.testing.assert_allclose(loaded[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
+    config = _config(tmp_path, merge_method="linear", models=[{"model": f"tied{i}", "parameters": {"weight": 1.0}}
+                                                              for i in range(2)])
+    assert _run("merge", config, tmp_path / "both", "--no-progress") == 0
+    assert sorted(checkpoints.load(tmp_path / "both")) == sorted(tied[0])
+
+
 def test_ties_config_with_gradients_filters_and_out_dtype(tmp_path, models):
     base, tunes = models
     config = _config(tmp_path, merge_method="ties", base_model=str(tmp_path / "base"), out_dtype="bfloat16",
@@ -151,7 +175,8 @@ def test_inspect(tmp_path, models, capsys):
           models=[{"model": "tune0", "parameters": {"weight": 1}}]), "lambda must be a real number, got 'much'"),
     (dict(merge_method="karcher", models=["tune0", "tune1"], parameters={"max_iter": 2.5}),
      "max_iter must be an integer, got 2.5"),
-    (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}), "has no leaf 'lm_head.weight'"),
+    (dict(merge_method="linear", models=["tune0", "short"], parameters={"weight": 1}),
+     "has no leaf 'model.layers.1.mlp.up_proj.weight'"),
     (dict(merge_method="linear", models=["tune0", "odd"], parameters={"weight": 1}),
      "'model.norm.weight': shape (7,) != (16,)"),
     (dict(merge_method="linear", models=["tune0", "corrupt"], parameters={"weight": 1}),
@@ -159,7 +184,7 @@ def test_inspect(tmp_path, models, capsys):
 ])
 def test_bad_configs_and_files_give_one_line_and_exit_2(tmp_path, models, capsys, content, message):
     short = dict(models[1][0])
-    del short["lm_head.weight"]
+    del short["model.layers.1.mlp.up_proj.weight"]
     write_model(tmp_path / "short", short)
     odd = dict(models[1][0], **{"model.norm.weight": jnp.zeros(7)})
     write_model(tmp_path / "odd", odd)

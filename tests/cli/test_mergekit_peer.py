@@ -42,6 +42,13 @@ def _configs(root):
         "frankenmerge": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": models[0]["model"], "layer_range": [0, 3]}]},
             {"sources": [{"model": models[1]["model"], "layer_range": [1, 4], "parameters": {"scale": 0.5}}]}]},
+        "tied": {"merge_method": "task_arithmetic", "base_model": str(root / "tied"), "models": models[:2]},
+        "sliced_filters": {"merge_method": "task_arithmetic", "base_model": base, "slices": [{"sources": [
+            {"model": base, "layer_range": [2, 4]},
+            {"model": models[0]["model"], "layer_range": [2, 4], "parameters": {"weight": [
+                {"filter": "layers.2.", "value": 2.0}, {"filter": "layers.0.", "value": -1.0}, {"value": 0.5}]}},
+            {"model": models[1]["model"], "layer_range": [2, 4], "parameters": {"weight": 0.3}}]}],
+            "parameters": {"lambda": [{"filter": "layers.0.", "value": 0.5}, {"value": 1.0}]}},
         "gradient_slerp": {"merge_method": "slerp", "base_model": models[0]["model"], "slices": [
             {"sources": [{"model": models[0]["model"], "layer_range": [0, 4]},
                          {"model": models[1]["model"], "layer_range": [0, 4]}]}],
@@ -56,6 +63,8 @@ def root(tmp_path_factory):
     write_model(root / "base", base, config=LLAMA)
     for i in range(3):
         write_model(root / f"m{i}", llama_tensors(60 + i, layers=4, scale=0.05, around=base), config=LLAMA)
+    tied = {k: v for k, v in llama_tensors(63, layers=4, scale=0.05, around=base).items() if k != "lm_head.weight"}
+    write_model(root / "tied", tied, config={**LLAMA, "tie_word_embeddings": True})
     return root
 
 
@@ -78,7 +87,7 @@ def _bits_apart(theirs: dict, ours: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "model_stock", "nuslerp", "karcher", "sce", "frankenmerge",
-                                  "gradient_slerp"])
+                                  "gradient_slerp", "tied", "sliced_filters"])
 def test_the_same_numbers_as_mergekit(root, tmp_path, name):
     theirs, ours = _both(_configs(root)[name], tmp_path)
     assert sorted(theirs) == sorted(ours)

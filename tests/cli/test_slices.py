@@ -113,6 +113,24 @@ def test_per_slice_base_models_and_parameters(tmp_path, family):
         np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_a_models_filters_match_the_names_of_the_layers_it_is_read_from(tmp_path, family):
+    """As mergekit resolves a model's parameters: its filters, set at any level, see the input
+    tensor's name (``layers.2.`` for output layer 0 here); a merge-wide parameter sees the
+    output's."""
+    weight = [{"filter": "layers.2.", "value": 2.0}, {"filter": "layers.0.", "value": -1.0}, {"value": 0.5}]
+    sources = [{"model": "base", "layer_range": [2, 4]}, {"model": "m0", "layer_range": [2, 4]}]
+    assert _merge(tmp_path, merge_method="task_arithmetic", base_model="base", slices=[{"sources": sources}],
+                  parameters={"weight": weight, "lambda": [{"filter": "layers.0.", "value": 0.5}, {"value": 1.0}]}) == 0
+    out = checkpoints.load(tmp_path / "out")
+    base, tune = _layers(family["base"], 2, 4), _layers(family["m0"], 2, 4)
+    for name, value in out.items():
+        read = name.replace("layers.0.", "layers.2.").replace("layers.1.", "layers.3.")
+        w = next(v["value"] for v in weight if v.get("filter") is None or v["filter"] in read)
+        lambda_ = 0.5 if "layers.0." in name else 1.0
+        expected = np.asarray(base[name]) + lambda_ * w * (np.asarray(tune[name]) - np.asarray(base[name]))
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("config,message", [
     (dict(merge_method="slerp", base_model="base", parameters={"t": 0.5},
           slices=[{"sources": [{"model": "m0", "layer_range": [0, 4]}, {"model": "m1", "layer_range": [0, 4]}]}]),
