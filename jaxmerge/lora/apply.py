@@ -69,7 +69,7 @@ class _AdapterUpdate:
             raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
                                 f"({len(absent)} missing)")
 
-    def leaf_fn(self, spec, statistics=None, model_names=None, positions=None):
+    def leaf_fn(self, spec, statistics=None, model_names=None, positions=None, input_paths=None):
         """The streaming driver's leaf function (see :class:`~jaxmerge.checkpoints.stream.Group`)."""
         names = [key[0] for key in spec.keys]
         self.missing(names)
