@@ -33,7 +33,8 @@ from jaxmerge.errors import CheckpointError, JaxmergeError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB]))$")
+_FACTOR = re.compile(  # PEFT reads a factor with its adapter's name, ``.default``, as it reads one without
+    r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])(?:\.default)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.default)?)$")
 
 
 class LoraLayer(NamedTuple):
@@ -109,13 +110,14 @@ class Adapter:
         rank = self.rank(module)
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
-    def delta(self, module: str) -> jax.Array:
+    def delta(self, module: str, fan_in_fan_out: bool | None = None) -> jax.Array:
         """The update ``module``'s adapter adds to its base weight, shaped like that weight
-        (``(out, in)``; ``(num_embeddings, dim)`` for an embedding; transposed where the
-        config says ``fan_in_fan_out``), in float32."""
+        (``(out, in)``; ``(num_embeddings, dim)`` for an embedding; transposed for a layer that
+        stores its weight ``(in, out)``: ``fan_in_fan_out``, by default the config's), in float32."""
+        if fan_in_fan_out is None:
+            fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
         layer = self.layers[module]
-        transposed = module in self.embeddings or bool(self.config.get("fan_in_fan_out"))
-        return delta_weight(layer, self.scaling(module), transposed=transposed)
+        return delta_weight(layer, self.scaling(module), transposed=module in self.embeddings or fan_in_fan_out)
 
 
 def _pattern_value(patterns: Mapping, module: str, default):

@@ -3,8 +3,17 @@ module (PEFT's ``merge_and_unload``), in memory or streamed tensor by tensor bet
 checkpoints; ``weight=-1`` removes an applied adapter again.
 
 Base tensors are named as in the Hugging Face checkpoint: module ``m``'s weight is
-``m.weight``. Tensors the adapter saves in full (``modules_to_save``, under
-``base_model.model.<name>``) replace the base's; copies of base layers are ignored.
+``m.weight``. Tensors the adapter saves in full replace the base's before its updates are
+added, as PEFT loads them: modules trained in full (``modules_to_save``, under
+``base_model.model.<name>``) and the tensors of adapted modules' base layers
+(``<module>.base_layer.<name>``: biases trained with ``bias="all"`` or ``"lora_only"``, an
+embedding saved with ``save_embedding_layers``).
+
+PEFT decides per layer, by its type, whether the weight is stored ``(in, out)`` (GPT-2's
+``Conv1D``) and the update is transposed, whatever ``fan_in_fan_out`` the config holds
+(PEFT saves the value its last layer set). Here a layer's base tensor decides: by its shape
+where it is not square, else by the name transformers gives ``Conv1D`` layers (``c_attn``,
+``c_proj``, ``c_fc``, ``q_attn``), else the config.
 """
 
 from __future__ import annotations
@@ -26,13 +35,25 @@ def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array]]:
     modules = {f"{module}.weight": module for module in adapter.layers}
     replaced = {}
     for name, value in adapter.extras.items():
-        if ".base_layer." in name:
-            continue
         if name.endswith(".lora_B.bias") or not name.startswith(PREFIX):
             raise JaxmergeError(f"the adapter's tensor {name!r} is neither a LoRA factor nor a module saved in full; "
                                 "not supported")
-        replaced[name.removeprefix(PREFIX)] = value
+        replaced[name.removeprefix(PREFIX).replace(".base_layer.", ".")] = value
     return modules, replaced
+
+
+_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})  # transformers' Conv1D layers (GPT-2 and its kin)
+
+
+def _fan_in_fan_out(adapter: Adapter, module: str, shape: tuple) -> bool | None:
+    """Whether ``module``'s base weight of ``shape`` is stored ``(in, out)``; None: as the config says."""
+    layer = adapter.layers[module]
+    if module in adapter.embeddings or layer.a.ndim != 2:
+        return None
+    out_in = (layer.b.shape[0], layer.a.shape[1])
+    if out_in[0] != out_in[1]:
+        return tuple(shape) == out_in[::-1]
+    return True if module.rsplit(".", 1)[-1] in _CONV1D_NAMES else None
 
 
 @jax.jit
@@ -54,10 +75,11 @@ class _AdapterUpdate:
             if value.shape != tensor.shape:
                 raise JaxmergeError(f"the adapter saves {name!r} as {tuple(value.shape)}, the base holds "
                                     f"{tuple(tensor.shape)}")
-            return value.astype(tensor.dtype)
+            tensor = value.astype(tensor.dtype)
         if name not in self.modules:
             return tensor
-        delta = self.adapter.delta(self.modules[name])
+        module = self.modules[name]
+        delta = self.adapter.delta(module, _fan_in_fan_out(self.adapter, module, tensor.shape))
         if delta.shape != tensor.shape:
             raise JaxmergeError(f"the adapter's update of {self.modules[name]!r} is {tuple(delta.shape)}, the base "
                                 f"tensor {name!r} is {tuple(tensor.shape)}")

@@ -278,10 +278,16 @@ def _dense(module: str, holding, kind: str, density, majority, key, rank: int, c
                      factors.b.reshape(b_shape).astype(reference.b.dtype))
 
 
+_LAYER_LIMITS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
 def merged_config(adapters: Sequence[Adapter], layers: dict, new_rank: int, *, use_rslora: bool | None = None) -> dict:
     """The first adapter's config with PEFT's changes: ``r = lora_alpha = new_rank``, the
     target modules united, no patterns (but for modules of another rank, kept loadable);
-    ``use_rslora`` replaces the first adapter's."""
+    ``use_rslora`` replaces the first adapter's. Where an adapter limits its layers
+    (``layers_to_transform``, ``layers_pattern``, ``exclude_modules``; PEFT refuses to merge
+    such adapters), the targets are the merged modules by their full names and the limits are
+    dropped, so that PEFT loads every merged module."""
     targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, str) for t in targets):
         target_modules = "|".join(f"({t})" for t in targets) if len(targets) > 1 else targets[0]
@@ -291,6 +297,8 @@ def merged_config(adapters: Sequence[Adapter], layers: dict, new_rank: int, *, u
         raise JaxmergeError(f"the adapters' target_modules mix regular expressions and lists: {targets}")
     config = {**adapters[0].config, "r": new_rank, "lora_alpha": new_rank, "target_modules": target_modules,
               "rank_pattern": {}, "alpha_pattern": {}}
+    if any(a.config.get(limit) for a in adapters for limit in _LAYER_LIMITS):
+        config.update({"target_modules": sorted(layers), **dict.fromkeys(_LAYER_LIMITS)})
     if use_rslora is not None:
         config["use_rslora"] = use_rslora
     rslora = bool(config.get("use_rslora"))

@@ -82,6 +82,35 @@ def test_merge_adapter_adds_the_scaled_update_and_removes_it_again():
         lora.merge_adapter({"model.norm.weight": base["model.norm.weight"]}, adapter)
 
 
+def test_peft_files_as_peft_merges_them(tmp_path):
+    """Factors named with the ``default`` adapter, a bias saved under its base layer's name,
+    and GPT-2 ``Conv1D`` weights (stored ``(in, out)``) beside a ``Linear`` head, whatever
+    ``fan_in_fan_out`` the config holds."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    shapes = {"h.0.attn.c_proj": (8, 8), "h.0.attn.c_attn": (8, 24), "score": (3, 8)}  # stored shapes
+    base = {f"{m}.weight": rng.normal(size=s).astype(np.float32) for m, s in shapes.items()}
+    base["h.0.attn.c_proj.bias"] = np.zeros(8, np.float32)
+    factors, expected = {}, dict(base)
+    for module, (rows, cols) in shapes.items():
+        out, inp = (rows, cols) if module == "score" else (cols, rows)  # Conv1D stores (in, out)
+        a, b = rng.normal(size=(2, inp)).astype(np.float32), rng.normal(size=(out, 2)).astype(np.float32)
+        factors.update({f"base_model.model.{module}.lora_A.default.weight": a,
+                        f"base_model.model.{module}.lora_B.default.weight": b})
+        update = 1.5 * b @ a
+        expected[f"{module}.weight"] = base[f"{module}.weight"] + (update if module == "score" else update.T)
+    bias = rng.normal(size=8).astype(np.float32)
+    factors["base_model.model.h.0.attn.c_proj.base_layer.bias"] = expected["h.0.attn.c_proj.bias"] = bias
+    (tmp_path / "a").mkdir()
+    save_file(factors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    config = lora.lora_config(2, 3, list(shapes))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    merged = lora.merge_adapter(base, lora.load_adapter(tmp_path / "a"))
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(merged[name]), value, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_apply_adapter_streams_the_same_result_and_keeps_dtypes(tmp_path):
     base = _base(dtype=ml_dtypes.bfloat16)
     base_dir = checkpoints.save(tmp_path / "base", base, format="safetensors")

@@ -134,6 +134,15 @@ def test_modules_of_only_some_adapters_and_target_modules_united():
     assert lora.add_weighted_adapter(regex, [1, 1], "svd").config["target_modules"] == "(q_proj)|(v)"
 
 
+def test_adapters_limited_to_some_layers_merge_into_one_that_names_every_module():
+    """PEFT refuses to merge such adapters; the first one's limits would drop the other's layers."""
+    layers = [{f"model.layers.{i}.self_attn.q_proj": (4, 3)} for i in range(2)]
+    limited = [random_adapter(i, modules=m, layers_to_transform=[i]) for i, m in enumerate(layers)]
+    merged = lora.add_weighted_adapter(limited, [1.0, 1.0], "cat")
+    assert merged.config["target_modules"] == sorted(layers[0] | layers[1])
+    assert merged.config["layers_to_transform"] is None and merged.config["exclude_modules"] is None
+
+
 def test_rank_patterns_are_merged_and_kept_loadable(tmp_path):
     patterned = [random_adapter(i, r=4, modules={"model.q_proj": (5, 3)}, rank_pattern={"q_proj": 2})
                  for i in range(2)]

@@ -84,3 +84,48 @@ def test_add_weighted_adapter_matches_peft(root, j):
         else:
             np.testing.assert_array_equal(np.asarray(mine.a), np.asarray(theirs.a))
             np.testing.assert_array_equal(np.asarray(mine.b), np.asarray(theirs.b))
+
+
+MERGE_SCRIPT = """
+import json, sys, torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+
+root, name = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+if name == "gpt2":  # Conv1D layers (square and not) and a Linear head in one adapter
+    model = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=48, n_positions=32,
+                                                     num_labels=3, pad_token_id=0))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "score"])
+else:
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True))
+    config = (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all") if name == "bias"
+              else LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, f"{root}/base.safetensors")
+model = get_peft_model(model, config)
+for key, p in model.named_parameters():
+    if "lora" in key or (name == "bias" and key.endswith("bias")):
+        torch.nn.init.normal_(p, std=0.5)
+if name == "embedding":  # rows that differ from the base, as after resize_token_embeddings
+    model.base_model.model.model.embed_tokens.base_layer.weight.data[40:] = 1.0
+model.save_pretrained(f"{root}/adapter", save_embedding_layers=name == "embedding")
+merged = model.merge_and_unload().state_dict()
+save_file({k: v.clone().contiguous() for k, v in merged.items()}, f"{root}/merged.safetensors")
+"""
+
+
+@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2"])
+def test_merge_adapter_is_merge_and_unload(tmp_path, name):
+    """Trained biases (``bias="all"``, saved with the base layers' names), a saved embedding
+    with rows of its own, and GPT-2's ``Conv1D`` layers next to a ``Linear`` head."""
+    subprocess.run([PEFT_PYTHON, "-c", MERGE_SCRIPT, str(tmp_path), name], check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    from safetensors.numpy import load_file
+
+    base, expected = load_file(tmp_path / "base.safetensors"), load_file(tmp_path / "merged.safetensors")
+    merged = lora.merge_adapter(base, lora.load_adapter(tmp_path / "adapter"))
+    assert sorted(merged) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(np.asarray(merged[key]), value, rtol=1e-6, atol=1e-6, err_msg=key)
