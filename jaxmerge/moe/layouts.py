@@ -148,6 +148,13 @@ def _layer_types(config: Mapping) -> list[str]:
             for i in range(config["num_hidden_layers"])]
 
 
+def _deepseek_takes(model_types: list[str], shared_experts: int, shared_prompts: bool) -> bool:
+    """Whether mergekit-moe's DeepSeek MoE layout takes the models: Llama or Mistral models of
+    one type, and at most one shared expert, without prompts."""
+    return (shared_experts <= 1 and not shared_prompts and len(set(model_types)) == 1
+            and model_types[0] in ("llama", "mistral"))
+
+
 def select_layout(architecture: str | None, model_types: list[str], shared_experts: int, shared_prompts: bool,
                   gate_mode: str) -> Layout:
     """mergekit-moe's choice of output architecture: among the layouts whose name starts with
@@ -176,6 +183,10 @@ def select_layout(architecture: str | None, model_types: list[str], shared_exper
         raise ValueError(f"no output architecture is named {architecture!r}; known: {[la.name for la in LAYOUTS]}")
     reasons = []
     for layout in candidates:
+        if layout.model_type == "qwen2_moe" and architecture is None and _deepseek_takes(model_types, shared_experts,
+                                                                                         shared_prompts):
+            raise ValueError("mergekit-moe writes these models as DeepSeek MoE (the layout it tries before Qwen MoE), "
+                             "which is not written here; set architecture: qwen to write Qwen MoE")
         reason = layout.refusal(model_types, shared_experts, shared_prompts, gate_mode)
         if reason is None:
             return layout

@@ -40,7 +40,10 @@ class PromptTokenizer:
 
     Args:
       model: the model directory (``tokenizer.json``, and ``tokenizer_config.json`` for
-        ``bos_token`` / ``eos_token``).
+        ``bos_token`` / ``eos_token``). Where ``tokenizer_config.json`` does not name a BOS
+        token, transformers takes it from ``special_tokens_map.json``, else from its
+        tokenizer class's default (``<s>`` for Llama's, ``<bos>`` for Gemma's), and so does
+        this (when the vocabulary has it).
 
     Examples:
       >>> import json, pathlib, tempfile
@@ -62,9 +65,15 @@ class PromptTokenizer:
             raise JaxmergeError(f"{model} has no tokenizer.json, which the gate mode needs to read its prompts")
         self.tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
         settings = _read_json(model / "tokenizer_config.json")
-        self.bos = _token(settings.get("bos_token"))
+        self.bos = _token(settings["bos_token"]) if "bos_token" in settings else self._default_bos(model, settings)
         pad = self.bos or _token(settings.get("eos_token"))
         self.pad_id = 0 if pad is None else self.tokenizer.token_to_id(pad) or 0
+
+    def _default_bos(self, model: Path, settings: dict) -> str | None:
+        """The BOS token transformers gives a tokenizer whose config names none."""
+        token = (_token(_read_json(model / "special_tokens_map.json").get("bos_token"))
+                 or _CLASS_BOS.get(str(settings.get("tokenizer_class")).removesuffix("Fast")))
+        return token if token is not None and self.tokenizer.token_to_id(token) is not None else None
 
     def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """``(input_ids, attention_mask)``, each ``(len(prompts), longest)``, padded on the left."""
@@ -76,6 +85,9 @@ class PromptTokenizer:
             if tokens:
                 ids[row, -len(tokens):], mask[row, -len(tokens):] = tokens, 1
         return jnp.asarray(ids), jnp.asarray(mask)
+
+
+_CLASS_BOS = {"LlamaTokenizer": "<s>", "CodeLlamaTokenizer": "<s>", "GemmaTokenizer": "<bos>"}  # transformers' defaults
 
 
 def _read_json(path: Path) -> dict:

@@ -6,7 +6,8 @@ It follows transformers' modelling code: RMSNorm in float32, rotary embeddings (
 ``linear`` and ``llama3`` rope types) on halves of each head, grouped-query attention with a
 causal mask and a key padding mask, SwiGLU MLPs. Positions are ``0 .. L-1`` whatever the
 padding, as transformers numbers them when no position ids are given (mergekit-moe pads
-prompts on the left). Masked-out attention rows get a uniform softmax instead of NaN.
+prompts on the left). An attention row that sees no token (a padded position on the left)
+outputs zeros, as PyTorch's ``scaled_dot_product_attention`` does since 2.5.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _attention(params: Params, config: Mapping, prefix: str, x: jax.Array, mask:
     v = jnp.repeat(project("v", kv_heads), heads // kv_heads, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    weights = jnp.where(mask[:, None].any(-1, keepdims=True), jax.nn.softmax(scores, axis=-1), 0).astype(x.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, heads * head_dim)
     return _linear(params, f"{prefix}.o_proj", out)
 
@@ -121,9 +122,9 @@ def _routed(config: Mapping, logits: jax.Array, x: jax.Array, expert) -> jax.Arr
 
 
 def _mlp(params: Params, config: Mapping, prefix: str, x: jax.Array) -> jax.Array:
-    if f"{prefix}.gate_proj.weight" in params:
-        return _swiglu(params[f"{prefix}.gate_proj.weight"], params[f"{prefix}.up_proj.weight"],
-                       params[f"{prefix}.down_proj.weight"], x)
+    if f"{prefix}.gate_proj.weight" in params:  # a dense MLP, with its biases where it has them (mlp_bias)
+        hidden = jax.nn.silu(_linear(params, f"{prefix}.gate_proj", x)) * _linear(params, f"{prefix}.up_proj", x)
+        return _linear(params, f"{prefix}.down_proj", hidden)
     logits = x @ params[f"{prefix}.gate.weight"].T
     if f"{prefix}.experts.gate_up_proj" in params:  # Mixtral and Qwen3-MoE: the experts stacked, gate and up fused
         gate_up, down = params[f"{prefix}.experts.gate_up_proj"], params[f"{prefix}.experts.down_proj"]

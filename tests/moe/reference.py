@@ -42,9 +42,11 @@ def layer_inputs(params, config, ids, mask):
         scores = np.where(allowed[:, None], scores, -1e30)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
+        weights = np.where(allowed[:, None].any(-1, keepdims=True), weights, 0.0)  # sees no token: zeros, as torch's
         x = x + np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1) @ p[a + "o_proj.weight"].T
         m = f"model.layers.{i}.mlp."
         h = _norm(x, p[f"model.layers.{i}.post_attention_layernorm.weight"], eps)
-        gate = h @ p[m + "gate_proj.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ p[m + "up_proj.weight"].T)) @ p[m + "down_proj.weight"].T
+        gate = h @ p[m + "gate_proj.weight"].T + p.get(m + "gate_proj.bias", 0.0)
+        up = h @ p[m + "up_proj.weight"].T + p.get(m + "up_proj.bias", 0.0)
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ p[m + "down_proj.weight"].T + p.get(m + "down_proj.bias", 0.0)
     return np.stack(inputs), _norm(x, p["model.norm.weight"], eps)

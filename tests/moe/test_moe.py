@@ -129,17 +129,42 @@ def test_perplexity_routers_are_the_hidden_rows_of_the_texts_each_expert_models_
         np.testing.assert_allclose(moe[f"model.layers.{i}.mlp.gate.weight"], expected[i], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("files,bos", [
+    ({"tokenizer_config.json": {"bos_token": "<s>"}}, "<s>"),
+    ({"tokenizer_config.json": {}, "special_tokens_map.json": {"bos_token": {"content": "<s>"}}}, "<s>"),
+    ({"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizerFast"}}, "<s>"),
+    ({"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizerFast", "bos_token": None}}, None),
+    ({"tokenizer_config.json": {"tokenizer_class": "GemmaTokenizer"}}, None),  # "<bos>": not in the vocabulary
+])
+def test_prompts_start_with_the_bos_token_transformers_finds(tmp_path, files, bos):
+    from tokenizers import models, pre_tokenizers
+
+    from jaxmerge.moe.routers import PromptTokenizer
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "a": 2}, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.add_special_tokens(["<s>"])
+    words.save(str(tmp_path / "tokenizer.json"))
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    ids, _ = PromptTokenizer(tmp_path)(["a"])
+    assert ids.tolist() == ([[1, 2]] if bos else [[2]])
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_forward_pass_equals_a_numpy_one(kind):
     config = {"model_type": kind, "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 4,
               "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 11, "head_dim": 4, "rope_theta": 500.0}
     params = random_params(config, jax.random.key(1), scale=0.3)
+    if kind == "llama":  # with mlp_bias
+        sizes = {"gate": 24, "up": 24, "down": 16}
+        params.update({f"model.layers.{i}.mlp.{n}_proj.bias": 0.3 * jax.random.normal(jax.random.key(7 + i), (size,))
+                       for i in range(2) for n, size in sizes.items()})
     ids, mask = jnp.asarray([[3, 3, 1, 7, 2], [4, 5, 6, 7, 8]]), jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     inputs, final = hidden_states(params, config, ids, mask)
-    ref_inputs, ref_final = layer_inputs(params, config, ids, mask)
-    real = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(inputs)[:, real], ref_inputs[:, real], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(final)[real], ref_final[real], rtol=1e-4, atol=1e-5)
+    ref_inputs, ref_final = layer_inputs(params, config, ids, mask)  # padded positions too (hidden_avg reads them)
+    np.testing.assert_allclose(np.asarray(inputs), ref_inputs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(final), ref_final, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout,kind", [("mixtral", "llama"), ("qwen3_moe", "qwen3"), ("qwen2_moe", "qwen2")])
@@ -229,7 +254,7 @@ def test_merging_experts_averages_groups_and_their_router_rows():
      "every expert is the same model"),
     ({"experts": [{"source_model": "e9"}], "gate_mode": "random"}, r"experts\[0\].source_model: path 'e9' does not"),
     ({"architecture": "qwen3", "gate_mode": "random"}, "Qwen3 MoE takes qwen3 models, got 'llama'"),
-    ({"shared_experts": [{"source_model": "e2"}]}, "Mixtral takes 0 shared experts, the config has 1"),
+    ({"shared_experts": [{"source_model": "e2"}]}, "mergekit-moe writes these models as DeepSeek MoE"),
     ({"non_expert_merge": {"method": "ties", "parameters": {"colour": 1}}}, "ties has no parameter 'colour'"),
     ({"routing_texts": ["ab"]}, "routing_texts are read by gate_mode perplexity only"),
     ({"routing_texts": "ab", "gate_mode": "perplexity"}, "routing_texts must be a list of non-empty strings"),
