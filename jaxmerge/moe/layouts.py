@@ -88,8 +88,8 @@ class Layout:
         heads = out["num_attention_heads"]
         if out.get("num_key_value_heads") is None:
             out["num_key_value_heads"] = heads
-        if kind in ("llama", "mistral") or self.model_type == "mixtral":
-            out.setdefault("head_dim", out["hidden_size"] // heads)
+        if (kind in ("llama", "mistral") or self.model_type == "mixtral") and out.get("head_dim") is None:
+            out["head_dim"] = out["hidden_size"] // heads  # also where the base's config holds null
         out["rope_parameters"] = _rope_parameters(source)
         if self.model_type == "mixtral":
             out.update(_ROUTER_DEFAULTS, router_jitter_noise=out.get("router_jitter_noise", 0.0), sliding_window=None)

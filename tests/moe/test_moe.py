@@ -129,6 +129,14 @@ def test_perplexity_routers_are_the_hidden_rows_of_the_texts_each_expert_models_
         np.testing.assert_allclose(moe[f"model.layers.{i}.mlp.gate.weight"], expected[i], rtol=1e-4, atol=1e-5)
 
 
+def test_a_null_head_dim_is_written_as_transformers_fills_it():
+    from jaxmerge.moe.layouts import LAYOUTS
+
+    source = {"model_type": "mistral", "hidden_size": 16, "num_attention_heads": 2, "head_dim": None,
+              "intermediate_size": 24, "num_hidden_layers": 2, "vocab_size": 40}
+    assert LAYOUTS[0].config(source, 3, 2, None)["head_dim"] == 8
+
+
 @pytest.mark.parametrize("files,bos", [
     ({"tokenizer_config.json": {"bos_token": "<s>"}}, "<s>"),
     ({"tokenizer_config.json": {}, "special_tokens_map.json": {"bos_token": {"content": "<s>"}}}, "<s>"),
