@@ -550,8 +550,9 @@ class _Planned:
         stores = None if group.statistics is None else [_StatisticsStore(open_reader(s), options.sharding)
                                                          for s in group.statistics]
         positions = None if group.positions is None else [group.positions[n] for n in self.names]
-        input_paths = [[renamed.get(n, n) for n in self.names] for renamed in group.inputs or [{}] * len(readers)]
-        self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions, input_paths)
+        renames = {} if group.inputs is None else {  # a plan of a group without renames may not take them
+            "input_paths": [[renamed.get(n, n) for n in self.names] for renamed in group.inputs]}
+        self.leaf_fn = group.plan.leaf_fn(self.spec, stores, names, positions, **renames)
         self.source = CheckpointSource(self.spec, readers, base_reader, options, inputs, base_inputs or {},
                                        group.vocabulary)
         renamed = base_inputs if base_reader is not None else inputs[0]

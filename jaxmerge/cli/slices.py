@@ -17,7 +17,7 @@ import jax
 
 from jaxmerge._hyper import Levels
 from jaxmerge._layers import LayerStack, position
-from jaxmerge.checkpoints.stream import Group, open_checkpoint
+from jaxmerge.checkpoints.stream import TIED_EMBEDDINGS, Group, open_checkpoint
 from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
 from jaxmerge.cli.tokenizer import Vocabulary, config_value, vocab_size_key
 from jaxmerge.cli.vocabulary import VocabularyRemap
@@ -133,7 +133,9 @@ def plan_groups(config: MergeConfig, seed: int, vocabulary: Vocabulary | None = 
                              base_inputs=base_inputs, positions=positions))
         offset += count
         if i == len(config.slices) - 1:
-            groups.append(_outside(plan, models, base, remap(slice_), names, stack, before=False))
+            sources = [*models, *([base] if base else [])]
+            tied = tuple(n for n in TIED_EMBEDDINGS if n not in names and any(n in layout(s)[0] for s in sources))
+            groups.append(_outside(plan, models, base, remap(slice_), names, stack, before=False, tied=tied))
     groups = [g for g in groups if g.outputs]
     if not groups:
         raise ConfigError("the slices give no tensor to write")
@@ -141,10 +143,12 @@ def plan_groups(config: MergeConfig, seed: int, vocabulary: Vocabulary | None = 
 
 
 def _outside(plan: MergePlan, models: list[Source], base: Source | None, vocabulary, names: list[str],
-             stack: LayerStack, *, before: bool) -> Group:
-    """The group of the tensors outside the layer stack: those before it (embeddings) or after it."""
+             stack: LayerStack, *, before: bool, tied: tuple = ()) -> Group:
+    """The group of the tensors outside the layer stack: those before it (embeddings) or after
+    it, with ``tied``: output embeddings that the template leaves out (its embeddings are
+    tied) and another source has."""
     outputs = tuple(n for k, n in enumerate(names)
-                    if stack.indices[k] is None and any(e in n.lower() for e in _EMBEDDING_NAMES) == before)
+                    if stack.indices[k] is None and any(e in n.lower() for e in _EMBEDDING_NAMES) == before) + tied
     return _group(plan, models, base, vocabulary, outputs=outputs, positions={n: position(None, 0) for n in outputs})
 
 

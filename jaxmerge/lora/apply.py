@@ -9,11 +9,16 @@ added, as PEFT loads them: modules trained in full (``modules_to_save``, under
 (``<module>.base_layer.<name>``: biases trained with ``bias="all"`` or ``"lora_only"``, an
 embedding saved with ``save_embedding_layers``).
 
+Removing an adapter (``weight < 0``) gives an adapted module's saved base-layer weight back
+as it is (the base the adapter was applied to); other tensors saved in full cannot be taken
+out, and such an adapter is refused.
+
 PEFT decides per layer, by its type, whether the weight is stored ``(in, out)`` (GPT-2's
 ``Conv1D``) and the update is transposed, whatever ``fan_in_fan_out`` the config holds
-(PEFT saves the value its last layer set). Here a layer's base tensor decides: by its shape
-where it is not square, else by the name transformers gives ``Conv1D`` layers (``c_attn``,
-``c_proj``, ``c_fc``, ``q_attn``), else the config.
+(PEFT saves the value its last layer set). Here the base tensors decide: a layer's shape
+where it is not square; a square layer named as transformers names ``Conv1D`` layers
+(``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``) as the non-square layers of those names are
+stored, where they agree (GPT-2's are ``Conv1D``, GPTBigCode's ``Linear``); else the config.
 """
 
 from __future__ import annotations
@@ -45,15 +50,22 @@ def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array]]:
 _CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})  # transformers' Conv1D layers (GPT-2 and its kin)
 
 
-def _fan_in_fan_out(adapter: Adapter, module: str, shape: tuple) -> bool | None:
-    """Whether ``module``'s base weight of ``shape`` is stored ``(in, out)``; None: as the config says."""
-    layer = adapter.layers[module]
-    if module in adapter.embeddings or layer.a.ndim != 2:
-        return None
-    out_in = (layer.b.shape[0], layer.a.shape[1])
-    if out_in[0] != out_in[1]:
-        return tuple(shape) == out_in[::-1]
-    return True if module.rsplit(".", 1)[-1] in _CONV1D_NAMES else None
+def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple]) -> dict[str, bool]:
+    """Per adapted linear module whose base weight's layout ``shapes`` tells, whether it is
+    stored ``(in, out)`` (see the module's docstring); the others follow the config."""
+    decided, square = {}, []
+    for module, layer in adapter.layers.items():
+        if module in adapter.embeddings or layer.a.ndim != 2 or f"{module}.weight" not in shapes:
+            continue
+        out_in = (layer.b.shape[0], layer.a.shape[1])
+        if out_in[0] == out_in[1]:
+            square.append(module)
+        else:
+            decided[module] = tuple(shapes[f"{module}.weight"]) == out_in[::-1]
+    named = {v for m, v in decided.items() if m.rsplit(".", 1)[-1] in _CONV1D_NAMES}
+    if len(named) == 1:
+        decided.update({m: next(iter(named)) for m in square if m.rsplit(".", 1)[-1] in _CONV1D_NAMES})
+    return decided
 
 
 @jax.jit
@@ -68,6 +80,11 @@ class _AdapterUpdate:
     def __init__(self, adapter: Adapter, weight: float):
         self.adapter, self.weight = adapter, weight
         self.modules, self.replaced = _updates(adapter)
+        self.layouts: dict[str, bool] = {}
+        lasting = sorted(set(self.replaced) - set(self.modules))
+        if weight < 0 and lasting:
+            raise JaxmergeError(f"the adapter saves {lasting[0]!r} in full ({len(lasting)} such tensors): removing it "
+                                "cannot give back the base's values")
 
     def __call__(self, name: str, tensor: jax.Array) -> jax.Array:
         if name in self.replaced:
@@ -76,25 +93,29 @@ class _AdapterUpdate:
                 raise JaxmergeError(f"the adapter saves {name!r} as {tuple(value.shape)}, the base holds "
                                     f"{tuple(tensor.shape)}")
             tensor = value.astype(tensor.dtype)
+            if self.weight < 0:  # the saved base layer: the tensor the adapter was applied to
+                return tensor
         if name not in self.modules:
             return tensor
         module = self.modules[name]
-        delta = self.adapter.delta(module, _fan_in_fan_out(self.adapter, module, tensor.shape))
+        delta = self.adapter.delta(module, self.layouts.get(module))
         if delta.shape != tensor.shape:
             raise JaxmergeError(f"the adapter's update of {self.modules[name]!r} is {tuple(delta.shape)}, the base "
                                 f"tensor {name!r} is {tuple(tensor.shape)}")
         return _added(tensor, delta, jnp.float32(self.weight))
 
-    def missing(self, names) -> None:
-        absent = sorted((set(self.modules) | set(self.replaced)) - set(names))
+    def bind(self, shapes: Mapping[str, tuple]) -> None:
+        """Check the base's tensors (``{name: shape}``) and read the layers' layouts from them."""
+        absent = sorted((set(self.modules) | set(self.replaced)) - set(shapes))
         if absent:
             raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
                                 f"({len(absent)} missing)")
+        self.layouts = _stored_in_out(self.adapter, shapes)
 
-    def leaf_fn(self, spec, statistics=None, model_names=None, positions=None, input_paths=None):
+    def leaf_fn(self, spec, statistics=None, model_names=None, positions=None):
         """The streaming driver's leaf function (see :class:`~jaxmerge.checkpoints.stream.Group`)."""
         names = [key[0] for key in spec.keys]
-        self.missing(names)
+        self.bind({name: tuple(leaf.shape) for name, leaf in zip(names, spec.leaves)})
         return lambda i, base, leaves: self(names[i], leaves[0])
 
 
@@ -112,7 +133,8 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
 
     Raises:
       JaxmergeError: a tensor the adapter changes is missing or of another shape (naming
-        it), or the adapter is DoRA or trains biases.
+        it), the adapter is DoRA or trains biases, or ``weight < 0`` and it saves tensors in
+        full other than its modules' base layers.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -124,7 +146,7 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
       ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
     update = _AdapterUpdate(adapter, weight)
-    update.missing(params)
+    update.bind({name: tuple(tensor.shape) for name, tensor in params.items()})
     return {name: update(name, tensor) for name, tensor in params.items()}
 
 

@@ -150,13 +150,13 @@ def _layer_types(config: Mapping) -> list[str]:
 
 def _deepseek_takes(model_types: list[str], shared_experts: int, shared_prompts: bool) -> bool:
     """Whether mergekit-moe's DeepSeek MoE layout takes the models: Llama or Mistral models of
-    one type, and at most one shared expert, without prompts."""
+    one type, and at most one shared expert, without prompts (positive or negative)."""
     return (shared_experts <= 1 and not shared_prompts and len(set(model_types)) == 1
             and model_types[0] in ("llama", "mistral"))
 
 
 def select_layout(architecture: str | None, model_types: list[str], shared_experts: int, shared_prompts: bool,
-                  gate_mode: str) -> Layout:
+                  gate_mode: str, shared_negative_prompts: bool = False) -> Layout:
     """mergekit-moe's choice of output architecture: among the layouts whose name starts with
     ``architecture`` (any case), the first that takes the models, Mixtral first.
 
@@ -164,8 +164,9 @@ def select_layout(architecture: str | None, model_types: list[str], shared_exper
       architecture: the config's ``architecture`` (None: any).
       model_types: the ``model_type`` of the base and of every expert.
       shared_experts: the number of shared experts.
-      shared_prompts: whether the shared experts have prompts.
+      shared_prompts: whether the shared experts have positive prompts.
       gate_mode: the config's gate mode.
+      shared_negative_prompts: whether the shared experts have negative prompts.
 
     Returns:
       The :class:`Layout`.
@@ -183,8 +184,8 @@ def select_layout(architecture: str | None, model_types: list[str], shared_exper
         raise ValueError(f"no output architecture is named {architecture!r}; known: {[la.name for la in LAYOUTS]}")
     reasons = []
     for layout in candidates:
-        if layout.model_type == "qwen2_moe" and architecture is None and _deepseek_takes(model_types, shared_experts,
-                                                                                         shared_prompts):
+        if layout.model_type == "qwen2_moe" and architecture is None and _deepseek_takes(
+                model_types, shared_experts, shared_prompts or shared_negative_prompts):
             raise ValueError("mergekit-moe writes these models as DeepSeek MoE (the layout it tries before Qwen MoE), "
                              "which is not written here; set architecture: qwen to write Qwen MoE")
         reason = layout.refusal(model_types, shared_experts, shared_prompts, gate_mode)

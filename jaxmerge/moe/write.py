@@ -139,7 +139,8 @@ def build_moe(config: MoeConfig, output: str | Path, *, seed: int = 0, options=N
     model_types = [read_config(m).get("model_type") for m in (config.base_model, *(e.source_model for e in
                                                                                    config.experts + config.shared_experts))]
     layout = select_layout(config.architecture, model_types, len(config.shared_experts),
-                           any(e.positive_prompts for e in config.shared_experts), config.gate_mode)
+                           any(e.positive_prompts for e in config.shared_experts), config.gate_mode,
+                           any(e.negative_prompts for e in config.shared_experts))
     opened = {}  # one reader per directory (a shared expert may be the base or an expert), the base's first
     for path in models.values():
         if Path(path).resolve() not in opened:

@@ -103,8 +103,8 @@ def test_a_failure_mid_merge_removes_the_staging_directory(family, tmp_path, mon
     plan = jaxmerge.plan("linear")
 
     class FailingPlan:
-        def leaf_fn(self, spec, statistics, names, positions, input_paths):
-            leaf_fn = plan.leaf_fn(spec, statistics, names, positions, input_paths)
+        def leaf_fn(self, spec, statistics, names, positions):
+            leaf_fn = plan.leaf_fn(spec, statistics, names, positions)
 
             def fn(i, b, leaves):
                 calls.append(i)

@@ -131,6 +131,16 @@ def test_a_models_filters_match_the_names_of_the_layers_it_is_read_from(tmp_path
         np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_a_tied_first_source_still_gives_the_slices_a_head(tmp_path, family):
+    tied = {k: v for k, v in family["m0"].items() if k != "lm_head.weight"}
+    write_model(tmp_path / "tied", tied, config={"num_hidden_layers": LAYERS, "tie_word_embeddings": True})
+    sources = [{"model": m, "layer_range": [0, LAYERS], "parameters": {"weight": 1.0}} for m in ("tied", "m1")]
+    assert _merge(tmp_path, merge_method="linear", slices=[{"sources": sources}]) == 0
+    head = checkpoints.load(tmp_path / "out")["lm_head.weight"]
+    expected = (np.asarray(tied["model.embed_tokens.weight"]) + np.asarray(family["m1"]["lm_head.weight"])) / 2
+    np.testing.assert_allclose(head, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("config,message", [
     (dict(merge_method="slerp", base_model="base", parameters={"t": 0.5},
           slices=[{"sources": [{"model": "m0", "layer_range": [0, 4]}, {"model": "m1", "layer_range": [0, 4]}]}]),

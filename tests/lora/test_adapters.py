@@ -111,6 +111,30 @@ def test_peft_files_as_peft_merges_them(tmp_path):
         np.testing.assert_allclose(np.asarray(merged[name]), value, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_square_layers_follow_the_layout_their_namesakes_show_and_removal_restores_saved_base_layers():
+    rng = np.random.default_rng(4)
+
+    def layer(out, inp):
+        return lora.LoraLayer(jnp.asarray(rng.normal(size=(2, inp))), jnp.asarray(rng.normal(size=(out, 2))))
+    modules = {"h.0.attn.c_proj": layer(8, 8), "h.0.mlp.c_proj": layer(8, 32)}  # GPTBigCode: Linear layers
+    adapter = lora.Adapter(modules, lora.lora_config(2, 2, ["c_proj"]))
+    base = {"h.0.attn.c_proj.weight": np.zeros((8, 8), np.float32), "h.0.mlp.c_proj.weight": np.zeros((8, 32), np.float32)}
+    merged = lora.merge_adapter(base, adapter)
+    for module, value in modules.items():
+        np.testing.assert_allclose(merged[f"{module}.weight"], np.asarray(value.b @ value.a), rtol=1e-6, atol=1e-6)
+    embedding = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 5))), jnp.asarray(rng.normal(size=(3, 2))))
+    saved = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    adapter = lora.Adapter({"embed": embedding}, lora.lora_config(2, 2, ["embed"]), frozenset({"embed"}),
+                           {"base_model.model.embed.base_layer.weight": saved})
+    applied = lora.merge_adapter({"embed.weight": jnp.zeros((5, 3))}, adapter)
+    np.testing.assert_allclose(applied["embed.weight"], saved + (embedding.b @ embedding.a).T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(lora.merge_adapter(applied, adapter, weight=-1)["embed.weight"], saved)
+    trained = lora.Adapter(adapter.layers, adapter.config, adapter.embeddings,
+                           {**adapter.extras, "base_model.model.head.weight": jnp.ones(3)})
+    with pytest.raises(JaxmergeError, match="removing it cannot give back the base's values"):
+        lora.merge_adapter({"embed.weight": jnp.zeros((5, 3)), "head.weight": jnp.zeros(3)}, trained, weight=-1)
+
+
 def test_apply_adapter_streams_the_same_result_and_keeps_dtypes(tmp_path):
     base = _base(dtype=ml_dtypes.bfloat16)
     base_dir = checkpoints.save(tmp_path / "base", base, format="safetensors")

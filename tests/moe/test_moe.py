@@ -263,6 +263,8 @@ def test_merging_experts_averages_groups_and_their_router_rows():
     ({"experts": [{"source_model": "e9"}], "gate_mode": "random"}, r"experts\[0\].source_model: path 'e9' does not"),
     ({"architecture": "qwen3", "gate_mode": "random"}, "Qwen3 MoE takes qwen3 models, got 'llama'"),
     ({"shared_experts": [{"source_model": "e2"}]}, "mergekit-moe writes these models as DeepSeek MoE"),
+    ({"shared_experts": [{"source_model": "e2", "negative_prompts": ["ab"]}]},  # Qwen MoE's rule, not DeepSeek's
+     "Qwen MoE routes to its shared expert by prompts"),
     ({"non_expert_merge": {"method": "ties", "parameters": {"colour": 1}}}, "ties has no parameter 'colour'"),
     ({"routing_texts": ["ab"]}, "routing_texts are read by gate_mode perplexity only"),
     ({"routing_texts": "ab", "gate_mode": "perplexity"}, "routing_texts must be a list of non-empty strings"),
