@@ -44,6 +44,34 @@ vocabularies and moves the embedding and head rows onto the merged one.
 """
 
 
+# mergekit-yaml's options that change nothing here (devices, threads, caches, its loader and writer)
+_MERGEKIT_NO_EFFECT = ("--allow-crimes", "--no-allow-crimes", "--trust-remote-code", "--no-trust-remote-code",
+                       "--cuda", "--no-cuda", "--low-cpu-memory", "--no-low-cpu-memory", "--lazy-unpickle",
+                       "--no-lazy-unpickle", "--read-to-gpu", "--no-read-to-gpu", "--multi-gpu", "--no-multi-gpu",
+                       "--gpu-rich", "--async-write", "--no-async-write", "--clone-tensors", "--no-clone-tensors",
+                       "--copy-tokenizer", "--write-model-card", "--safe-serialization", "--no-quiet")
+_MERGEKIT_NO_EFFECT_VALUES = (("--device",), ("-j", "--num-threads"), ("--write-threads",), ("--transformers-cache",),
+                              ("--lora-merge-cache",), ("--lora-merge-dtype",), ("--out-shard-size",))
+
+
+def _mergekit_yaml_options(merge: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's options, so that its command lines run unchanged."""
+    group = merge.add_argument_group(
+        "mergekit-yaml's options", "accepted so that mergekit-yaml command lines run unchanged: --quiet hides the "
+        "progress bar, --no-copy-tokenizer leaves the tokenizer files out, --no-write-model-card the README.md; "
+        f"{', '.join(_MERGEKIT_NO_EFFECT)} and {', '.join(f[-1] for f in _MERGEKIT_NO_EFFECT_VALUES)} VALUE change "
+        "nothing (shards are sized by --max-shard-size)")
+    group.add_argument("--quiet", action="store_true", dest="no_progress", help=argparse.SUPPRESS)
+    group.add_argument("--no-copy-tokenizer", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--no-write-model-card", action="store_true", help=argparse.SUPPRESS)
+    for flag in _MERGEKIT_NO_EFFECT:
+        group.add_argument(flag, action="append_const", const=flag, dest="no_effect", default=[],
+                           help=argparse.SUPPRESS)
+    for flags in _MERGEKIT_NO_EFFECT_VALUES:
+        group.add_argument(*flags, action="append", dest="no_effect", type=lambda v, f=flags[-1]: f"{f} {v}",
+                           help=argparse.SUPPRESS)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmerge", description="Merge model checkpoints with JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not keep compiled kernels on disk for later runs (default: kept in "
                             "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxmerge/xla or ~/.cache/jaxmerge/xla; "
                             "also off when JAXMERGE_NO_COMPILATION_CACHE=1)")
+    _mergekit_yaml_options(merge)
     inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
                                               "or Orbax directory) with shapes and dtypes, and the totals.")
@@ -227,6 +256,8 @@ def _merge(args) -> None:
     config = load_config(args.config)
     for line in config.ignored:
         print(f"jaxmerge: warning: {line}", file=sys.stderr)
+    if args.no_effect:
+        print(f"jaxmerge: note: mergekit-yaml's {', '.join(args.no_effect)} change nothing here", file=sys.stderr)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
@@ -239,7 +270,9 @@ def _merge(args) -> None:
     reference = Path(groups[0].base or groups[0].models[0])
     template = None if config.chat_template is None else resolve_template(config.chat_template, models)
     extra_files = {**tokenizer_files(vocabulary, reference, template), "jaxmerge_config.yml": config.text,
-                   "README.md": model_card(config, Path(args.output).name)}
+                   "README.md": None if args.no_write_model_card else model_card(config, Path(args.output).name)}
+    if args.no_copy_tokenizer:
+        extra_files.update(dict.fromkeys(TOKENIZER_FILES))
     vocab_rows = None if vocabulary is None else vocabulary.rows
     if (model_config := output_config(config, reference, config.out_dtype or config.dtype, vocab_rows)) is not None:
         extra_files["config.json"] = model_config

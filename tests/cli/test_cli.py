@@ -153,6 +153,18 @@ models:
     _check_output(tmp_path / "out", jaxmerge.ties(base, tunes, [1.0, [0.1, 1.0]], density=density, lambda_=0.9))
 
 
+def test_mergekit_yaml_command_lines_run_unchanged(tmp_path, models, capsys):
+    config = _config(tmp_path, merge_method="linear", models=[{"model": "tune0", "parameters": {"weight": 1.0}},
+                                                              {"model": "tune1", "parameters": {"weight": 1.0}}])
+    assert _run("merge", config, tmp_path / "out", "--cuda", "--lazy-unpickle", "--allow-crimes", "-j", "2",
+                "--out-shard-size", "1B", "--quiet", "--no-copy-tokenizer", "--no-write-model-card") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "jaxmerge_config.yml", "model.safetensors"]
+    err = capsys.readouterr().err
+    assert "--cuda, --lazy-unpickle, --allow-crimes, --num-threads 2, --out-shard-size 1B change nothing" in err
+    assert "%" not in err  # --quiet: no progress bar
+
+
 def test_inspect(tmp_path, models, capsys):
     assert _run("inspect", tmp_path / "tune0") == 0
     out = capsys.readouterr().out
