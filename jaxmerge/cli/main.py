@@ -54,22 +54,33 @@ _MERGEKIT_NO_EFFECT_VALUES = (("--device",), ("-j", "--num-threads"), ("--write-
                               ("--lora-merge-cache",), ("--lora-merge-dtype",), ("--out-shard-size",))
 
 
-def _mergekit_yaml_options(merge: argparse.ArgumentParser) -> None:
-    """mergekit-yaml's options, so that its command lines run unchanged."""
-    group = merge.add_argument_group(
-        "mergekit-yaml's options", "accepted so that mergekit-yaml command lines run unchanged: --quiet hides the "
-        "progress bar, --no-copy-tokenizer leaves the tokenizer files out, --no-write-model-card the README.md; "
-        f"{', '.join(_MERGEKIT_NO_EFFECT)} and {', '.join(f[-1] for f in _MERGEKIT_NO_EFFECT_VALUES)} VALUE change "
-        "nothing (shards are sized by --max-shard-size)")
-    group.add_argument("--quiet", action="store_true", dest="no_progress", help=argparse.SUPPRESS)
-    group.add_argument("--no-copy-tokenizer", action="store_true", help=argparse.SUPPRESS)
-    group.add_argument("--no-write-model-card", action="store_true", help=argparse.SUPPRESS)
-    for flag in _MERGEKIT_NO_EFFECT:
+_MERGEKIT_ACTING = {"--quiet": "hides the progress bar", "--no-copy-tokenizer": "leaves the tokenizer files out",
+                    "--no-write-model-card": "leaves the model card (README.md) out"}
+
+
+def _mergekit_options(parser: argparse.ArgumentParser, tool: str, acting: tuple = (), no_effect: tuple = ()) -> None:
+    """``tool``'s options (mergekit's shared ones, plus ``no_effect``), so that its command
+    lines run unchanged: those in ``acting`` (of ``_MERGEKIT_ACTING``) act, the others are
+    noted on stderr as changing nothing (see :func:`_note_no_effect`)."""
+    flags = (*_MERGEKIT_NO_EFFECT, *(f for f in _MERGEKIT_ACTING if f not in acting), *no_effect)
+    group = parser.add_argument_group(
+        f"{tool}'s options", f"accepted so that {tool} command lines run unchanged: "
+        + "".join(f"{f} {_MERGEKIT_ACTING[f]}; " for f in acting)
+        + f"{', '.join(flags)} and {', '.join(f[-1] for f in _MERGEKIT_NO_EFFECT_VALUES)} VALUE change nothing")
+    for flag in acting:
+        group.add_argument(flag, action="store_true", help=argparse.SUPPRESS,
+                           **({"dest": "no_progress"} if flag == "--quiet" else {}))
+    for flag in flags:
         group.add_argument(flag, action="append_const", const=flag, dest="no_effect", default=[],
                            help=argparse.SUPPRESS)
     for flags in _MERGEKIT_NO_EFFECT_VALUES:
         group.add_argument(*flags, action="append", dest="no_effect", type=lambda v, f=flags[-1]: f"{f} {v}",
                            help=argparse.SUPPRESS)
+
+
+def _note_no_effect(args) -> None:
+    if args.no_effect:
+        print(f"jaxmerge: note: {', '.join(args.no_effect)} change nothing here", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not keep compiled kernels on disk for later runs (default: kept in "
                             "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxmerge/xla or ~/.cache/jaxmerge/xla; "
                             "also off when JAXMERGE_NO_COMPILATION_CACHE=1)")
-    _mergekit_yaml_options(merge)
+    _mergekit_options(merge, "mergekit-yaml", acting=tuple(_MERGEKIT_ACTING))
     inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
                                               "or Orbax directory) with shapes and dtypes, and the totals.")
@@ -133,6 +144,7 @@ def _lora_parsers(commands) -> None:
     extract.add_argument("-e", "--exclude-regex", action="append", default=[], help="skip modules matching this")
     extract.add_argument("--force", action="store_true", help="replace the output if it exists and is not empty")
     extract.add_argument("-v", "--verbose", action="store_true", help="print each module's rank and retained energy")
+    _mergekit_options(extract, "mergekit-extract-lora", no_effect=("--distribute-scale", "--no-embed-lora"))
     combine = commands.add_parser("merge-adapters", help="merge LoRA adapters into one (PEFT's add_weighted_adapter)",
                                   description="Merge PEFT LoRA adapters into one with PEFT's combination types.")
     combine.add_argument("output", metavar="OUTPUT_DIR", help="the adapter directory to create")
@@ -172,6 +184,7 @@ def _moe_parser(commands) -> None:
     moe.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
     moe.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     moe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _mergekit_options(moe, "mergekit-moe", acting=("--quiet",), no_effect=("--load-in-4bit", "--load-in-8bit"))
 
 
 def _align_parser(commands) -> None:
@@ -256,8 +269,7 @@ def _merge(args) -> None:
     config = load_config(args.config)
     for line in config.ignored:
         print(f"jaxmerge: warning: {line}", file=sys.stderr)
-    if args.no_effect:
-        print(f"jaxmerge: note: mergekit-yaml's {', '.join(args.no_effect)} change nothing here", file=sys.stderr)
+    _note_no_effect(args)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,
@@ -320,6 +332,7 @@ def _extract_lora(args) -> None:
     from jaxmerge.checkpoints.stream import _load, open_checkpoint
     from jaxmerge.lora import extract_lora, save_adapter
 
+    _note_no_effect(args)
     base, tuned = open_checkpoint(args.base_model), open_checkpoint(args.model)
     missing = sorted(set(tuned.names) - set(base.names))
     if missing:
@@ -364,6 +377,7 @@ def _moe(args) -> None:
     from jaxmerge.moe import build_moe, load_moe_config
 
     config = load_moe_config(args.config, allow_all_same=args.allow_all_same)
+    _note_no_effect(args)
     options = StreamOptions(force=args.force, progress=not args.no_progress, max_shard_size=args.max_shard_size)
     print(f"wrote {build_moe(config, args.output, seed=args.random_seed, options=options, inputs=[args.config])}")
 

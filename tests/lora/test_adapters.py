@@ -200,8 +200,11 @@ def test_extract_merge_and_apply_from_the_command_line(tmp_path, capsys):
         tuned = {n: x + 0.05 * rng.normal(size=x.shape).astype(np.float32) for n, x in base.items()}
         paths[i] = checkpoints.save(tmp_path / f"ft{i}", tuned, format="safetensors")
         assert main(["extract-lora", "--model", str(paths[i]), "--base-model", str(paths["base"]),
-                     "--out-path", str(tmp_path / f"lora{i}"), "--max-rank", "10", "-e", "embed|norm"]) == 0
-    assert "retained energy mean 1.0000" in capsys.readouterr().out  # full rank: exact
+                     "--out-path", str(tmp_path / f"lora{i}"), "--max-rank", "10", "-e", "embed|norm",
+                     "--cuda", "--no-embed-lora"]) == 0  # mergekit-extract-lora's options are accepted
+    captured = capsys.readouterr()
+    assert "retained energy mean 1.0000" in captured.out  # full rank: exact
+    assert "--cuda, --no-embed-lora change nothing" in captured.err
     extracted = lora.load_adapter(tmp_path / "lora0")
     tuned = checkpoints.load(paths[0])
     for module in SHAPES:

@@ -38,7 +38,7 @@ def _build(root, tmp_path, seed=0, name="out", **config):
                for i, (p, n) in enumerate(PROMPTS)]
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"base_model": str(root / "base"), "experts": entries, **config}))
-    assert main(["moe", str(path), str(tmp_path / name), "--no-progress", "--random-seed", str(seed)]) == 0
+    assert main(["moe", str(path), str(tmp_path / name), "--quiet", "--random-seed", str(seed), "--lazy-unpickle"]) == 0
     return checkpoints.load(tmp_path / name), json.loads((tmp_path / name / "config.json").read_text())
 
 
