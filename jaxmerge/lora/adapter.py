@@ -181,11 +181,14 @@ def lora_config(r: int, lora_alpha: float, target_modules, **fields) -> dict:
 
 
 def check_plain(adapter: Adapter, name: str) -> None:
-    """Refuse what PEFT's merges and a plain ``W + scaling B A`` do not cover: DoRA, LoRA biases."""
+    """Refuse what PEFT's merges and a plain ``W + scaling B A`` do not cover: DoRA, LoRA
+    biases, trained token rows."""
     if adapter.config.get("use_dora"):
         raise JaxmergeError(f"{name} is a DoRA adapter (use_dora): its update is not B @ A alone; not supported")
     if adapter.config.get("lora_bias"):
         raise JaxmergeError(f"{name} trains a bias with its LoRA (lora_bias): not supported")
+    if adapter.config.get("trainable_token_indices"):
+        raise JaxmergeError(f"{name} trains some token rows in full (trainable_token_indices): not supported")
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:

@@ -163,6 +163,8 @@ def test_rank_patterns_are_merged_and_kept_loadable(tmp_path):
     (lambda a: lora.add_weighted_adapter(a, [1, float("nan"), 1], "svd"), "weights must be finite"),
     (lambda a: lora.add_weighted_adapter([a[0], random_adapter(5, r=2)], [1, 1], "linear"), "one rank"),
     (lambda a: lora.add_weighted_adapter([a[0], random_adapter(5, use_dora=True)], [1, 1], "svd"), "DoRA"),
+    (lambda a: lora.add_weighted_adapter([a[0], random_adapter(5, trainable_token_indices=[3])], [1, 1], "svd"),
+     "trainable_token_indices"),
     (lambda a: lora.add_weighted_adapter([a[0], {}], [1, 1], "svd"), "adapters\\[1\\] is a dict"),
 ])
 def test_bad_arguments_are_refused(adapters, call, message):
