@@ -530,7 +530,8 @@ class _Planned:
         readers = [open_reader(m) for m in group.models]
         base_reader = None if group.base is None else open_reader(group.base)
         names = list(group.model_names) if group.model_names is not None else [str(m) for m in group.models]
-        wanted = set(group.outputs or ()).union(*(r.names for r in [*readers, base_reader] if r is not None))
+        wanted = set(group.outputs) if group.outputs is not None else set().union(
+            *(r.names for r in [*readers, base_reader] if r is not None))
         inputs = [_untied(r, wanted, renamed) for r, renamed in zip(readers, group.inputs or [{}] * len(readers))]
         base_inputs = None if base_reader is None else _untied(base_reader, wanted, group.base_inputs or {})
 
@@ -577,9 +578,11 @@ def _untied(reader, wanted: set, renamed: dict) -> dict:
     an output embedding that another model has and this one leaves out because its embeddings
     are tied, as mergekit reads it."""
     present = set(reader.names)
-    tied = {out: next(t for t in TIED_EMBEDDINGS[out] if t in present) for out in wanted
-            if out in TIED_EMBEDDINGS and out not in present and out not in renamed
-            and any(t in present for t in TIED_EMBEDDINGS[out])}
+    tied = {}
+    for out in wanted - present - set(renamed):
+        stand_in = next((t for t in TIED_EMBEDDINGS.get(out, ()) if t in present), None)
+        if stand_in is not None:
+            tied[out] = stand_in
     return {**tied, **renamed}
 
 

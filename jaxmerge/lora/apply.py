@@ -100,7 +100,7 @@ class _AdapterUpdate:
         module = self.modules[name]
         delta = self.adapter.delta(module, self.layouts.get(module))
         if delta.shape != tensor.shape:
-            raise JaxmergeError(f"the adapter's update of {self.modules[name]!r} is {tuple(delta.shape)}, the base "
+            raise JaxmergeError(f"the adapter's update of {module!r} is {tuple(delta.shape)}, the base "
                                 f"tensor {name!r} is {tuple(tensor.shape)}")
         return _added(tensor, delta, jnp.float32(self.weight))
 

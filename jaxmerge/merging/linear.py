@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import _hyper
-from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, weighted_sum
+from jaxmerge._tree import PyTree, TreeSpec, acc_dtype, total, weighted_sum
 from jaxmerge.merging.method import WEIGHTS, Param, merge_method
 
 
@@ -33,13 +33,12 @@ def _fused_average(leaves: Sequence[jax.Array], weights: jax.Array, *, normalize
     float32 result unless the float64 one lies on a float32 midpoint. Traced with x64 on."""
     wide, narrow = jnp.float64, jnp.float32
     weights = weights.astype(narrow)
-    total = jnp.zeros(leaves[0].shape, narrow)
+    summed = jnp.zeros(leaves[0].shape, narrow)
     for leaf, weight in zip(leaves, weights):
-        total = (total.astype(wide) + leaf.astype(wide) * weight.astype(wide)).astype(narrow)
+        summed = (summed.astype(wide) + leaf.astype(wide) * weight.astype(wide)).astype(narrow)
     if normalize:
-        denominator = functools.reduce(lambda a, b: a + b, list(weights))
-        total = (total.astype(wide) / denominator.astype(wide)).astype(narrow)
-    return total.astype(leaves[0].dtype)
+        summed = (summed.astype(wide) / total(list(weights), narrow).astype(wide)).astype(narrow)
+    return summed.astype(leaves[0].dtype)
 
 
 def _average_plan(spec: TreeSpec, hp: dict):
