@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxmerge.cli.hub import cache_dir, cached_model
+from jaxmerge.cli.adapted import AdaptedModels
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.merging.method import Method, Param, method
 
@@ -117,6 +117,7 @@ class MergeConfig:
         ``tokenizer``).
       chat_template: the chat template to write with the tokenizer (a name, ``'auto'`` or a
         template).
+      adapted: the models named with an adapter, to apply before merging.
     """
 
     method: Method
@@ -130,18 +131,7 @@ class MergeConfig:
     ignored: list[str]
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
-
-
-def resolve_model(path: str, config_dir: Path, where: str) -> Path:
-    """A model's directory: the path, else relative to the config, else a Hugging Face id in the local cache."""
-    candidate = Path(path).expanduser()
-    for option in (candidate, config_dir / candidate):
-        if option.exists():
-            return option
-    if (cached := cached_model(path)) is not None:
-        return cached
-    raise ConfigError(f"{where}: path {path!r} does not exist, and no model of that id is in the Hugging Face "
-                      f"cache ({cache_dir()}); jaxmerge downloads nothing")
+    adapted: AdaptedModels = dataclasses.field(default_factory=lambda: AdaptedModels(None))
 
 
 def parse_dtype(value, key: str) -> str | None:
@@ -195,11 +185,11 @@ def _read(path: Path) -> tuple[dict, str]:
 class _Reader:
     """Reads the parts of one config, resolving paths and collecting what mergekit ignores."""
 
-    def __init__(self, path: Path, method: Method):
-        self.path, self.method, self.ignored = path, method, []
+    def __init__(self, path: Path, method: Method, adapted: AdaptedModels):
+        self.path, self.method, self.ignored, self.adapted = path, method, [], adapted
 
     def model(self, value, where: str) -> Path:
-        return resolve_model(str(value), self.path.parent, where)
+        return self.adapted.resolve(value, self.path.parent, where)
 
     def parameters(self, parameters, where: str, per_model: bool) -> dict:
         """The parameters a method takes at this level; the others are reported and ignored."""
@@ -315,8 +305,13 @@ def _chat_template(value, path: Path) -> str | None:
     return value
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def load_config(path: str | Path, *, lora_cache: Path | None = None) -> MergeConfig:
     """Read and check a YAML config.
+
+    Args:
+      path: the config file.
+      lora_cache: where models named with an adapter (``model+adapter``) are to be applied
+        (:mod:`jaxmerge.cli.adapted`); None refuses them.
 
     Raises:
       ConfigError: one line naming the key or the path at fault.
@@ -327,7 +322,7 @@ def load_config(path: str | Path) -> MergeConfig:
         record = method(str(raw.get("merge_method")))
     except JaxmergeError as error:
         raise ConfigError(f"{path}: {error}") from None
-    reader = _Reader(path, record)
+    reader = _Reader(path, record, AdaptedModels(lora_cache))
     reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw if key not in TOP_LEVEL]
     base = reader.model(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     if record.statistics and "slices" in raw:
@@ -339,7 +334,8 @@ def load_config(path: str | Path) -> MergeConfig:
     return MergeConfig(record, base, slices, "slices" in raw,
                        reader.parameters(raw.get("parameters"), "parameters", per_model=False),
                        parse_dtype(raw.get("dtype"), "dtype"), parse_dtype(raw.get("out_dtype"), "out_dtype"), text,
-                       reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path))
+                       reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path),
+                       reader.adapted)
 
 
 def _models_slice(reader: _Reader, entries, base: Path | None) -> Slice:

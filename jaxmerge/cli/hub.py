@@ -1,4 +1,5 @@
-"""Hugging Face model ids (``org/name``, ``org/name@revision``) found in the local Hugging Face cache.
+"""Where a config's models are: local paths, or Hugging Face model ids (``org/name``,
+``org/name@revision``) found in the local Hugging Face cache.
 
 jaxmerge downloads nothing: a model id that is not a local path is looked up in the cache
 that ``huggingface_hub`` fills (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+
+from jaxmerge.errors import ConfigError
 
 _MODEL_ID = re.compile(r"^(?P<repo>[\w.-]+(/[\w.-]+)?)(@(?P<revision>[\w./-]+))?$")
 _COMMIT = re.compile(r"[\w-]+(\.[\w-]+)*")
@@ -44,3 +47,15 @@ def cached_model(model_id: str) -> Path | None:
         return None
     snapshot = repo / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
+
+
+def resolve_model(path: str, config_dir: Path, where: str) -> Path:
+    """A model's directory: the path, else relative to the config, else a Hugging Face id in the local cache."""
+    candidate = Path(path).expanduser()
+    for option in (candidate, config_dir / candidate):
+        if option.exists():
+            return option
+    if (cached := cached_model(path)) is not None:
+        return cached
+    raise ConfigError(f"{where}: path {path!r} does not exist, and no model of that id is in the Hugging Face "
+                      f"cache ({cache_dir()}); jaxmerge downloads nothing")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -58,22 +59,25 @@ _MERGEKIT_ACTING = {"--quiet": "hides the progress bar", "--no-copy-tokenizer": 
                     "--no-write-model-card": "leaves the model card (README.md) out"}
 
 
-def _mergekit_options(parser: argparse.ArgumentParser, tool: str, acting: tuple = (), no_effect: tuple = ()) -> None:
+def _mergekit_options(parser: argparse.ArgumentParser, tool: str, acting: tuple = (), no_effect: tuple = (),
+                      own: tuple = ()) -> None:
     """``tool``'s options (mergekit's shared ones, plus ``no_effect``), so that its command
-    lines run unchanged: those in ``acting`` (of ``_MERGEKIT_ACTING``) act, the others are
-    noted on stderr as changing nothing (see :func:`_note_no_effect`)."""
+    lines run unchanged: those in ``acting`` (of ``_MERGEKIT_ACTING``) act, those with a value
+    in ``own`` are the command's own options, the others are noted on stderr as changing
+    nothing (see :func:`_note_no_effect`)."""
     flags = (*_MERGEKIT_NO_EFFECT, *(f for f in _MERGEKIT_ACTING if f not in acting), *no_effect)
+    valued = [f for f in _MERGEKIT_NO_EFFECT_VALUES if f[-1] not in own]
     group = parser.add_argument_group(
         f"{tool}'s options", f"accepted so that {tool} command lines run unchanged: "
         + "".join(f"{f} {_MERGEKIT_ACTING[f]}; " for f in acting)
-        + f"{', '.join(flags)} and {', '.join(f[-1] for f in _MERGEKIT_NO_EFFECT_VALUES)} VALUE change nothing")
+        + f"{', '.join(flags)} and {', '.join(f[-1] for f in valued)} VALUE change nothing")
     for flag in acting:
         group.add_argument(flag, action="store_true", help=argparse.SUPPRESS,
                            **({"dest": "no_progress"} if flag == "--quiet" else {}))
     for flag in flags:
         group.add_argument(flag, action="append_const", const=flag, dest="no_effect", default=[],
                            help=argparse.SUPPRESS)
-    for flags in _MERGEKIT_NO_EFFECT_VALUES:
+    for flags in valued:
         group.add_argument(*flags, action="append", dest="no_effect", type=lambda v, f=flags[-1]: f"{f} {v}",
                            help=argparse.SUPPRESS)
 
@@ -111,7 +115,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not keep compiled kernels on disk for later runs (default: kept in "
                             "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxmerge/xla or ~/.cache/jaxmerge/xla; "
                             "also off when JAXMERGE_NO_COMPILATION_CACHE=1)")
-    _mergekit_options(merge, "mergekit-yaml", acting=tuple(_MERGEKIT_ACTING))
+    merge.add_argument("--lora-merge-cache", metavar="DIR",
+                       help="where models named with a LoRA adapter (model+adapter) are applied and kept, reused "
+                            "when there (default: a temporary directory beside OUTPUT_DIR, removed after)")
+    merge.add_argument("--lora-merge-dtype", type=_dtype,
+                       help="apply adapters to models read in this dtype (default: the model config's dtype)")
+    _mergekit_options(merge, "mergekit-yaml", acting=tuple(_MERGEKIT_ACTING),
+                      own=("--lora-merge-cache", "--lora-merge-dtype"))
     inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
                                               "or Orbax directory) with shapes and dtypes, and the totals.")
@@ -225,6 +235,15 @@ def _size(text: str) -> str:
     return text
 
 
+def _dtype(text: str) -> str:
+    from jaxmerge.cli.config import parse_dtype
+
+    try:
+        return parse_dtype(text.removeprefix("torch."), "the dtype")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -254,22 +273,40 @@ def _merge(args) -> None:
 
     import jax
 
-    from jaxmerge.checkpoints.stream import StreamOptions, largest_axes_sharding, stream_groups
-    from jaxmerge.cli.card import model_card
-    from jaxmerge.cli.chat_templates import resolve_template
+    from jaxmerge.checkpoints.stream import largest_axes_sharding, staging_path
     from jaxmerge.cli.config import load_config
-    from jaxmerge.cli.slices import output_config, plan_groups
-    from jaxmerge.cli.tokenizer import TOKENIZER_FILES, build_vocabulary, tokenizer_files
 
     if not args.no_compilation_cache and os.environ.get("JAXMERGE_NO_COMPILATION_CACHE", "") in ("", "0"):
         _compilation_cache()
     if args.distributed:
         jax.distributed.initialize()
     sharding = largest_axes_sharding(parse_mesh(args.mesh)) if args.mesh else None
-    config = load_config(args.config)
+    single = jax.process_count() == 1
+    temporary = None if args.lora_merge_cache or not single else staging_path(Path(args.output).absolute())
+    config = load_config(args.config, lora_cache=temporary or args.lora_merge_cache and Path(args.lora_merge_cache))
     for line in config.ignored:
         print(f"jaxmerge: warning: {line}", file=sys.stderr)
     _note_no_effect(args)
+    if config.adapted.pending and not single:
+        raise ConfigError("models named with an adapter (model+adapter) are applied by one process: apply them "
+                          "first (jaxmerge apply-adapter), then merge the results")
+    try:
+        config.adapted.apply(args.lora_merge_dtype, progress=not args.no_progress)
+        _merge_config(args, config, sharding)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _merge_config(args, config, sharding) -> None:
+    from pathlib import Path
+
+    from jaxmerge.checkpoints.stream import StreamOptions, stream_groups
+    from jaxmerge.cli.card import model_card
+    from jaxmerge.cli.chat_templates import resolve_template
+    from jaxmerge.cli.slices import output_config, plan_groups
+    from jaxmerge.cli.tokenizer import TOKENIZER_FILES, build_vocabulary, tokenizer_files
+
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
     options = StreamOptions(dtype=config.dtype, out_dtype=config.out_dtype, output_format=args.output_format,
                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress,

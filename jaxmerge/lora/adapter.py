@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxmerge.errors import CheckpointError, JaxmergeError
 
@@ -130,7 +131,13 @@ def _pattern_value(patterns: Mapping, module: str, default):
 
 @jax.jit(static_argnames=("transposed",))
 def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.Array:
-    """One module's update ``scaling * B @ A``, in float32.
+    """One module's update ``scaling * B @ A``, in float32, with PEFT's arithmetic on CPU.
+
+    ``B @ A`` is summed over the rank in order, one fused multiply-add a term, as CPU
+    matrix-multiply kernels (torch's) sum it; XLA has no fused multiply-add, so each step is
+    taken in float64 (exact for the product of two float32 numbers) and rounded to float32:
+    torch's float32 result unless the float64 sum lies on a float32 midpoint. Then the
+    product is multiplied by ``scaling`` in float32.
 
     Args:
       layer: the module's factors.
@@ -148,11 +155,25 @@ def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.
       >>> lora.delta_weight(layer, 2.0, transposed=True).shape
       (3, 2)
     """
-    a, b = layer.a.astype(jnp.float32), layer.b.astype(jnp.float32)
-    product = jnp.einsum("or,r...->o...", b.reshape(b.shape[:2]), a)
+    b = layer.b.astype(jnp.float32).reshape(layer.b.shape[:2])
+    a = layer.a.astype(jnp.float32)
+    with jax.enable_x64(True):
+        product = _rank_ordered_product(b, a)
     if transposed:
         product = product.T
     return product * jnp.float32(scaling)
+
+
+def _rank_ordered_product(b: jax.Array, a: jax.Array) -> jax.Array:
+    """``b @ a`` over the first axis of ``a``, a fused multiply-add per rank term, in order."""
+    wide = jnp.float64
+    spread = (-1,) + (1,) * (a.ndim - 1)
+
+    def step(k, total):
+        term = lax.dynamic_index_in_dim(b, k, 1, keepdims=False).reshape(spread).astype(wide) \
+            * lax.dynamic_index_in_dim(a, k, 0).astype(wide)
+        return (total.astype(wide) + term).astype(jnp.float32)
+    return lax.fori_loop(0, a.shape[0], step, jnp.zeros((b.shape[0], *a.shape[1:]), jnp.float32), unroll=8)
 
 
 def lora_config(r: int, lora_alpha: float, target_modules, **fields) -> dict:

@@ -99,6 +99,8 @@ class _AdapterUpdate:
             return tensor
         module = self.modules[name]
         delta = self.adapter.delta(module, self.layouts.get(module))
+        if module in self.adapter.embeddings:  # PEFT rounds an embedding's update to the weight's dtype first
+            delta = delta.astype(tensor.dtype)
         if delta.shape != tensor.shape:
             raise JaxmergeError(f"the adapter's update of {module!r} is {tuple(delta.shape)}, the base "
                                 f"tensor {name!r} is {tuple(tensor.shape)}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxmerge.cli.config import parse_dtype, read_yaml, resolve_model
+from jaxmerge.cli.config import parse_dtype, read_yaml
+from jaxmerge.cli.hub import resolve_model
 from jaxmerge.errors import ConfigError
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "perplexity")

@@ -1,0 +1,97 @@
+"""Models named with a LoRA adapter, as mergekit names them: ``model+adapter``, or a mapping
+``{model: ..., lora: ...}``.
+
+As in mergekit, the adapter is applied to the model (PEFT's ``merge_and_unload``, by
+:func:`jaxmerge.lora.apply_adapter`, tensor by tensor) into a directory of the LoRA merge
+cache, named as mergekit names it (``<model>_<crc32>_<adapter>_<crc32>``), and the merge
+reads that directory as a model of its own; a directory already there is reused as it is.
+The model is read in the dtype transformers loads it in for PEFT: the one asked for
+(mergekit's ``--lora-merge-dtype``), else the one its ``config.json`` names (``dtype`` or
+``torch_dtype``), else each tensor's own.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import os
+from pathlib import Path
+
+from jaxmerge.cli.hub import resolve_model
+from jaxmerge.errors import ConfigError
+
+
+class AdaptedModels:
+    """The models of one config named with an adapter, by the directory each is applied in.
+
+    Args:
+      cache: the directory the adapted models are written in (None: a config that names an
+        adapter is refused).
+    """
+
+    def __init__(self, cache: Path | None):
+        self.cache = cache
+        self.pending: dict[Path, tuple[Path, Path]] = {}  # applied model -> (model, adapter)
+
+    def resolve(self, value, config_dir: Path, where: str) -> Path:
+        """The directory of the model ``value`` names: its own, or the one its adapter is applied in."""
+        model, adapter = _parts(value, where)
+        path = resolve_model(model, config_dir, where)
+        if adapter is None:
+            return path
+        if self.cache is None:
+            raise ConfigError(f"{where}: {model!r} is named with the adapter {adapter!r}, which needs a directory to "
+                              "be applied in (--lora-merge-cache)")
+        applied = self.cache / f"{_unique_id(model)}_{_unique_id(adapter)}"
+        self.pending[applied] = (path, resolve_model(adapter, config_dir, f"{where} (its adapter)"))
+        return applied
+
+    def apply(self, dtype: str | None, progress: bool) -> None:
+        """Apply each adapter whose model is not in the cache yet, in ``dtype`` if given."""
+        from jaxmerge.checkpoints.stream import StreamOptions
+        from jaxmerge.lora import apply_adapter
+
+        for applied, (model, adapter) in self.pending.items():
+            if not applied.exists():
+                read_as = dtype or _config_dtype(model)
+                apply_adapter(model, adapter, applied, options=StreamOptions(dtype=read_as, out_dtype=read_as,
+                                                                             progress=progress))
+
+
+def _parts(value, where: str) -> tuple[str, str | None]:
+    """``(model, adapter or None)`` of a model reference, as mergekit parses one."""
+    if isinstance(value, dict) and "model" in value:
+        unknown = sorted(set(value) - {"model", "lora", "override_architecture"})
+        if unknown:
+            raise ConfigError(f"{where}: a model mapping takes model and lora, not {unknown[0]!r}")
+        return _path(value["model"], where), None if value.get("lora") is None else _path(value["lora"], where)
+    chunks = str(value).split("+")
+    if len(chunks) > 2:
+        raise ConfigError(f"{where}: {value!r} is neither a model nor model+adapter (more than one '+')")
+    return chunks[0], chunks[1] if len(chunks) == 2 else None
+
+
+def _path(value, where: str) -> str:
+    """A model path as mergekit writes it: ``path`` or ``{path: ..., revision: ...}``."""
+    if isinstance(value, dict):
+        if "path" not in value:
+            raise ConfigError(f"{where}: a model path mapping needs a 'path', got {value!r}")
+        return str(value["path"]) + (f"@{value['revision']}" if value.get("revision") else "")
+    return str(value)
+
+
+def _unique_id(path: str) -> str:
+    """mergekit's name of a model in its LoRA merge cache: the path's last part and the CRC-32 of the path."""
+    return f"{os.path.basename(path.split('@')[0])}_{binascii.crc32(path.encode())}"
+
+
+def _config_dtype(model: Path) -> str | None:
+    """The float dtype ``config.json`` names (``dtype``, else ``torch_dtype``), if any."""
+    import jax.numpy as jnp
+
+    try:
+        config = json.loads((model / "config.json").read_text())
+        dtype = jnp.dtype(str(config.get("dtype") or config.get("torch_dtype")).removeprefix("torch."))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return dtype.name if jnp.issubdtype(dtype, jnp.floating) else None
