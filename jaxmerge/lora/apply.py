@@ -70,7 +70,7 @@ def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple]) -> dict[str, b
 
 @jax.jit
 def _added(weight_tensor: jax.Array, delta: jax.Array, weight) -> jax.Array:
-    return (weight_tensor.astype(jnp.float32) + weight * delta).astype(weight_tensor.dtype)
+    return (weight_tensor.astype(jnp.float32) + weight * delta.astype(jnp.float32)).astype(weight_tensor.dtype)
 
 
 class _AdapterUpdate:

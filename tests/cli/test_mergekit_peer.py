@@ -135,6 +135,42 @@ def test_linear_in_16_bits_is_mergekits_bit_for_bit(root, tmp_path, dtype, norma
     assert apart.max() == 0, np.mean(apart > 0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
+    """``model+adapter`` and ``{model, lora}`` references: mergekit applies the adapter with PEFT
+    in the model's dtype (its config's) into ``--lora-merge-cache``. bfloat16: bit for bit (PEFT
+    rounds an embedding's update before adding it, a linear layer's not)."""
+    import jax.numpy as jnp
+
+    from jaxmerge import lora
+
+    models = {}
+    for name in ("base", "m0", "m1"):
+        tensors = {k: jnp.asarray(v, dtype) for k, v in checkpoints.load(root / name).items()}
+        models[name] = str(write_model(tmp_path / name, tensors, config={**LLAMA, "torch_dtype": dtype}))
+    rng = np.random.default_rng(5)
+    layers = {m: lora.LoraLayer(jnp.asarray(rng.normal(size=(4, i)), jnp.float32),
+                                jnp.asarray(rng.normal(size=(o, 4)) * 0.1, jnp.float32))
+              for m, (o, i) in {"model.layers.1.self_attn.q_proj": (16, 16), "model.layers.2.mlp.down_proj": (16, 24),
+                                "model.embed_tokens": (16, 40)}.items()}
+    adapter = lora.save_adapter(tmp_path / "adapter", lora.Adapter(
+        layers, lora.lora_config(4, 8, ["q_proj", "down_proj", "embed_tokens"]), frozenset({"model.embed_tokens"})))
+    config = {"merge_method": "task_arithmetic", "base_model": f"{models['base']}+{adapter}", "models": [
+        {"model": f"{models['m0']}+{adapter}", "parameters": {"weight": 0.6}},
+        {"model": {"model": {"path": models["m1"]}, "lora": {"path": str(adapter)}}, "parameters": {"weight": 0.3}}]}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit"), "--lora-merge-cache", str(tmp_path / "cache")],
+                   check=False, capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert main(["merge", str(path), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
+    if dtype == "bfloat16":
+        assert _bits_apart(theirs, ours).max() == 0
+    for tensor in theirs:
+        np.testing.assert_allclose(np.asarray(ours[tensor], np.float32), np.asarray(theirs[tensor], np.float32),
+                                   rtol=1e-5, atol=1e-5, err_msg=tensor)
+
+
 @pytest.mark.parametrize("name", ["union", "base", "tokens"])
 def test_the_same_vocabulary_and_rows_as_mergekit(models, tmp_path, name):
     """Token by token: mergekit numbers new tokens in its hash order, so ids may differ."""

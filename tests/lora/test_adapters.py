@@ -82,6 +82,37 @@ def test_merge_adapter_adds_the_scaled_update_and_removes_it_again():
         lora.merge_adapter({"model.norm.weight": base["model.norm.weight"]}, adapter)
 
 
+def _fused_in_order(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``b @ a`` in float32 summed over the rank in order, each step a fused multiply-add (the
+    product of two float32 numbers is exact in float64; the sum is then rounded to float32)."""
+    total = np.zeros((b.shape[0], a.shape[1]), np.float32)
+    for k in range(a.shape[0]):
+        total = (total + np.outer(b[:, k].astype(np.float64), a[k].astype(np.float64))).astype(np.float32)
+    return total
+
+
+def test_updates_have_peft_arithmetic_and_an_embedding_update_is_rounded_before_it_is_added():
+    """PEFT on CPU: torch's float32 ``B @ A`` (a fused multiply-add per rank term, in order) times
+    the scaling; a linear layer adds the float32 update to its bfloat16 weight (one rounding), an
+    embedding adds it rounded to bfloat16 first (two)."""
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(4, 16)).astype(np.float32), rng.normal(size=(24, 4)).astype(np.float32)
+    layer = lora.LoraLayer(jnp.asarray(a), jnp.asarray(b))
+    update = (_fused_in_order(b, a) * np.float32(0.75)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(lora.delta_weight(layer, 0.75)), update)
+    base = {name: rng.normal(size=(24, 16)).astype(ml_dtypes.bfloat16) for name in ("q.weight", "embed.weight")}
+    transposed = lora.LoraLayer(jnp.asarray(b.T), jnp.asarray(a.T))  # an embedding's factors: A (r, rows)
+    adapter = lora.Adapter({"q": layer, "embed": transposed}, lora.lora_config(4, 3, ["q", "embed"]),
+                           frozenset({"embed"}))
+    merged = lora.merge_adapter(base, adapter)
+    once = (base["q.weight"].astype(np.float32) + update).astype(ml_dtypes.bfloat16)
+    twice = (base["embed.weight"].astype(np.float32)
+             + update.astype(ml_dtypes.bfloat16).astype(np.float32)).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(merged["q.weight"]), once)
+    np.testing.assert_array_equal(np.asarray(merged["embed.weight"]), twice)
+    assert (twice != (base["embed.weight"].astype(np.float32) + update).astype(ml_dtypes.bfloat16)).any()
+
+
 def test_peft_files_as_peft_merges_them(tmp_path):
     """Factors named with the ``default`` adapter, a bias saved under its base layer's name,
     and GPT-2 ``Conv1D`` weights (stored ``(in, out)``) beside a ``Linear`` head, whatever
