@@ -138,8 +138,9 @@ def test_linear_in_16_bits_is_mergekits_bit_for_bit(root, tmp_path, dtype, norma
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
     """``model+adapter`` and ``{model, lora}`` references: mergekit applies the adapter with PEFT
-    in the model's dtype (its config's) into ``--lora-merge-cache``. bfloat16: bit for bit (PEFT
-    rounds an embedding's update before adding it, a linear layer's not)."""
+    in the model's dtype (its config's) into ``--lora-merge-cache``: the applied models are the
+    same bit for bit (PEFT rounds an embedding's update before adding it, a linear layer's not),
+    and so is the bfloat16 merge."""
     import jax.numpy as jnp
 
     from jaxmerge import lora
@@ -162,7 +163,15 @@ def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
     path.write_text(yaml.safe_dump(config))
     subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit"), "--lora-merge-cache", str(tmp_path / "cache")],
                    check=False, capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert main(["merge", str(path), str(tmp_path / "jaxmerge"), "--no-progress"]) == 0
+    assert main(["merge", str(path), str(tmp_path / "jaxmerge"), "--no-progress", "--lora-merge-cache",
+                 str(tmp_path / "applied")]) == 0
+    applied = sorted(p.name for p in (tmp_path / "applied").iterdir())
+    assert applied == sorted(p.name for p in (tmp_path / "cache").iterdir()) and len(applied) == 3
+    for name in applied:  # the models with their adapters applied: bit for bit
+        theirs, ours = checkpoints.load(tmp_path / "cache" / name), checkpoints.load(tmp_path / "applied" / name)
+        assert sorted(theirs) == sorted(ours)
+        for tensor in theirs:
+            np.testing.assert_array_equal(np.asarray(ours[tensor]), np.asarray(theirs[tensor]), err_msg=tensor)
     theirs, ours = checkpoints.load(tmp_path / "mergekit"), checkpoints.load(tmp_path / "jaxmerge")
     if dtype == "bfloat16":
         assert _bits_apart(theirs, ours).max() == 0
