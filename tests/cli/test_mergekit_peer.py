@@ -145,10 +145,10 @@ def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
 
     from jaxmerge import lora
 
-    models = {}
+    paths = {}
     for name in ("base", "m0", "m1"):
         tensors = {k: jnp.asarray(v, dtype) for k, v in checkpoints.load(root / name).items()}
-        models[name] = str(write_model(tmp_path / name, tensors, config={**LLAMA, "torch_dtype": dtype}))
+        paths[name] = str(write_model(tmp_path / name, tensors, config={**LLAMA, "torch_dtype": dtype}))
     rng = np.random.default_rng(5)
     layers = {m: lora.LoraLayer(jnp.asarray(rng.normal(size=(4, i)), jnp.float32),
                                 jnp.asarray(rng.normal(size=(o, 4)) * 0.1, jnp.float32))
@@ -156,9 +156,9 @@ def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
                                 "model.embed_tokens": (16, 40)}.items()}
     adapter = lora.save_adapter(tmp_path / "adapter", lora.Adapter(
         layers, lora.lora_config(4, 8, ["q_proj", "down_proj", "embed_tokens"]), frozenset({"model.embed_tokens"})))
-    config = {"merge_method": "task_arithmetic", "base_model": f"{models['base']}+{adapter}", "models": [
-        {"model": f"{models['m0']}+{adapter}", "parameters": {"weight": 0.6}},
-        {"model": {"model": {"path": models["m1"]}, "lora": {"path": str(adapter)}}, "parameters": {"weight": 0.3}}]}
+    config = {"merge_method": "task_arithmetic", "base_model": f"{paths['base']}+{adapter}", "models": [
+        {"model": f"{paths['m0']}+{adapter}", "parameters": {"weight": 0.6}},
+        {"model": {"model": {"path": paths["m1"]}, "lora": {"path": str(adapter)}}, "parameters": {"weight": 0.3}}]}
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit"), "--lora-merge-cache", str(tmp_path / "cache")],
