@@ -22,15 +22,17 @@ from jaxmerge.errors import ConfigError
 
 
 class AdaptedModels:
-    """The models of one config named with an adapter, by the directory each is applied in.
+    """The models a command names with an adapter, by the directory each is applied in.
 
     Args:
-      cache: the directory the adapted models are written in (None: a config that names an
-        adapter is refused).
+      cache: the directory the adapted models are written in (None: in a run of several
+        processes, where a model named with an adapter is refused).
+      dtype: the dtype to read the models in (default: their configs').
+      progress: show each application's progress bar.
     """
 
-    def __init__(self, cache: Path | None):
-        self.cache = cache
+    def __init__(self, cache: Path | None, dtype: str | None = None, progress: bool = True):
+        self.cache, self.dtype, self.progress = cache, dtype, progress
         self.pending: dict[Path, tuple[Path, Path]] = {}  # applied model -> (model, adapter)
 
     def resolve(self, value, config_dir: Path, where: str) -> Path:
@@ -40,22 +42,22 @@ class AdaptedModels:
         if adapter is None:
             return path
         if self.cache is None:
-            raise ConfigError(f"{where}: {model!r} is named with the adapter {adapter!r}, which needs a directory to "
-                              "be applied in (--lora-merge-cache)")
+            raise ConfigError(f"{where}: {model!r} is named with the adapter {adapter!r}; adapters are applied in "
+                              "runs of one process (apply it first: jaxmerge apply-adapter)")
         applied = self.cache / f"{_unique_id(model)}_{_unique_id(adapter)}"
         self.pending[applied] = (path, resolve_model(adapter, config_dir, f"{where} (its adapter)"))
         return applied
 
-    def apply(self, dtype: str | None, progress: bool) -> None:
-        """Apply each adapter whose model is not in the cache yet, in ``dtype`` if given."""
+    def apply(self) -> None:
+        """Apply each adapter whose model is not in the cache yet."""
         from jaxmerge.checkpoints.stream import StreamOptions
         from jaxmerge.lora import apply_adapter
 
         for applied, (model, adapter) in self.pending.items():
             if not applied.exists():
-                read_as = dtype or _config_dtype(model)
+                read_as = self.dtype or _config_dtype(model)
                 apply_adapter(model, adapter, applied, options=StreamOptions(dtype=read_as, out_dtype=read_as,
-                                                                             progress=progress))
+                                                                             progress=self.progress))
 
 
 def _parts(value, where: str) -> tuple[str, str | None]:

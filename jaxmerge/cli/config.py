@@ -117,7 +117,6 @@ class MergeConfig:
         ``tokenizer``).
       chat_template: the chat template to write with the tokenizer (a name, ``'auto'`` or a
         template).
-      adapted: the models named with an adapter, to apply before merging.
     """
 
     method: Method
@@ -131,7 +130,6 @@ class MergeConfig:
     ignored: list[str]
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
-    adapted: AdaptedModels = dataclasses.field(default_factory=lambda: AdaptedModels(None))
 
 
 def parse_dtype(value, key: str) -> str | None:
@@ -305,13 +303,13 @@ def _chat_template(value, path: Path) -> str | None:
     return value
 
 
-def load_config(path: str | Path, *, lora_cache: Path | None = None) -> MergeConfig:
+def load_config(path: str | Path, *, adapted: AdaptedModels | None = None) -> MergeConfig:
     """Read and check a YAML config.
 
     Args:
       path: the config file.
-      lora_cache: where models named with an adapter (``model+adapter``) are to be applied
-        (:mod:`jaxmerge.cli.adapted`); None refuses them.
+      adapted: collects the models named with an adapter (``model+adapter``), to apply before
+        merging (:mod:`jaxmerge.cli.adapted`); default: such models are refused.
 
     Raises:
       ConfigError: one line naming the key or the path at fault.
@@ -322,7 +320,7 @@ def load_config(path: str | Path, *, lora_cache: Path | None = None) -> MergeCon
         record = method(str(raw.get("merge_method")))
     except JaxmergeError as error:
         raise ConfigError(f"{path}: {error}") from None
-    reader = _Reader(path, record, AdaptedModels(lora_cache))
+    reader = _Reader(path, record, adapted or AdaptedModels(None))
     reader.ignored += [f"the config key {key!r} is not read: ignored" for key in raw if key not in TOP_LEVEL]
     base = reader.model(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     if record.statistics and "slices" in raw:
@@ -334,8 +332,7 @@ def load_config(path: str | Path, *, lora_cache: Path | None = None) -> MergeCon
     return MergeConfig(record, base, slices, "slices" in raw,
                        reader.parameters(raw.get("parameters"), "parameters", per_model=False),
                        parse_dtype(raw.get("dtype"), "dtype"), parse_dtype(raw.get("out_dtype"), "out_dtype"), text,
-                       reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path),
-                       reader.adapted)
+                       reader.ignored, reader.tokenizer(raw), _chat_template(raw.get("chat_template"), path))
 
 
 def _models_slice(reader: _Reader, entries, base: Path | None) -> Slice:

@@ -6,6 +6,7 @@ another's."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -82,6 +83,40 @@ def _mergekit_options(parser: argparse.ArgumentParser, tool: str, acting: tuple 
                            help=argparse.SUPPRESS)
 
 
+_ADAPTER_OPTIONS = ("--lora-merge-cache", "--lora-merge-dtype")
+
+
+def _adapter_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit's options for models named with a LoRA adapter (``model+adapter``)."""
+    parser.add_argument("--lora-merge-cache", metavar="DIR",
+                        help="where models named with a LoRA adapter (model+adapter) are applied and kept, reused "
+                             "when there (default: a temporary directory beside the output, removed after)")
+    parser.add_argument("--lora-merge-dtype", type=_dtype,
+                        help="apply adapters to models read in this dtype (default: the model config's dtype)")
+
+
+@contextlib.contextmanager
+def _adapted_models(args, output: str):
+    """The command's models named with an adapter (:class:`~jaxmerge.cli.adapted.AdaptedModels`),
+    applied in ``--lora-merge-cache``, else in a temporary directory beside ``output`` removed
+    on the way out; none in a run of several processes."""
+    from pathlib import Path
+
+    import jax
+
+    from jaxmerge.checkpoints.stream import staging_path
+    from jaxmerge.cli.adapted import AdaptedModels
+
+    single = jax.process_count() == 1
+    temporary = staging_path(Path(output).absolute()) if single and not args.lora_merge_cache else None
+    try:
+        yield AdaptedModels(temporary or (Path(args.lora_merge_cache) if single else None), args.lora_merge_dtype,
+                            progress=not getattr(args, "no_progress", False))
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
 def _note_no_effect(args) -> None:
     if args.no_effect:
         print(f"jaxmerge: note: {', '.join(args.no_effect)} change nothing here", file=sys.stderr)
@@ -115,13 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not keep compiled kernels on disk for later runs (default: kept in "
                             "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxmerge/xla or ~/.cache/jaxmerge/xla; "
                             "also off when JAXMERGE_NO_COMPILATION_CACHE=1)")
-    merge.add_argument("--lora-merge-cache", metavar="DIR",
-                       help="where models named with a LoRA adapter (model+adapter) are applied and kept, reused "
-                            "when there (default: a temporary directory beside OUTPUT_DIR, removed after)")
-    merge.add_argument("--lora-merge-dtype", type=_dtype,
-                       help="apply adapters to models read in this dtype (default: the model config's dtype)")
-    _mergekit_options(merge, "mergekit-yaml", acting=tuple(_MERGEKIT_ACTING),
-                      own=("--lora-merge-cache", "--lora-merge-dtype"))
+    _adapter_options(merge)
+    _mergekit_options(merge, "mergekit-yaml", acting=tuple(_MERGEKIT_ACTING), own=_ADAPTER_OPTIONS)
     inspect = commands.add_parser("inspect", help="list a checkpoint's tensors",
                                   description="List the tensors of a checkpoint (safetensors file or directory, "
                                               "or Orbax directory) with shapes and dtypes, and the totals.")
@@ -154,7 +184,9 @@ def _lora_parsers(commands) -> None:
     extract.add_argument("-e", "--exclude-regex", action="append", default=[], help="skip modules matching this")
     extract.add_argument("--force", action="store_true", help="replace the output if it exists and is not empty")
     extract.add_argument("-v", "--verbose", action="store_true", help="print each module's rank and retained energy")
-    _mergekit_options(extract, "mergekit-extract-lora", no_effect=("--distribute-scale", "--no-embed-lora"))
+    _adapter_options(extract)
+    _mergekit_options(extract, "mergekit-extract-lora", no_effect=("--distribute-scale", "--no-embed-lora"),
+                      own=_ADAPTER_OPTIONS)
     combine = commands.add_parser("merge-adapters", help="merge LoRA adapters into one (PEFT's add_weighted_adapter)",
                                   description="Merge PEFT LoRA adapters into one with PEFT's combination types.")
     combine.add_argument("output", metavar="OUTPUT_DIR", help="the adapter directory to create")
@@ -273,7 +305,7 @@ def _merge(args) -> None:
 
     import jax
 
-    from jaxmerge.checkpoints.stream import largest_axes_sharding, staging_path
+    from jaxmerge.checkpoints.stream import largest_axes_sharding
     from jaxmerge.cli.config import load_config
 
     if not args.no_compilation_cache and os.environ.get("JAXMERGE_NO_COMPILATION_CACHE", "") in ("", "0"):
@@ -281,21 +313,13 @@ def _merge(args) -> None:
     if args.distributed:
         jax.distributed.initialize()
     sharding = largest_axes_sharding(parse_mesh(args.mesh)) if args.mesh else None
-    single = jax.process_count() == 1
-    temporary = None if args.lora_merge_cache or not single else staging_path(Path(args.output).absolute())
-    config = load_config(args.config, lora_cache=temporary or args.lora_merge_cache and Path(args.lora_merge_cache))
-    for line in config.ignored:
-        print(f"jaxmerge: warning: {line}", file=sys.stderr)
-    _note_no_effect(args)
-    if config.adapted.pending and not single:
-        raise ConfigError("models named with an adapter (model+adapter) are applied by one process: apply them "
-                          "first (jaxmerge apply-adapter), then merge the results")
-    try:
-        config.adapted.apply(args.lora_merge_dtype, progress=not args.no_progress)
+    with _adapted_models(args, args.output) as adapted:
+        config = load_config(args.config, adapted=adapted)
+        for line in config.ignored:
+            print(f"jaxmerge: warning: {line}", file=sys.stderr)
+        _note_no_effect(args)
+        adapted.apply()
         _merge_config(args, config, sharding)
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _merge_config(args, config, sharding) -> None:
@@ -366,11 +390,22 @@ def _methods(args) -> None:
 
 
 def _extract_lora(args) -> None:
-    from jaxmerge.checkpoints.stream import _load, open_checkpoint
-    from jaxmerge.lora import extract_lora, save_adapter
+    from pathlib import Path
+
+    from jaxmerge.checkpoints.stream import open_checkpoint
 
     _note_no_effect(args)
-    base, tuned = open_checkpoint(args.base_model), open_checkpoint(args.model)
+    with _adapted_models(args, args.out_path) as adapted:
+        base_path, tuned_path = (adapted.resolve(args.base_model, Path.cwd(), "--base-model"),
+                                 adapted.resolve(args.model, Path.cwd(), "--model"))
+        adapted.apply()
+        _extract_from(args, open_checkpoint(base_path), open_checkpoint(tuned_path))
+
+
+def _extract_from(args, base, tuned) -> None:
+    from jaxmerge.checkpoints.stream import _load
+    from jaxmerge.lora import extract_lora, save_adapter
+
     missing = sorted(set(tuned.names) - set(base.names))
     if missing:
         raise ConfigError(f"the base model {args.base_model} has no tensor {missing[0]!r} of {args.model}")
@@ -381,7 +416,7 @@ def _extract_lora(args) -> None:
                                    distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
                                    include=args.include_regex, exclude=args.exclude_regex,
                                    base_model_name_or_path=args.base_model, log=log)
-    output = save_adapter(args.out_path, adapter, force=args.force, inputs=[args.model, args.base_model])
+    output = save_adapter(args.out_path, adapter, force=args.force, inputs=[tuned.path, base.path])
     lowest = min(energy, key=energy.get)
     print(f"wrote {output}: {len(adapter.layers)} LoRA modules, rank up to {adapter.config['r']}, "
           f"{len(adapter.extras)} tensors in full; retained energy mean {sum(energy.values()) / len(energy):.4f}, "

@@ -77,3 +77,15 @@ def test_the_lora_merge_cache_is_named_as_mergekits_read_in_the_dtype_asked_for_
 def test_bad_model_references_are_refused_by_name(root, capsys, model, message):
     assert _merge(root, "out", [{"model": model}]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_extract_lora_takes_models_named_with_an_adapter(root):
+    """An adapter extracted from ``tune+adapter`` is the one extracted from the applied model."""
+    lora.apply_adapter(root / "tune", root / "adapter", root / "applied", options=checkpoints.StreamOptions(progress=False))
+    for model, out in (("tune+adapter", "from-reference"), ("applied", "from-applied")):
+        assert main(["extract-lora", "--model", model, "--base-model", "base", "--out-path", out, "--max-rank", "4"]) == 0
+    ours, expected = lora.load_adapter(root / "from-reference"), lora.load_adapter(root / "from-applied")
+    assert sorted(ours.layers) == sorted(expected.layers)
+    for module in expected.layers:
+        np.testing.assert_array_equal(np.asarray(ours.delta(module)), np.asarray(expected.delta(module)), err_msg=module)
+    assert not any(".jaxmerge-tmp" in p.name for p in root.iterdir())
