@@ -301,7 +301,6 @@ def parse_mesh(text: str):
 
 
 def _merge(args) -> None:
-    from pathlib import Path
 
     import jax
 
