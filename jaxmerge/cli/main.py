@@ -301,7 +301,6 @@ def parse_mesh(text: str):
 
 
 def _merge(args) -> None:
-
     import jax
 
     from jaxmerge.checkpoints.stream import largest_axes_sharding
