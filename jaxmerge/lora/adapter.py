@@ -16,6 +16,7 @@ matches the module's name (Hu et al., "LoRA", arXiv 2106.09685).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -129,15 +130,16 @@ def _pattern_value(patterns: Mapping, module: str, default):
     return default
 
 
-@jax.jit(static_argnames=("transposed",))
+@jax.jit(static_argnames=("transposed",), compiler_options={"xla_allow_excess_precision": False})
 def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.Array:
     """One module's update ``scaling * B @ A``, in float32, with PEFT's arithmetic on CPU.
 
     ``B @ A`` is summed over the rank in order, one fused multiply-add a term, as CPU
     matrix-multiply kernels (torch's) sum it; XLA has no fused multiply-add, so each step is
     taken in float64 (exact for the product of two float32 numbers) and rounded to float32:
-    torch's float32 result unless the float64 sum lies on a float32 midpoint. Then the
-    product is multiplied by ``scaling`` in float32.
+    torch's float32 result unless the float64 sum lies on a float32 midpoint (compiled without
+    XLA's excess precision, so that every step rounds). Then the product is multiplied by
+    ``scaling`` in float32.
 
     Args:
       layer: the module's factors.
@@ -165,7 +167,9 @@ def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.
 
 
 def _rank_ordered_product(b: jax.Array, a: jax.Array) -> jax.Array:
-    """``b @ a`` over the first axis of ``a``, a fused multiply-add per rank term, in order."""
+    """``b @ a`` over the first axis of ``a`` as torch's CPU matrix multiply sums it: the rank
+    split into blocks (:func:`_rank_blocks`), each summed from zero by a fused multiply-add per
+    term, in order, and the blocks' sums added in order."""
     wide = jnp.float64
     spread = (-1,) + (1,) * (a.ndim - 1)
 
@@ -173,7 +177,19 @@ def _rank_ordered_product(b: jax.Array, a: jax.Array) -> jax.Array:
         term = lax.dynamic_index_in_dim(b, k, 1, keepdims=False).reshape(spread).astype(wide) \
             * lax.dynamic_index_in_dim(a, k, 0).astype(wide)
         return (total.astype(wide) + term).astype(jnp.float32)
-    return lax.fori_loop(0, a.shape[0], step, jnp.zeros((b.shape[0], *a.shape[1:]), jnp.float32), unroll=8)
+    # zeros that the compiler cannot see as constants: else a block of one term is a bare product,
+    # which LLVM fuses into the addition of the blocks (one rounding, where torch rounds twice)
+    zeros = jnp.broadcast_to((b[:, :1] * 0).reshape(spread), (b.shape[0], *a.shape[1:]))
+    sums = [lax.fori_loop(start, end, step, zeros, unroll=8) for start, end in _rank_blocks(a.shape[0])]
+    return functools.reduce(jnp.add, sums)
+
+
+def _rank_blocks(rank: int) -> list[tuple[int, int]]:
+    """How torch's CPU matrix multiply (MKL's, measured against torch 2.13) splits the summed
+    axis: whole up to 192 terms, in two halves (and a last term when odd) up to 384, in
+    blocks of 192 beyond."""
+    size = rank if rank <= 192 else rank // 2 if rank <= 384 else 192
+    return [(start, min(start + size, rank)) for start in range(0, rank, size)]
 
 
 def lora_config(r: int, lora_alpha: float, target_modules, **fields) -> dict:

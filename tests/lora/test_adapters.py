@@ -91,6 +91,21 @@ def _fused_in_order(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     return total
 
 
+@pytest.mark.parametrize("rank, blocks", [(192, [192]), (193, [96, 96, 1]), (256, [128, 128]), (577, [192, 192, 192, 1])])
+def test_long_updates_are_summed_in_torchs_blocks(rank, blocks):
+    """torch's CPU matrix multiply sums more than 192 rank terms in blocks (two halves up to 384,
+    blocks of 192 beyond), each from zero, and adds the blocks' sums in order."""
+    rng = np.random.default_rng(rank)
+    a, b = rng.normal(size=(rank, 12)).astype(np.float32), rng.normal(size=(10, rank)).astype(np.float32)
+    starts = np.cumsum([0, *blocks])
+    parts = [_fused_in_order(b[:, s:e], a[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+    expected = parts[0]
+    for part in parts[1:]:
+        expected = expected + part
+    np.testing.assert_array_equal(np.asarray(lora.delta_weight(lora.LoraLayer(jnp.asarray(a), jnp.asarray(b)), 1.0)),
+                                  expected)
+
+
 def test_updates_have_peft_arithmetic_and_an_embedding_update_is_rounded_before_it_is_added():
     """PEFT on CPU: torch's float32 ``B @ A`` (a fused multiply-add per rank term, in order) times
     the scaling; a linear layer adds the float32 update to its bfloat16 weight (one rounding), an

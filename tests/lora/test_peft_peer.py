@@ -103,6 +103,8 @@ else:
                                          num_attention_heads=2, num_key_value_heads=1, attention_bias=True))
     config = (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all") if name == "bias"
               else LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    if name == "rank":  # torch sums more than 192 rank terms in blocks: two halves, then blocks of 192
+        config = LoraConfig(r=385, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
     if name == "bfloat16":  # PEFT upcasts the factors; it rounds an embedding's update to bfloat16 before adding it
         model = model.to(torch.bfloat16)
         config = LoraConfig(r=8, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "down_proj", "lm_head"])
@@ -119,11 +121,12 @@ save_file({k: v.clone().contiguous() for k, v in merged.items()}, f"{root}/merge
 """
 
 
-@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16"])
+@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16", "rank"])
 def test_merge_adapter_is_merge_and_unload_bit_for_bit(tmp_path, name):
     """Trained biases (``bias="all"``, saved with the base layers' names), a saved embedding
-    with rows of its own, GPT-2's ``Conv1D`` layers next to a ``Linear`` head, and a bfloat16
-    model with an adapted embedding and head. Bit for bit where torch sums ``B @ A`` over
+    with rows of its own, GPT-2's ``Conv1D`` layers next to a ``Linear`` head, a bfloat16
+    model with an adapted embedding and head, and rank 385 (torch sums more than 192 rank
+    terms in blocks, each block's sum added to the total). Bit for bit where torch sums ``B @ A`` over
     the rank by fused multiply-adds, as it does for these Llama layers; it sums GPT-2's
     three-row ``score`` update without them, which a last bit shows."""
     subprocess.run([PEFT_PYTHON, "-c", MERGE_SCRIPT, str(tmp_path), name], check=True, capture_output=True,
