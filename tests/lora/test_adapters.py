@@ -1,5 +1,6 @@
 """PEFT's adapter format, applying adapters to a base, extracting them, and the commands."""
 
+import itertools
 import json
 
 import jax
@@ -98,7 +99,7 @@ def test_long_updates_are_summed_in_torchs_blocks(rank, blocks):
     rng = np.random.default_rng(rank)
     a, b = rng.normal(size=(rank, 12)).astype(np.float32), rng.normal(size=(10, rank)).astype(np.float32)
     starts = np.cumsum([0, *blocks])
-    parts = [_fused_in_order(b[:, s:e], a[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+    parts = [_fused_in_order(b[:, s:e], a[s:e]) for s, e in itertools.pairwise(starts)]
     expected = parts[0]
     for part in parts[1:]:
         expected = expected + part
