@@ -6,14 +6,12 @@ As in mergekit, the adapter is applied to the model (PEFT's ``merge_and_unload``
 cache, named as mergekit names it (``<model>_<crc32>_<adapter>_<crc32>``), and the merge
 reads that directory as a model of its own; a directory already there is reused as it is.
 The model is read in the dtype transformers loads it in for PEFT: the one asked for
-(mergekit's ``--lora-merge-dtype``), else the one its ``config.json`` names (``dtype`` or
-``torch_dtype``), else each tensor's own.
+(mergekit's ``--lora-merge-dtype``), else its first float tensor's (see :func:`_loaded_dtype`).
 """
 
 from __future__ import annotations
 
 import binascii
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +25,7 @@ class AdaptedModels:
     Args:
       cache: the directory the adapted models are written in (None: in a run of several
         processes, where a model named with an adapter is refused).
-      dtype: the dtype to read the models in (default: their configs').
+      dtype: the dtype to read the models in (default: as transformers loads them for mergekit).
       progress: show each application's progress bar.
     """
 
@@ -55,7 +53,7 @@ class AdaptedModels:
 
         for applied, (model, adapter) in self.pending.items():
             if not applied.exists():
-                read_as = self.dtype or _config_dtype(model)
+                read_as = self.dtype or _loaded_dtype(model)
                 apply_adapter(model, adapter, applied, options=StreamOptions(dtype=read_as, out_dtype=read_as,
                                                                              progress=self.progress))
 
@@ -87,13 +85,17 @@ def _unique_id(path: str) -> str:
     return f"{os.path.basename(path.split('@')[0])}_{binascii.crc32(path.encode())}"
 
 
-def _config_dtype(model: Path) -> str | None:
-    """The float dtype ``config.json`` names (``dtype``, else ``torch_dtype``), if any."""
+def _loaded_dtype(model: Path) -> str | None:
+    """The dtype transformers loads ``model`` in for mergekit, which passes ``torch_dtype=None``
+    (so that the config's dtype is dropped too): its first float tensor's, by name, in its
+    first file; None (each tensor's own) for an Orbax checkpoint."""
     import jax.numpy as jnp
 
-    try:
-        config = json.loads((model / "config.json").read_text())
-        dtype = jnp.dtype(str(config.get("dtype") or config.get("torch_dtype")).removeprefix("torch."))
-    except (OSError, ValueError, TypeError, AttributeError):
+    from jaxmerge.checkpoints.stream import open_checkpoint
+
+    reader = open_checkpoint(model)
+    if reader.format != "safetensors":
         return None
-    return dtype.name if jnp.issubdtype(dtype, jnp.floating) else None
+    first = min(info.file for info in reader.tensors.values())
+    return next((reader.tensors[name].dtype.name for name in reader.names if reader.tensors[name].file == first
+                 and jnp.issubdtype(reader.tensors[name].dtype, jnp.floating)), None)

@@ -60,7 +60,7 @@ def test_the_lora_merge_cache_is_named_as_mergekits_read_in_the_dtype_asked_for_
     applied = f"tune_{binascii.crc32(b'tune')}_adapter_{binascii.crc32(b'adapter')}"
     models = [{"model": "tune+adapter", "parameters": {"weight": 0.5}}]
     assert _merge(root, "out", models, "--lora-merge-cache", root / "cache") == 0
-    assert checkpoints.load(root / "cache" / applied)["model.norm.weight"].dtype == jnp.bfloat16  # its config's
+    assert checkpoints.load(root / "cache" / applied)["model.norm.weight"].dtype == jnp.bfloat16
     assert _merge(root, "wide", models, "--lora-merge-cache", root / "cache32", "--lora-merge-dtype", "float32") == 0
     assert checkpoints.load(root / "cache32" / applied)["model.norm.weight"].dtype == jnp.float32
     assert json.loads((root / "cache32" / applied / "config.json").read_text()) == CONFIG
@@ -68,6 +68,18 @@ def test_the_lora_merge_cache_is_named_as_mergekits_read_in_the_dtype_asked_for_
     assert _merge(root, "again", models, "--lora-merge-cache", root / "cache") == 0
     assert (root / "cache" / applied / "model.safetensors").stat().st_ino == stored
     assert "--lora-merge" not in capsys.readouterr().err  # they act: not noted as changing nothing
+
+
+def test_a_model_is_read_in_its_first_float_tensors_dtype_whatever_its_config_says(root):
+    """As transformers loads a model for mergekit (``torch_dtype=None`` drops the config's
+    dtype): the first float tensor's dtype, by name, for every tensor."""
+    tensors = {k: v.astype(jnp.float32) for k, v in checkpoints.load(root / "tune").items()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(jnp.bfloat16)  # after lm_head by name
+    write_model(root / "mixed", tensors, config=CONFIG)  # which says bfloat16
+    assert _merge(root, "out", [{"model": "mixed+adapter", "parameters": {"weight": 1.0}}], "--lora-merge-cache",
+                  root / "cache") == 0
+    (applied,) = (root / "cache").iterdir()
+    assert {v.dtype for v in checkpoints.load(applied).values()} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.parametrize("model, message", [
