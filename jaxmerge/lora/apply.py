@@ -15,14 +15,17 @@ out, and such an adapter is refused.
 
 PEFT decides per layer, by its type, whether the weight is stored ``(in, out)`` (GPT-2's
 ``Conv1D``) and the update is transposed, whatever ``fan_in_fan_out`` the config holds
-(PEFT saves the value its last layer set). Here the base tensors decide: a layer's shape
-where it is not square; a square layer named as transformers names ``Conv1D`` layers
-(``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``) as the non-square layers of those names are
-stored, where they agree (GPT-2's are ``Conv1D``, GPTBigCode's ``Linear``); else the config.
+(PEFT saves the value its last layer set). Here the base decides: a layer named as
+transformers names ``Conv1D`` layers (``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``) in a
+checkpoint whose ``config.json`` names a model with such layers (GPT-2, OpenAI GPT, ImageGPT,
+Decision Transformer, CLVP) is one; else a layer's shape where it is not square; a square
+layer with such a name as the non-square layers of those names are stored, where they agree
+(GPTBigCode's are ``Linear``); else the config.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,17 +51,21 @@ def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array]]:
 
 
 _CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})  # transformers' Conv1D layers (GPT-2 and its kin)
+_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})  # whose those are
 
 
-def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple]) -> dict[str, bool]:
-    """Per adapted linear module whose base weight's layout ``shapes`` tells, whether it is
-    stored ``(in, out)`` (see the module's docstring); the others follow the config."""
+def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple], conv1d: bool = False) -> dict[str, bool]:
+    """Per adapted linear module whose layout the base tells, whether it is stored ``(in, out)``
+    (see the module's docstring): ``conv1d`` (the base is one of transformers' models with
+    ``Conv1D`` layers), else its weight's shape in ``shapes``; the others follow the config."""
     decided, square = {}, []
     for module, layer in adapter.layers.items():
         if module in adapter.embeddings or layer.a.ndim != 2 or f"{module}.weight" not in shapes:
             continue
         out_in = (layer.b.shape[0], layer.a.shape[1])
-        if out_in[0] == out_in[1]:
+        if conv1d and module.rsplit(".", 1)[-1] in _CONV1D_NAMES:
+            decided[module] = True
+        elif out_in[0] == out_in[1]:
             square.append(module)
         else:
             decided[module] = tuple(shapes[f"{module}.weight"]) == out_in[::-1]
@@ -66,6 +73,14 @@ def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple]) -> dict[str, b
     if len(named) == 1:
         decided.update({m: next(iter(named)) for m in square if m.rsplit(".", 1)[-1] in _CONV1D_NAMES})
     return decided
+
+
+def _model_type(base: Path) -> str | None:
+    """The ``model_type`` the ``config.json`` of the model in ``base`` names, if any."""
+    try:
+        return json.loads((base / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @jax.jit
@@ -77,8 +92,8 @@ class _AdapterUpdate:
     """A tensor's new value: the base's plus the module's update, the adapter's full copy, or
     the base's unchanged."""
 
-    def __init__(self, adapter: Adapter, weight: float):
-        self.adapter, self.weight = adapter, weight
+    def __init__(self, adapter: Adapter, weight: float, conv1d: bool = False):
+        self.adapter, self.weight, self.conv1d = adapter, weight, conv1d
         self.modules, self.replaced = _updates(adapter)
         self.layouts: dict[str, bool] = {}
         lasting = sorted(set(self.replaced) - set(self.modules))
@@ -112,7 +127,7 @@ class _AdapterUpdate:
         if absent:
             raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
                                 f"({len(absent)} missing)")
-        self.layouts = _stored_in_out(self.adapter, shapes)
+        self.layouts = _stored_in_out(self.adapter, shapes, self.conv1d)
 
     def leaf_fn(self, spec, statistics=None, model_names=None, positions=None):
         """The streaming driver's leaf function (see :class:`~jaxmerge.checkpoints.stream.Group`)."""
@@ -121,7 +136,8 @@ class _AdapterUpdate:
         return lambda i, base, leaves: self(names[i], leaves[0])
 
 
-def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: float = 1.0) -> dict[str, jax.Array]:
+def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: float = 1.0,
+                  model_type: str | None = None) -> dict[str, jax.Array]:
     """The base model with ``adapter`` applied: ``W + weight * scaling * B @ A`` per module.
 
     Args:
@@ -129,6 +145,8 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
         :func:`jaxmerge.checkpoints.load` reads a safetensors checkpoint).
       adapter: the adapter (:func:`~jaxmerge.lora.load_adapter`).
       weight: the adapter's weight; ``-1`` removes it from a model it was applied to.
+      model_type: the ``model_type`` of the base's ``config.json`` (``"gpt2"``): which of its
+        layers are ``Conv1D`` (see the module's docstring).
 
     Returns:
       A new dict of the same tensors, each in its dtype (sums taken in float32).
@@ -147,7 +165,7 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
       >>> merged["q.weight"].tolist(), lora.merge_adapter(merged, adapter, weight=-1)["q.weight"].tolist()
       ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
-    update = _AdapterUpdate(adapter, weight)
+    update = _AdapterUpdate(adapter, weight, model_type in _CONV1D_MODELS)
     update.bind({name: tuple(tensor.shape) for name, tensor in params.items()})
     return {name: update(name, tensor) for name, tensor in params.items()}
 
@@ -187,5 +205,5 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
     if not isinstance(adapter, Adapter):
         read = [Path(adapter, name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
         adapter = load_adapter(adapter)
-    group = Group(_AdapterUpdate(adapter, weight), (base,))
+    group = Group(_AdapterUpdate(adapter, weight, _model_type(Path(base)) in _CONV1D_MODELS), (base,))
     return stream_groups([group], output, options=options or StreamOptions(), inputs=read)

@@ -158,6 +158,23 @@ def test_peft_files_as_peft_merges_them(tmp_path):
         np.testing.assert_allclose(np.asarray(merged[name]), value, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_conv1d_layers_of_gpt2_models_are_transposed_whatever_the_config_says(tmp_path):
+    """PEFT decides by layer type: a GPT-2 model's square ``c_proj`` is a ``Conv1D`` even when
+    the adapter's last layer (a ``Linear`` head) left ``fan_in_fan_out`` false and no other
+    layer's shape tells; the base's ``config.json`` (``model_type``) says so."""
+    rng = np.random.default_rng(6)
+    c_proj = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 8)), jnp.float32), jnp.asarray(rng.normal(size=(8, 2)), jnp.float32))
+    adapter = lora.Adapter({"h.0.attn.c_proj": c_proj}, lora.lora_config(2, 2, ["c_proj"], fan_in_fan_out=False))
+    base = {"h.0.attn.c_proj.weight": np.zeros((8, 8), np.float32)}
+    expected = np.asarray(lora.delta_weight(c_proj, 1.0)).T
+    np.testing.assert_array_equal(lora.merge_adapter(base, adapter, model_type="gpt2")["h.0.attn.c_proj.weight"], expected)
+    assert not np.array_equal(lora.merge_adapter(base, adapter)["h.0.attn.c_proj.weight"], expected)  # the config's
+    base_dir = checkpoints.save(tmp_path / "base", base, format="safetensors")
+    (base_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    applied = lora.apply_adapter(base_dir, adapter, tmp_path / "out", options=checkpoints.StreamOptions(progress=False))
+    np.testing.assert_array_equal(checkpoints.load(applied)["h.0.attn.c_proj.weight"], expected)
+
+
 def test_square_layers_follow_the_layout_their_namesakes_show_and_removal_restores_saved_base_layers():
     rng = np.random.default_rng(4)
 
