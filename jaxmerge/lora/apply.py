@@ -27,27 +27,32 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from jaxmerge.checkpoints.stream import TIED_EMBEDDINGS
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.lora.adapter import PREFIX, Adapter, check_plain, load_adapter
 
 
-def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array]]:
-    """``({base tensor name: module}, {base tensor name: replacement})`` of ``adapter``."""
+def _updates(adapter: Adapter) -> tuple[dict[str, str], dict[str, jax.Array], set[str]]:
+    """``({base tensor name: module}, {base tensor name: replacement}, {names of the
+    replacements that are modules trained in full})`` of ``adapter``."""
     check_plain(adapter, "the adapter")
     modules = {f"{module}.weight": module for module in adapter.layers}
-    replaced = {}
+    replaced, trained = {}, set()
     for name, value in adapter.extras.items():
         if name.endswith(".lora_B.bias") or not name.startswith(PREFIX):
             raise JaxmergeError(f"the adapter's tensor {name!r} is neither a LoRA factor nor a module saved in full; "
                                 "not supported")
-        replaced[name.removeprefix(PREFIX).replace(".base_layer.", ".")] = value
-    return modules, replaced
+        base_name = name.removeprefix(PREFIX).replace(".base_layer.", ".")
+        replaced[base_name] = value
+        if ".base_layer." not in name:
+            trained.add(base_name)
+    return modules, replaced, trained
 
 
 _CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})  # transformers' Conv1D layers (GPT-2 and its kin)
@@ -94,8 +99,9 @@ class _AdapterUpdate:
 
     def __init__(self, adapter: Adapter, weight: float, conv1d: bool = False):
         self.adapter, self.weight, self.conv1d = adapter, weight, conv1d
-        self.modules, self.replaced = _updates(adapter)
+        self.modules, self.replaced, self.trained = _updates(adapter)
         self.layouts: dict[str, bool] = {}
+        self.shared: dict[str, str] = {}  # a tied input embedding -> the module of the head that shares it
         lasting = sorted(set(self.replaced) - set(self.modules))
         if weight < 0 and lasting:
             raise JaxmergeError(f"the adapter saves {lasting[0]!r} in full ({len(lasting)} such tensors): removing it "
@@ -110,9 +116,12 @@ class _AdapterUpdate:
             tensor = value.astype(tensor.dtype)
             if self.weight < 0:  # the saved base layer: the tensor the adapter was applied to
                 return tensor
-        if name not in self.modules:
-            return tensor
-        module = self.modules[name]
+        for module in (self.modules.get(name), self.shared.get(name)):  # PEFT's order: the embedding, then the head
+            if module is not None:
+                tensor = self._updated(name, tensor, module)
+        return tensor
+
+    def _updated(self, name: str, tensor: jax.Array, module: str) -> jax.Array:
         delta = self.adapter.delta(module, self.layouts.get(module))
         if module in self.adapter.embeddings:  # PEFT rounds an embedding's update to the weight's dtype first
             delta = delta.astype(tensor.dtype)
@@ -121,9 +130,27 @@ class _AdapterUpdate:
                                 f"tensor {name!r} is {tuple(tensor.shape)}")
         return _added(tensor, delta, jnp.float32(self.weight))
 
+    def tie(self, names: Iterable[str]) -> list[str]:
+        """Settle the output embeddings that the base ties to its input embedding (leaves out of
+        ``names``, its tensors) and the adapter changes. As PEFT merges them: a LoRA update of
+        the head is added to the shared weight; a module trained in full in place of either
+        unties them, and the returned heads are then to be written too (each from the input
+        embedding's values, as the base holds them)."""
+        present, changed = set(names), set(self.modules) | set(self.replaced)
+        untied = []
+        for head, inputs in TIED_EMBEDDINGS.items():
+            shared = next((t for t in inputs if t in present), None)
+            if head in present or shared is None or head not in changed and shared not in self.trained:
+                continue
+            if {head, shared} & self.trained:
+                untied.append(head)
+            elif head in self.modules:
+                self.shared[shared] = self.modules[head]
+        return untied
+
     def bind(self, shapes: Mapping[str, tuple]) -> None:
         """Check the base's tensors (``{name: shape}``) and read the layers' layouts from them."""
-        absent = sorted((set(self.modules) | set(self.replaced)) - set(shapes))
+        absent = sorted((set(self.modules) | set(self.replaced)) - set(shapes) - {f"{m}.weight" for m in self.shared.values()})
         if absent:
             raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
                                 f"({len(absent)} missing)")
@@ -166,6 +193,8 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
       ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
     update = _AdapterUpdate(adapter, weight, model_type in _CONV1D_MODELS)
+    heads = update.tie(params)
+    params = {**params, **{head: params[_untied_from(head, params)] for head in heads}}
     update.bind({name: tuple(tensor.shape) for name, tensor in params.items()})
     return {name: update(name, tensor) for name, tensor in params.items()}
 
@@ -199,11 +228,26 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
       >>> checkpoints.load(out)["q.weight"].tolist()
       [[1.0, 1.0], [1.0, 1.0]]
     """
-    from jaxmerge.checkpoints.stream import Group, StreamOptions, stream_groups
+    from jaxmerge.checkpoints.stream import Group, StreamOptions, open_checkpoint, stream_groups
 
     read = []
     if not isinstance(adapter, Adapter):
         read = [Path(adapter, name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
         adapter = load_adapter(adapter)
-    group = Group(_AdapterUpdate(adapter, weight, _model_type(Path(base)) in _CONV1D_MODELS), (base,))
-    return stream_groups([group], output, options=options or StreamOptions(), inputs=read)
+    update = _AdapterUpdate(adapter, weight, _model_type(Path(base)) in _CONV1D_MODELS)
+    names = open_checkpoint(base).names
+    heads = update.tie(names)
+    extra = {"config.json": _untied_config(Path(base))} if heads and (Path(base) / "config.json").is_file() else {}
+    group = Group(update, (base,), outputs=[*names, *heads] if heads else None)
+    return stream_groups([group], output, options=options or StreamOptions(), extra_files=extra, inputs=read)
+
+
+def _untied_from(head: str, names) -> str:
+    """The input embedding a base that leaves ``head`` out ties it to."""
+    return next(t for t in TIED_EMBEDDINGS[head] if t in names)
+
+
+def _untied_config(base: Path) -> str:
+    """``base``'s ``config.json`` with its embeddings untied, as PEFT saves a merged model whose
+    tied embeddings a module trained in full replaced."""
+    return json.dumps({**json.loads((base / "config.json").read_text()), "tie_word_embeddings": False}, indent=2) + "\n"

@@ -175,6 +175,30 @@ def test_conv1d_layers_of_gpt2_models_are_transposed_whatever_the_config_says(tm
     np.testing.assert_array_equal(checkpoints.load(applied)["h.0.attn.c_proj.weight"], expected)
 
 
+def test_tied_embeddings_as_peft_merges_them(tmp_path):
+    """A base that leaves its head out (tied to the input embedding): a LoRA head's update goes
+    to the shared weight, after the embedding's own; an embedding trained in full unties them
+    (the head keeps the base's values, and the config says so)."""
+    rng = np.random.default_rng(8)
+    embedding = rng.normal(size=(12, 6)).astype(np.float32)
+    head = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), jnp.asarray(rng.normal(size=(12, 2)), jnp.float32))
+    own = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 12)), jnp.float32), jnp.asarray(rng.normal(size=(6, 2)), jnp.float32))
+    config = lora.lora_config(2, 2, ["lm_head", "embed_tokens"])
+    shared = lora.Adapter({"lm_head": head, "model.embed_tokens": own}, config, frozenset({"model.embed_tokens"}))
+    merged = lora.merge_adapter({"model.embed_tokens.weight": embedding}, shared)
+    expected = embedding + np.asarray(lora.delta_weight(own, 1.0, transposed=True)) + np.asarray(lora.delta_weight(head, 1.0))
+    assert sorted(merged) == ["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(np.asarray(merged["model.embed_tokens.weight"]), expected)
+    trained = rng.normal(size=(12, 6)).astype(np.float32)
+    untying = lora.Adapter({"lm_head": head}, config, frozenset(), {"base_model.model.model.embed_tokens.weight": trained})
+    base = checkpoints.save(tmp_path / "base", {"model.embed_tokens.weight": embedding}, format="safetensors")
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    out = checkpoints.load(lora.apply_adapter(base, untying, tmp_path / "out", options=checkpoints.StreamOptions(progress=False)))
+    np.testing.assert_array_equal(out["model.embed_tokens.weight"], trained)
+    np.testing.assert_array_equal(out["lm_head.weight"], embedding + np.asarray(lora.delta_weight(head, 1.0)))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 def test_square_layers_follow_the_layout_their_namesakes_show_and_removal_restores_saved_base_layers():
     rng = np.random.default_rng(4)
 

@@ -103,12 +103,21 @@ else:
                                          num_attention_heads=2, num_key_value_heads=1, attention_bias=True))
     config = (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all") if name == "bias"
               else LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    if name.startswith("tied"):  # a LoRA head shares the tied weight; a module trained in full unties them
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+        config = (LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])
+                  if name == "tied" else LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                                    modules_to_save=["embed_tokens"]))
     if name == "rank":  # torch sums more than 192 rank terms in blocks: two halves, then blocks of 192
         config = LoraConfig(r=385, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
     if name == "bfloat16":  # PEFT upcasts the factors; it rounds an embedding's update to bfloat16 before adding it
         model = model.to(torch.bfloat16)
         config = LoraConfig(r=8, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "down_proj", "lm_head"])
-save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, f"{root}/base.safetensors")
+def shared(state):  # a tied head, which save_pretrained leaves out
+    return {k: v.clone().contiguous() for k, v in state.items()
+            if not (k == "lm_head.weight" and v.data_ptr() == state["model.embed_tokens.weight"].data_ptr())}
+save_file(shared(model.state_dict()), f"{root}/base.safetensors")
 model = get_peft_model(model, config)
 for key, p in model.named_parameters():
     if "lora" in key or (name == "bias" and key.endswith("bias")):
@@ -116,17 +125,17 @@ for key, p in model.named_parameters():
 if name == "embedding":  # rows that differ from the base, as after resize_token_embeddings
     model.base_model.model.model.embed_tokens.base_layer.weight.data[40:] = 1.0
 model.save_pretrained(f"{root}/adapter", save_embedding_layers=name == "embedding")
-merged = model.merge_and_unload().state_dict()
-save_file({k: v.clone().contiguous() for k, v in merged.items()}, f"{root}/merged.safetensors")
+save_file(shared(model.merge_and_unload().state_dict()), f"{root}/merged.safetensors")
 """
 
 
-@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16", "rank"])
+@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16", "rank", "tied", "tied_trained"])
 def test_merge_adapter_is_merge_and_unload_bit_for_bit(tmp_path, name):
     """Trained biases (``bias="all"``, saved with the base layers' names), a saved embedding
     with rows of its own, GPT-2's ``Conv1D`` layers next to a ``Linear`` head, a bfloat16
-    model with an adapted embedding and head, and rank 385 (torch sums more than 192 rank
-    terms in blocks, each block's sum added to the total). Bit for bit where torch sums ``B @ A`` over
+    model with an adapted embedding and head, rank 385 (torch sums more than 192 rank terms
+    in blocks, each block's sum added to the total), and tied embeddings: a LoRA head updates
+    the shared weight, an embedding trained in full unties them. Bit for bit where torch sums ``B @ A`` over
     the rank by fused multiply-adds, as it does for these Llama layers; it sums GPT-2's
     three-row ``score`` update without them, which a last bit shows."""
     subprocess.run([PEFT_PYTHON, "-c", MERGE_SCRIPT, str(tmp_path), name], check=True, capture_output=True,
