@@ -35,7 +35,7 @@ class AdaptedModels:
 
     def resolve(self, value, config_dir: Path, where: str) -> Path:
         """The directory of the model ``value`` names: its own, or the one its adapter is applied in."""
-        model, adapter = _parts(value, where)
+        model, adapter = split_reference(value, where)
         path = resolve_model(model, config_dir, where)
         if adapter is None:
             return path
@@ -58,7 +58,7 @@ class AdaptedModels:
                                                                              progress=self.progress))
 
 
-def _parts(value, where: str) -> tuple[str, str | None]:
+def split_reference(value, where: str) -> tuple[str, str | None]:
     """``(model, adapter or None)`` of a model reference, as mergekit parses one."""
     if isinstance(value, dict) and "model" in value:
         unknown = sorted(set(value) - {"model", "lora", "override_architecture"})

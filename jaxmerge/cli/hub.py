@@ -50,11 +50,14 @@ def cached_model(model_id: str) -> Path | None:
 
 
 def resolve_model(path: str, config_dir: Path, where: str) -> Path:
-    """A model's directory: the path, else relative to the config, else a Hugging Face id in the local cache."""
-    candidate = Path(path).expanduser()
-    for option in (candidate, config_dir / candidate):
-        if option.exists():
-            return option
+    """A model's directory: the path, else relative to the config, else a Hugging Face id in
+    the local cache. A path with a revision (``path@revision``) names the path when it
+    exists, whatever the revision, as mergekit reads local models."""
+    for local in dict.fromkeys((path, path.rsplit("@", 1)[0])):
+        candidate = Path(local).expanduser()
+        for option in (candidate, config_dir / candidate):
+            if option.exists():
+                return option
     if (cached := cached_model(path)) is not None:
         return cached
     raise ConfigError(f"{where}: path {path!r} does not exist, and no model of that id is in the Hugging Face "

@@ -402,6 +402,7 @@ def _extract_lora(args) -> None:
 
 def _extract_from(args, base, tuned) -> None:
     from jaxmerge.checkpoints.stream import _load
+    from jaxmerge.cli.adapted import split_reference
     from jaxmerge.lora import extract_lora, save_adapter
 
     missing = sorted(set(tuned.names) - set(base.names))
@@ -413,7 +414,7 @@ def _extract_from(args, base, tuned) -> None:
                                    max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
                                    distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
                                    include=args.include_regex, exclude=args.exclude_regex,
-                                   base_model_name_or_path=args.base_model, log=log)
+                                   base_model_name_or_path=split_reference(args.base_model, "--base-model")[0], log=log)
     output = save_adapter(args.out_path, adapter, force=args.force, inputs=[tuned.path, base.path])
     lowest = min(energy, key=energy.get)
     print(f"wrote {output}: {len(adapter.layers)} LoRA modules, rank up to {adapter.config['r']}, "

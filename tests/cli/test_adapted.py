@@ -101,3 +101,4 @@ def test_extract_lora_takes_models_named_with_an_adapter(root):
     for module in expected.layers:
         np.testing.assert_array_equal(np.asarray(ours.delta(module)), np.asarray(expected.delta(module)), err_msg=module)
     assert not any(".jaxmerge-tmp" in p.name for p in root.iterdir())
+    assert ours.config["base_model_name_or_path"] == "base"  # the model, as mergekit writes it

@@ -182,3 +182,9 @@ def test_model_ids_are_found_in_the_hugging_face_cache(tmp_path, family, monkeyp
                                                        + 3 * family["m1"]["lm_head.weight"]) / 4, rtol=1e-6)
     for absent in ("org/absent", "org/m0@..", "org/m0@../../m1/snapshots/c3d4"):  # a revision names a snapshot only
         assert _merge(tmp_path, merge_method="linear", models=[{"model": absent, "parameters": {"weight": 1.0}}]) == 2
+
+
+def test_a_local_path_with_a_revision_names_the_path(tmp_path, family):
+    """As mergekit reads local models: ``m0@main`` is the directory ``m0``, the revision unused."""
+    assert _merge(tmp_path, merge_method="linear", models=[{"model": "m0@main", "parameters": {"weight": 1.0}}]) == 0
+    np.testing.assert_array_equal(checkpoints.load(tmp_path / "out")["lm_head.weight"], family["m0"]["lm_head.weight"])
