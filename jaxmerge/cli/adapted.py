@@ -23,15 +23,21 @@ class AdaptedModels:
     """The models a command names with an adapter, by the directory each is applied in.
 
     Args:
-      cache: the directory the adapted models are written in (None: in a run of several
-        processes, where a model named with an adapter is refused).
+      cache: the directory the adapted models are written in (None: a model named with an
+        adapter is refused, as in a merge of several processes).
       dtype: the dtype to read the models in (default: as transformers loads them for mergekit).
       progress: show each application's progress bar.
+
+    Attributes:
+      pending: ``{applied directory: (model, adapter)}``.
+      names: ``{applied directory: the reference as the config writes it}``, for messages
+        and the model card.
     """
 
     def __init__(self, cache: Path | None, dtype: str | None = None, progress: bool = True):
         self.cache, self.dtype, self.progress = cache, dtype, progress
-        self.pending: dict[Path, tuple[Path, Path]] = {}  # applied model -> (model, adapter)
+        self.pending: dict[Path, tuple[Path, Path]] = {}
+        self.names: dict[Path, str] = {}
 
     def resolve(self, value, config_dir: Path, where: str) -> Path:
         """The directory of the model ``value`` names: its own, or the one its adapter is applied in."""
@@ -40,22 +46,34 @@ class AdaptedModels:
         if adapter is None:
             return path
         if self.cache is None:
-            raise ConfigError(f"{where}: {model!r} is named with the adapter {adapter!r}; adapters are applied in "
-                              "runs of one process (apply it first: jaxmerge apply-adapter)")
+            raise ConfigError(f"{where}: {model!r} is named with the adapter {adapter!r}, which this run does not "
+                              "apply (a merge of several processes): apply it first (jaxmerge apply-adapter)")
         applied = self.cache / f"{_unique_id(model)}_{_unique_id(adapter)}"
         self.pending[applied] = (path, resolve_model(adapter, config_dir, f"{where} (its adapter)"))
+        self.names[applied] = f"{model}+{adapter}"
         return applied
 
-    def apply(self) -> None:
-        """Apply each adapter whose model is not in the cache yet."""
-        from jaxmerge.checkpoints.stream import StreamOptions
+    def apply(self, output: Path, force: bool) -> None:
+        """Apply each adapter whose model is not in the cache yet, once ``output`` is known to be
+        writable (it may exist only with ``force``, and not overlap the cache); a cached model
+        read in another dtype than the one asked for is reused, with a warning."""
+        import warnings
+
+        from jaxmerge.checkpoints.stream import StreamOptions, _check_destination
+        from jaxmerge.errors import JaxmergeWarning
         from jaxmerge.lora import apply_adapter
 
+        if self.pending:
+            _check_destination(Path(output).absolute(), [self.cache], force)
         for applied, (model, adapter) in self.pending.items():
             if not applied.exists():
                 read_as = self.dtype or _loaded_dtype(model)
                 apply_adapter(model, adapter, applied, options=StreamOptions(dtype=read_as, out_dtype=read_as,
                                                                              progress=self.progress))
+            elif self.dtype is not None and _loaded_dtype(applied) != self.dtype:
+                warnings.warn(f"{applied} holds {self.names[applied]} read in {_loaded_dtype(applied)}, not "
+                              f"{self.dtype}: reused as it is (delete it to apply the adapter again)", JaxmergeWarning,
+                              stacklevel=2)
 
 
 def split_reference(value, where: str) -> tuple[str, str | None]:

@@ -53,7 +53,8 @@ def resolve_model(path: str, config_dir: Path, where: str) -> Path:
     """A model's directory: the path, else relative to the config, else a Hugging Face id in
     the local cache. A path with a revision (``path@revision``) names the path when it
     exists, whatever the revision, as mergekit reads local models."""
-    for local in dict.fromkeys((path, path.rsplit("@", 1)[0])):
+    unrevised = path.rsplit("@", 1)[0] if "/" not in path.rsplit("@", 1)[-1] else path
+    for local in dict.fromkeys((path, unrevised)):
         candidate = Path(local).expanduser()
         for option in (candidate, config_dir / candidate):
             if option.exists():

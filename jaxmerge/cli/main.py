@@ -92,7 +92,8 @@ def _adapter_options(parser: argparse.ArgumentParser) -> None:
                         help="where models named with a LoRA adapter (model+adapter) are applied and kept, reused "
                              "when there (default: a temporary directory beside the output, removed after)")
     parser.add_argument("--lora-merge-dtype", type=_dtype,
-                        help="apply adapters to models read in this dtype (default: the model config's dtype)")
+                        help="apply adapters to models read in this dtype (default: the dtype of a model's first "
+                             "float tensor, as transformers loads it for mergekit)")
 
 
 @contextlib.contextmanager
@@ -301,6 +302,8 @@ def parse_mesh(text: str):
 
 
 def _merge(args) -> None:
+    from pathlib import Path
+
     import jax
 
     from jaxmerge.checkpoints.stream import largest_axes_sharding
@@ -316,11 +319,11 @@ def _merge(args) -> None:
         for line in config.ignored:
             print(f"jaxmerge: warning: {line}", file=sys.stderr)
         _note_no_effect(args)
-        adapted.apply()
-        _merge_config(args, config, sharding)
+        adapted.apply(Path(args.output), args.force)
+        _merge_config(args, config, sharding, adapted.names)
 
 
-def _merge_config(args, config, sharding) -> None:
+def _merge_config(args, config, sharding, names: dict) -> None:
     from pathlib import Path
 
     from jaxmerge.checkpoints.stream import StreamOptions, stream_groups
@@ -341,7 +344,7 @@ def _merge_config(args, config, sharding) -> None:
     reference = Path(groups[0].base or groups[0].models[0])
     template = None if config.chat_template is None else resolve_template(config.chat_template, models)
     extra_files = {**tokenizer_files(vocabulary, reference, template), "jaxmerge_config.yml": config.text,
-                   "README.md": None if args.no_write_model_card else model_card(config, Path(args.output).name)}
+                   "README.md": None if args.no_write_model_card else model_card(config, Path(args.output).name, names)}
     if args.no_copy_tokenizer:
         extra_files.update(dict.fromkeys(TOKENIZER_FILES))
     vocab_rows = None if vocabulary is None else vocabulary.rows
@@ -396,7 +399,7 @@ def _extract_lora(args) -> None:
     with _adapted_models(args, args.out_path) as adapted:
         base_path, tuned_path = (adapted.resolve(args.base_model, Path.cwd(), "--base-model"),
                                  adapted.resolve(args.model, Path.cwd(), "--model"))
-        adapted.apply()
+        adapted.apply(Path(args.out_path), args.force)
         _extract_from(args, open_checkpoint(base_path), open_checkpoint(tuned_path))
 
 
@@ -414,7 +417,8 @@ def _extract_from(args, base, tuned) -> None:
                                    max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
                                    distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
                                    include=args.include_regex, exclude=args.exclude_regex,
-                                   base_model_name_or_path=split_reference(args.base_model, "--base-model")[0], log=log)
+                                   base_model_name_or_path=split_reference(args.base_model, "--base-model")[0].rsplit("@", 1)[0],
+                                   log=log)
     output = save_adapter(args.out_path, adapter, force=args.force, inputs=[tuned.path, base.path])
     lowest = min(energy, key=energy.get)
     print(f"wrote {output}: {len(adapter.layers)} LoRA modules, rank up to {adapter.config['r']}, "

@@ -16,7 +16,6 @@ matches the module's name (Hu et al., "LoRA", arXiv 2106.09685).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -169,7 +168,8 @@ def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.
 def _rank_ordered_product(b: jax.Array, a: jax.Array) -> jax.Array:
     """``b @ a`` over the first axis of ``a`` as torch's CPU matrix multiply sums it: the rank
     split into blocks (:func:`_rank_blocks`), each summed from zero by a fused multiply-add per
-    term, in order, and the blocks' sums added in order."""
+    term, in order, and the blocks' sums added in order, each as it is made (one block's sum
+    in memory at a time besides the total)."""
     wide = jnp.float64
     spread = (-1,) + (1,) * (a.ndim - 1)
 
@@ -180,8 +180,16 @@ def _rank_ordered_product(b: jax.Array, a: jax.Array) -> jax.Array:
     # zeros that the compiler cannot see as constants: else a block of one term is a bare product,
     # which LLVM fuses into the addition of the blocks (one rounding, where torch rounds twice)
     zeros = jnp.broadcast_to((b[:, :1] * 0).reshape(spread), (b.shape[0], *a.shape[1:]))
-    sums = [lax.fori_loop(start, end, step, zeros, unroll=8) for start, end in _rank_blocks(a.shape[0])]
-    return functools.reduce(jnp.add, sums)
+
+    def block(start, size: int):
+        return lax.fori_loop(0, size, lambda k, total: step(start + k, total), zeros, unroll=8)
+    blocks = _rank_blocks(a.shape[0])
+    size = blocks[0][1]
+    equal = sum(end - start == size for start, end in blocks)  # the leading blocks, of one size
+    total = lax.fori_loop(1, equal, lambda j, total: total + block(j * size, size), block(0, size))
+    for start, end in blocks[equal:]:
+        total = total + block(start, end - start)
+    return total
 
 
 def _rank_blocks(rank: int) -> list[tuple[int, int]]:

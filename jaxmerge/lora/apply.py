@@ -130,20 +130,20 @@ class _AdapterUpdate:
                                 f"tensor {name!r} is {tuple(tensor.shape)}")
         return _added(tensor, delta, jnp.float32(self.weight))
 
-    def tie(self, names: Iterable[str]) -> list[str]:
+    def tie(self, names: Iterable[str]) -> dict[str, str]:
         """Settle the output embeddings that the base ties to its input embedding (leaves out of
         ``names``, its tensors) and the adapter changes. As PEFT merges them: a LoRA update of
         the head is added to the shared weight; a module trained in full in place of either
-        unties them, and the returned heads are then to be written too (each from the input
-        embedding's values, as the base holds them)."""
+        unties them, and the heads returned (``{head: input embedding}``) are then to be written
+        too, each from the input embedding's values as the base holds them."""
         present, changed = set(names), set(self.modules) | set(self.replaced)
-        untied = []
+        untied = {}
         for head, inputs in TIED_EMBEDDINGS.items():
             shared = next((t for t in inputs if t in present), None)
             if head in present or shared is None or head not in changed and shared not in self.trained:
                 continue
             if {head, shared} & self.trained:
-                untied.append(head)
+                untied[head] = shared
             elif head in self.modules:
                 self.shared[shared] = self.modules[head]
         return untied
@@ -176,7 +176,9 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
         layers are ``Conv1D`` (see the module's docstring).
 
     Returns:
-      A new dict of the same tensors, each in its dtype (sums taken in float32).
+      A new dict of the same tensors, each in its dtype (sums taken in float32), plus the
+      head of tied embeddings that the adapter unties (see :meth:`_AdapterUpdate.tie`; the
+      model's config then says ``tie_word_embeddings: false``).
 
     Raises:
       JaxmergeError: a tensor the adapter changes is missing or of another shape (naming
@@ -193,8 +195,7 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
       ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
     update = _AdapterUpdate(adapter, weight, model_type in _CONV1D_MODELS)
-    heads = update.tie(params)
-    params = {**params, **{head: params[_untied_from(head, params)] for head in heads}}
+    params = {**params, **{head: params[shared] for head, shared in update.tie(params).items()}}
     update.bind({name: tuple(tensor.shape) for name, tensor in params.items()})
     return {name: update(name, tensor) for name, tensor in params.items()}
 
@@ -236,18 +237,25 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
         adapter = load_adapter(adapter)
     update = _AdapterUpdate(adapter, weight, _model_type(Path(base)) in _CONV1D_MODELS)
     names = open_checkpoint(base).names
-    heads = update.tie(names)
-    extra = {"config.json": _untied_config(Path(base))} if heads and (Path(base) / "config.json").is_file() else {}
+    heads = list(update.tie(names))
+    options = options or StreamOptions()
+    config = _config(Path(base), untied=bool(heads), dtype=options.out_dtype or options.dtype)
     group = Group(update, (base,), outputs=[*names, *heads] if heads else None)
-    return stream_groups([group], output, options=options or StreamOptions(), extra_files=extra, inputs=read)
+    return stream_groups([group], output, options=options, extra_files={} if config is None else {"config.json": config},
+                         inputs=read)
 
 
-def _untied_from(head: str, names) -> str:
-    """The input embedding a base that leaves ``head`` out ties it to."""
-    return next(t for t in TIED_EMBEDDINGS[head] if t in names)
 
-
-def _untied_config(base: Path) -> str:
-    """``base``'s ``config.json`` with its embeddings untied, as PEFT saves a merged model whose
-    tied embeddings a module trained in full replaced."""
-    return json.dumps({**json.loads((base / "config.json").read_text()), "tie_word_embeddings": False}, indent=2) + "\n"
+def _config(base: Path, untied: bool, dtype) -> str | None:
+    """``base``'s ``config.json`` as PEFT saves the merged model's, where it changes: its
+    embeddings untied (a module trained in full replaced one of them), its ``torch_dtype`` the
+    one the tensors are written in; None where nothing changes or there is no config."""
+    path = base / "config.json"
+    if not (untied or dtype is not None) or not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    if untied:
+        config["tie_word_embeddings"] = False
+    if dtype is not None:
+        config["torch_dtype"] = jnp.dtype(dtype).name
+    return json.dumps(config, indent=2) + "\n"

@@ -63,23 +63,39 @@ def test_the_lora_merge_cache_is_named_as_mergekits_read_in_the_dtype_asked_for_
     assert checkpoints.load(root / "cache" / applied)["model.norm.weight"].dtype == jnp.bfloat16
     assert _merge(root, "wide", models, "--lora-merge-cache", root / "cache32", "--lora-merge-dtype", "float32") == 0
     assert checkpoints.load(root / "cache32" / applied)["model.norm.weight"].dtype == jnp.float32
-    assert json.loads((root / "cache32" / applied / "config.json").read_text()) == CONFIG
+    assert json.loads((root / "cache32" / applied / "config.json").read_text()) == {**CONFIG, "torch_dtype": "float32"}
     stored = (root / "cache" / applied / "model.safetensors").stat().st_ino
     assert _merge(root, "again", models, "--lora-merge-cache", root / "cache") == 0
     assert (root / "cache" / applied / "model.safetensors").stat().st_ino == stored
     assert "--lora-merge" not in capsys.readouterr().err  # they act: not noted as changing nothing
+    assert _merge(root, "asked", models, "--lora-merge-cache", root / "cache", "--lora-merge-dtype", "fp32") == 0
+    assert "read in bfloat16, not float32: reused as it is" in capsys.readouterr().err
+    assert "- `tune+adapter`" in (root / "again" / "README.md").read_text()  # the card names the reference
 
 
-def test_a_model_is_read_in_its_first_float_tensors_dtype_whatever_its_config_says(root):
+def test_nothing_is_applied_for_an_output_that_would_be_refused(root, capsys):
+    models = [{"model": "tune+adapter", "parameters": {"weight": 0.5}}]
+    (root / "out").mkdir()
+    (root / "out" / "kept").write_text("")
+    assert _merge(root, "out", models, "--lora-merge-cache", root / "cache") == 2
+    assert "exists and is not empty" in capsys.readouterr().err and not (root / "cache").exists()
+    assert _merge(root, "other", models, "--lora-merge-cache", root / "other" / "cache") == 2
+    assert "would overlap" in capsys.readouterr().err and not (root / "other").exists()
+
+
+@pytest.mark.parametrize("first, config, expected", [(jnp.float32, "bfloat16", jnp.float32),
+                                                     (jnp.bfloat16, "float32", jnp.bfloat16)])
+def test_a_model_is_read_in_its_first_float_tensors_dtype_whatever_its_config_says(root, first, config, expected):
     """As transformers loads a model for mergekit (``torch_dtype=None`` drops the config's
     dtype): the first float tensor's dtype, by name, for every tensor."""
-    tensors = {k: v.astype(jnp.float32) for k, v in checkpoints.load(root / "tune").items()}
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(jnp.bfloat16)  # after lm_head by name
-    write_model(root / "mixed", tensors, config=CONFIG)  # which says bfloat16
+    tensors = {k: v.astype(jnp.float32 if first == jnp.bfloat16 else jnp.bfloat16)
+               for k, v in checkpoints.load(root / "tune").items()}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].astype(first)  # the first by name
+    write_model(root / "mixed", tensors, config={**CONFIG, "torch_dtype": config})
     assert _merge(root, "out", [{"model": "mixed+adapter", "parameters": {"weight": 1.0}}], "--lora-merge-cache",
                   root / "cache") == 0
     (applied,) = (root / "cache").iterdir()
-    assert {v.dtype for v in checkpoints.load(applied).values()} == {jnp.dtype(jnp.float32)}
+    assert {v.dtype for v in checkpoints.load(applied).values()} == {jnp.dtype(expected)}
 
 
 @pytest.mark.parametrize("model, message", [
