@@ -161,8 +161,9 @@ def test_models_with_adapters_as_mergekit_applies_them(root, tmp_path, dtype):
         {"model": {"model": {"path": paths["m1"]}, "lora": {"path": str(adapter)}}, "parameters": {"weight": 0.3}}]}
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit"), "--lora-merge-cache", str(tmp_path / "cache")],
-                   check=False, capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    run = subprocess.run([MERGEKIT, str(path), str(tmp_path / "mergekit"), "--lora-merge-cache", str(tmp_path / "cache")],
+                         check=False, capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert (tmp_path / "mergekit" / "model.safetensors").exists(), run.stderr.decode(errors="replace")[-2000:]
     assert main(["merge", str(path), str(tmp_path / "jaxmerge"), "--no-progress", "--lora-merge-cache",
                  str(tmp_path / "applied")]) == 0
     applied = sorted(p.name for p in (tmp_path / "applied").iterdir())
