@@ -131,7 +131,8 @@ def _pattern_value(patterns: Mapping, module: str, default):
 
 @jax.jit(static_argnames=("transposed",), compiler_options={"xla_allow_excess_precision": False})
 def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.Array:
-    """One module's update ``scaling * B @ A``, in float32, with PEFT's arithmetic on CPU.
+    """One module's update ``scaling * B @ A``, in float32, with PEFT's arithmetic on CPU
+    (on an accelerator, a float32 product of the backend's own).
 
     ``B @ A`` is summed over the rank in order, one fused multiply-add a term, as CPU
     matrix-multiply kernels (torch's) sum it; XLA has no fused multiply-add, so each step is
@@ -158,8 +159,11 @@ def delta_weight(layer: LoraLayer, scaling, *, transposed: bool = False) -> jax.
     """
     b = layer.b.astype(jnp.float32).reshape(layer.b.shape[:2])
     a = layer.a.astype(jnp.float32)
-    with jax.enable_x64(True):
-        product = _rank_ordered_product(b, a)
+    if jax.default_backend() != "cpu":  # accelerators have no fast float64: their own float32 product
+        product = jnp.einsum("or,r...->o...", b, a, precision=lax.Precision.HIGHEST)
+    else:
+        with jax.enable_x64(True):
+            product = _rank_ordered_product(b, a)
     if transposed:
         product = product.T
     return product * jnp.float32(scaling)
