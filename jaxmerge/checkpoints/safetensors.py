@@ -492,3 +492,11 @@ def read_config(model: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{model} has no config.json")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def set_config_dtype(values: dict, dtype: str) -> None:
+    """Name ``dtype`` as the model's in its ``config.json`` values: ``torch_dtype``, and
+    ``dtype`` where the config holds it (transformers 5's name)."""
+    values["torch_dtype"] = dtype
+    if "dtype" in values:
+        values["dtype"] = dtype

@@ -17,6 +17,7 @@ import jax
 
 from jaxmerge._hyper import Levels
 from jaxmerge._layers import LayerStack, position
+from jaxmerge.checkpoints.safetensors import set_config_dtype
 from jaxmerge.checkpoints.stream import TIED_EMBEDDINGS, Group, open_checkpoint
 from jaxmerge.cli.config import MergeConfig, Slice, Source, coerce
 from jaxmerge.cli.tokenizer import Vocabulary, config_value, vocab_size_key
@@ -164,9 +165,7 @@ def output_config(config: MergeConfig, reference: Path, out_dtype: str | None, v
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
     if out_dtype is not None:
-        values["torch_dtype"] = out_dtype
-        if "dtype" in values:
-            values["dtype"] = out_dtype
+        set_config_dtype(values, out_dtype)
     if config.sliced:
         key = next((k for k in _LAYER_COUNT_KEYS if k in values), "num_hidden_layers")
         values[key] = sum(s.sources[0].layers[1] - s.sources[0].layers[0] for s in config.slices)

@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxmerge.checkpoints.safetensors import set_config_dtype
 from jaxmerge.checkpoints.stream import TIED_EMBEDDINGS
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.lora.adapter import PREFIX, Adapter, check_plain, load_adapter
@@ -257,5 +258,5 @@ def _config(base: Path, untied: bool, dtype) -> str | None:
     if untied:
         config["tie_word_embeddings"] = False
     if dtype is not None:
-        config["torch_dtype"] = jnp.dtype(dtype).name
+        set_config_dtype(config, jnp.dtype(dtype).name)
     return json.dumps(config, indent=2) + "\n"
