@@ -134,7 +134,8 @@ class _AdapterUpdate:
     def tie(self, names: Iterable[str]) -> dict[str, str]:
         """Settle the output embeddings that the base ties to its input embedding (leaves out of
         ``names``, its tensors) and the adapter changes. As PEFT merges them: a LoRA update of
-        the head is added to the shared weight; a module trained in full in place of either
+        the head is added to the shared weight (which the head's saved base layer replaces,
+        PEFT loading it after the embedding's); a module trained in full in place of either
         unties them, and the heads returned (``{head: input embedding}``) are then to be written
         too, each from the input embedding's values as the base holds them."""
         present, changed = set(names), set(self.modules) | set(self.replaced)
@@ -147,6 +148,8 @@ class _AdapterUpdate:
                 untied[head] = shared
             elif head in self.modules:
                 self.shared[shared] = self.modules[head]
+                if head in self.replaced:  # its saved base layer, loaded after the embedding's
+                    self.replaced[shared] = self.replaced[head]
         return untied
 
     def bind(self, shapes: Mapping[str, tuple]) -> None:

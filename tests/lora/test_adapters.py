@@ -177,16 +177,20 @@ def test_conv1d_layers_of_gpt2_models_are_transposed_whatever_the_config_says(tm
 
 def test_tied_embeddings_as_peft_merges_them(tmp_path):
     """A base that leaves its head out (tied to the input embedding): a LoRA head's update goes
-    to the shared weight, after the embedding's own; an embedding trained in full unties them
-    (the head keeps the base's values, and the config says so)."""
+    to the shared weight, after the embedding's own, and its saved base layer replaces the
+    shared weight; an embedding trained in full unties them (the head keeps the base's values,
+    and the config says so)."""
     rng = np.random.default_rng(8)
     embedding = rng.normal(size=(12, 6)).astype(np.float32)
     head = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), jnp.asarray(rng.normal(size=(12, 2)), jnp.float32))
     own = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 12)), jnp.float32), jnp.asarray(rng.normal(size=(6, 2)), jnp.float32))
     config = lora.lora_config(2, 2, ["lm_head", "embed_tokens"])
-    shared = lora.Adapter({"lm_head": head, "model.embed_tokens": own}, config, frozenset({"model.embed_tokens"}))
+    saved = {f"base_model.model.{m}.base_layer.weight": rng.normal(size=(12, 6)).astype(np.float32)
+             for m in ("model.embed_tokens", "lm_head")}  # PEFT loads the head's last, into the shared weight
+    shared = lora.Adapter({"lm_head": head, "model.embed_tokens": own}, config, frozenset({"model.embed_tokens"}), saved)
     merged = lora.merge_adapter({"model.embed_tokens.weight": embedding}, shared)
-    expected = embedding + np.asarray(lora.delta_weight(own, 1.0, transposed=True)) + np.asarray(lora.delta_weight(head, 1.0))
+    expected = (saved["base_model.model.lm_head.base_layer.weight"] + np.asarray(lora.delta_weight(own, 1.0, transposed=True))
+                + np.asarray(lora.delta_weight(head, 1.0)))
     assert sorted(merged) == ["model.embed_tokens.weight"]
     np.testing.assert_array_equal(np.asarray(merged["model.embed_tokens.weight"]), expected)
     trained = rng.normal(size=(12, 6)).astype(np.float32)
