@@ -186,8 +186,8 @@ def _lora_parsers(commands) -> None:
     extract.add_argument("--force", action="store_true", help="replace the output if it exists and is not empty")
     extract.add_argument("-v", "--verbose", action="store_true", help="print each module's rank and retained energy")
     _adapter_options(extract)
-    _mergekit_options(extract, "mergekit-extract-lora", no_effect=("--distribute-scale", "--no-embed-lora"),
-                      own=_ADAPTER_OPTIONS)
+    _mergekit_options(extract, "mergekit-extract-lora", acting=("--quiet",),
+                      no_effect=("--distribute-scale", "--no-embed-lora"), own=_ADAPTER_OPTIONS)
     combine = commands.add_parser("merge-adapters", help="merge LoRA adapters into one (PEFT's add_weighted_adapter)",
                                   description="Merge PEFT LoRA adapters into one with PEFT's combination types.")
     combine.add_argument("output", metavar="OUTPUT_DIR", help="the adapter directory to create")

@@ -107,11 +107,13 @@ def test_bad_model_references_are_refused_by_name(root, capsys, model, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_extract_lora_takes_models_named_with_an_adapter(root):
+def test_extract_lora_takes_models_named_with_an_adapter(root, capsys):
     """An adapter extracted from ``tune+adapter`` is the one extracted from the applied model."""
     lora.apply_adapter(root / "tune", root / "adapter", root / "applied", options=checkpoints.StreamOptions(progress=False))
     for model, out in (("tune+adapter", "from-reference"), ("applied", "from-applied")):
-        assert main(["extract-lora", "--model", model, "--base-model", "base", "--out-path", out, "--max-rank", "4"]) == 0
+        assert main(["extract-lora", "--model", model, "--base-model", "base", "--out-path", out, "--max-rank", "4",
+                     "--quiet"]) == 0
+    assert "%" not in capsys.readouterr().err  # --quiet: no progress bar while the adapter is applied
     ours, expected = lora.load_adapter(root / "from-reference"), lora.load_adapter(root / "from-applied")
     assert sorted(ours.layers) == sorted(expected.layers)
     for module in expected.layers:
