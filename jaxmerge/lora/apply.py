@@ -136,7 +136,8 @@ class _AdapterUpdate:
         ``names``, its tensors) and the adapter changes. As PEFT merges them: a LoRA update of
         the head is added to the shared weight (which the head's saved base layer replaces,
         PEFT loading it after the embedding's); a module trained in full in place of either
-        unties them, and the heads returned (``{head: input embedding}``) are then to be written
+        unties them (unless the adapter was trained with ``ensure_weight_tying``: then the
+        trained copy is the shared weight), and the heads returned (``{head: input embedding}``) are then to be written
         too, each from the input embedding's values as the base holds them."""
         present, changed = set(names), set(self.modules) | set(self.replaced)
         untied = {}
@@ -144,7 +145,10 @@ class _AdapterUpdate:
             shared = next((t for t in inputs if t in present), None)
             if head in present or shared is None or head not in changed and shared not in self.trained:
                 continue
-            if {head, shared} & self.trained:
+            if {head, shared} & self.trained and self.adapter.config.get("ensure_weight_tying"):
+                self.replaced[shared] = self.replaced[shared if shared in self.trained else head]  # still shared
+                self.replaced.pop(head, None)
+            elif {head, shared} & self.trained:
                 untied[head] = shared
             elif head in self.modules:
                 self.shared[shared] = self.modules[head]

@@ -179,7 +179,7 @@ def test_tied_embeddings_as_peft_merges_them(tmp_path):
     """A base that leaves its head out (tied to the input embedding): a LoRA head's update goes
     to the shared weight, after the embedding's own, and its saved base layer replaces the
     shared weight; an embedding trained in full unties them (the head keeps the base's values,
-    and the config says so)."""
+    and the config says so), unless trained with ``ensure_weight_tying``."""
     rng = np.random.default_rng(8)
     embedding = rng.normal(size=(12, 6)).astype(np.float32)
     head = lora.LoraLayer(jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), jnp.asarray(rng.normal(size=(12, 2)), jnp.float32))
@@ -201,6 +201,10 @@ def test_tied_embeddings_as_peft_merges_them(tmp_path):
     np.testing.assert_array_equal(out["model.embed_tokens.weight"], trained)
     np.testing.assert_array_equal(out["lm_head.weight"], embedding + np.asarray(lora.delta_weight(head, 1.0)))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    kept = lora.Adapter({}, {**config, "ensure_weight_tying": True}, frozenset(),
+                        {"base_model.model.model.embed_tokens.weight": trained, "base_model.model.lm_head.weight": trained})
+    assert {k: np.asarray(v).tolist() for k, v in lora.merge_adapter({"model.embed_tokens.weight": embedding}, kept).items()} \
+        == {"model.embed_tokens.weight": trained.tolist()}  # trained with the weights tied: they stay tied
 
 
 def test_square_layers_follow_the_layout_their_namesakes_show_and_removal_restores_saved_base_layers():

@@ -107,8 +107,10 @@ else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
         config = (LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])
-                  if name == "tied" else LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
-                                                    modules_to_save=["embed_tokens"]))
+                  if name == "tied" else LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+                  if name == "tied_kept" else LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                                         modules_to_save=["embed_tokens"]))
     if name == "rank":  # torch sums more than 192 rank terms in blocks: two halves, then blocks of 192
         config = LoraConfig(r=385, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
     if name == "bfloat16":  # PEFT upcasts the factors; it rounds an embedding's update to bfloat16 before adding it
@@ -129,13 +131,15 @@ save_file(shared(model.merge_and_unload().state_dict()), f"{root}/merged.safeten
 """
 
 
-@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16", "rank", "tied", "tied_trained"])
+@pytest.mark.parametrize("name", ["bias", "embedding", "gpt2", "bfloat16", "rank", "tied", "tied_trained",
+                                  "tied_kept"])
 def test_merge_adapter_is_merge_and_unload_bit_for_bit(tmp_path, name):
     """Trained biases (``bias="all"``, saved with the base layers' names), a saved embedding
     with rows of its own, GPT-2's ``Conv1D`` layers next to a ``Linear`` head, a bfloat16
     model with an adapted embedding and head, rank 385 (torch sums more than 192 rank terms
     in blocks, each block's sum added to the total), and tied embeddings: a LoRA head updates
-    the shared weight, an embedding trained in full unties them. Bit for bit where torch sums ``B @ A`` over
+    the shared weight, an embedding trained in full unties them (unless trained with
+    ``ensure_weight_tying``). Bit for bit where torch sums ``B @ A`` over
     the rank by fused multiply-adds, as it does for these Llama layers; it sums GPT-2's
     three-row ``score`` update without them, which a last bit shows."""
     subprocess.run([PEFT_PYTHON, "-c", MERGE_SCRIPT, str(tmp_path), name], check=True, capture_output=True,
