@@ -70,10 +70,9 @@ class AdaptedModels:
                 read_as = self.dtype or _loaded_dtype(model)
                 apply_adapter(model, adapter, applied, options=StreamOptions(dtype=read_as, out_dtype=read_as,
                                                                              progress=self.progress))
-            elif self.dtype is not None and _loaded_dtype(applied) != self.dtype:
-                warnings.warn(f"{applied} holds {self.names[applied]} read in {_loaded_dtype(applied)}, not "
-                              f"{self.dtype}: reused as it is (delete it to apply the adapter again)", JaxmergeWarning,
-                              stacklevel=2)
+            elif self.dtype is not None and (cached := _loaded_dtype(applied)) != self.dtype:
+                warnings.warn(f"{applied} holds {self.names[applied]} read in {cached}, not {self.dtype}: reused as "
+                              "it is (delete it to apply the adapter again)", JaxmergeWarning, stacklevel=2)
 
 
 def split_reference(value, where: str) -> tuple[str, str | None]:

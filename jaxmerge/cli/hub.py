@@ -49,12 +49,17 @@ def cached_model(model_id: str) -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
+def without_revision(path: str) -> str:
+    """``path`` without a revision (``path@revision``; a revision holds no ``/``)."""
+    head, _, revision = path.rpartition("@")
+    return head if head and "/" not in revision else path
+
+
 def resolve_model(path: str, config_dir: Path, where: str) -> Path:
     """A model's directory: the path, else relative to the config, else a Hugging Face id in
     the local cache. A path with a revision (``path@revision``) names the path when it
     exists, whatever the revision, as mergekit reads local models."""
-    unrevised = path.rsplit("@", 1)[0] if "/" not in path.rsplit("@", 1)[-1] else path
-    for local in dict.fromkeys((path, unrevised)):
+    for local in dict.fromkeys((path, without_revision(path))):
         candidate = Path(local).expanduser()
         for option in (candidate, config_dir / candidate):
             if option.exists():

@@ -406,19 +406,20 @@ def _extract_lora(args) -> None:
 def _extract_from(args, base, tuned) -> None:
     from jaxmerge.checkpoints.stream import _load
     from jaxmerge.cli.adapted import split_reference
+    from jaxmerge.cli.hub import without_revision
     from jaxmerge.lora import extract_lora, save_adapter
 
     missing = sorted(set(tuned.names) - set(base.names))
     if missing:
         raise ConfigError(f"the base model {args.base_model} has no tensor {missing[0]!r} of {args.model}")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    base_name = without_revision(split_reference(args.base_model, "--base-model")[0])  # as mergekit writes it
     adapter, energy = extract_lora(lambda name: _load(base, name, None, None), lambda name: _load(tuned, name, None, None),
                                    names=tuned.names, shapes={n: base.shape_dtype(n)[0] for n in base.names},
                                    max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
                                    distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
                                    include=args.include_regex, exclude=args.exclude_regex,
-                                   base_model_name_or_path=split_reference(args.base_model, "--base-model")[0].rsplit("@", 1)[0],
-                                   log=log)
+                                   base_model_name_or_path=base_name, log=log)
     output = save_adapter(args.out_path, adapter, force=args.force, inputs=[tuned.path, base.path])
     lowest = min(energy, key=energy.get)
     print(f"wrote {output}: {len(adapter.layers)} LoRA modules, rank up to {adapter.config['r']}, "

@@ -33,9 +33,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.checkpoints.safetensors import set_config_dtype
+from jaxmerge.checkpoints.safetensors import read_config, set_config_dtype
 from jaxmerge.checkpoints.stream import TIED_EMBEDDINGS
-from jaxmerge.errors import JaxmergeError
+from jaxmerge.errors import CheckpointError, JaxmergeError
 from jaxmerge.lora.adapter import PREFIX, Adapter, check_plain, load_adapter
 
 
@@ -81,12 +81,13 @@ def _stored_in_out(adapter: Adapter, shapes: Mapping[str, tuple], conv1d: bool =
     return decided
 
 
-def _model_type(base: Path) -> str | None:
-    """The ``model_type`` the ``config.json`` of the model in ``base`` names, if any."""
+def _base_config(base: Path) -> dict | None:
+    """The ``config.json`` of the model in ``base``, if it has a readable one."""
     try:
-        return json.loads((base / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        values = read_config(base)
+    except (CheckpointError, ValueError):
         return None
+    return values if isinstance(values, dict) else None
 
 
 @jax.jit
@@ -137,8 +138,9 @@ class _AdapterUpdate:
         the head is added to the shared weight (which the head's saved base layer replaces,
         PEFT loading it after the embedding's); a module trained in full in place of either
         unties them (unless the adapter was trained with ``ensure_weight_tying``: then the
-        trained copy is the shared weight), and the heads returned (``{head: input embedding}``) are then to be written
-        too, each from the input embedding's values as the base holds them."""
+        trained copy is the shared weight), and the heads returned (``{head: input
+        embedding}``) are then to be written too, each from the input embedding's values as
+        the base holds them."""
         present, changed = set(names), set(self.modules) | set(self.replaced)
         untied = {}
         for head, inputs in TIED_EMBEDDINGS.items():
@@ -158,7 +160,8 @@ class _AdapterUpdate:
 
     def bind(self, shapes: Mapping[str, tuple]) -> None:
         """Check the base's tensors (``{name: shape}``) and read the layers' layouts from them."""
-        absent = sorted((set(self.modules) | set(self.replaced)) - set(shapes) - {f"{m}.weight" for m in self.shared.values()})
+        sharing = {f"{m}.weight" for m in self.shared.values()}  # heads whose updates go to the shared weight
+        absent = sorted((set(self.modules) | set(self.replaced)) - set(shapes) - sharing)
         if absent:
             raise JaxmergeError(f"the base model has no tensor {absent[0]!r}, which the adapter changes "
                                 f"({len(absent)} missing)")
@@ -243,25 +246,25 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
     if not isinstance(adapter, Adapter):
         read = [Path(adapter, name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
         adapter = load_adapter(adapter)
-    update = _AdapterUpdate(adapter, weight, _model_type(Path(base)) in _CONV1D_MODELS)
+    values = _base_config(Path(base))
+    update = _AdapterUpdate(adapter, weight, (values or {}).get("model_type") in _CONV1D_MODELS)
     names = open_checkpoint(base).names
     heads = list(update.tie(names))
     options = options or StreamOptions()
-    config = _config(Path(base), untied=bool(heads), dtype=options.out_dtype or options.dtype)
+    config = _config(values, untied=bool(heads), dtype=options.out_dtype or options.dtype)
     group = Group(update, (base,), outputs=[*names, *heads] if heads else None)
-    return stream_groups([group], output, options=options, extra_files={} if config is None else {"config.json": config},
-                         inputs=read)
+    return stream_groups([group], output, options=options, inputs=read,
+                         extra_files={} if config is None else {"config.json": config})
 
 
-
-def _config(base: Path, untied: bool, dtype) -> str | None:
-    """``base``'s ``config.json`` as PEFT saves the merged model's, where it changes: its
-    embeddings untied (a module trained in full replaced one of them), its ``torch_dtype`` the
-    one the tensors are written in; None where nothing changes or there is no config."""
-    path = base / "config.json"
-    if not (untied or dtype is not None) or not path.is_file():
+def _config(values: dict | None, untied: bool, dtype) -> str | None:
+    """The base's ``config.json`` (``values``) as PEFT saves the merged model's, where it
+    changes: its embeddings untied (a module trained in full replaced one of them), its
+    ``torch_dtype`` the one the tensors are written in; None where nothing changes or there is
+    no config."""
+    if values is None or not (untied or dtype is not None):
         return None
-    config = json.loads(path.read_text())
+    config = dict(values)
     if untied:
         config["tie_word_embeddings"] = False
     if dtype is not None:
