@@ -701,7 +701,7 @@ def _ranked_block_draws(ordered, keys, first_row, key, n: int, inner: int, densi
     rows (:func:`jaxmerge.merging.ranks.sorted_row_blocks`' layout: the ranked axis, of ``n``
     entries, moved last; ``inner`` the product of the axes after it), given its keys and
     their sorted rows."""
-    if inner == 1 and n % 2 == 0:  # the block is a run of entries starting at an even index
+    if inner == 1:  # the block is a run of entries
         uniform = draws.run(key, first_row.astype(jnp.uint32) * n, keys.size).reshape(keys.shape)
     else:
         row = first_row.astype(jnp.uint32) + lax.broadcasted_iota(jnp.uint32, keys.shape, 0)  # moved rows

@@ -52,3 +52,13 @@ def test_host_drawn_masks_follow_the_documented_stream(n, monkeypatch):
     monkeypatch.setattr(draws, "DRAW_BLOCK", 8)  # several blocks, the last one overlapping, or one
     key = jax.random.key(3)
     np.testing.assert_array_equal(draws.host_keep_mask(key, 0.4, n), keep_draws(key, 0.4, (n,)))
+
+
+def test_generator_words_are_jaxs_threefry():
+    rng = np.random.default_rng(7)
+    keypair = jnp.asarray(rng.integers(0, 2**32, 2, dtype=np.uint32))
+    counters = jnp.asarray(np.concatenate([rng.integers(0, 2**32, 1000, dtype=np.uint32),
+                                           np.asarray([0, 1, 2**32 - 1], np.uint32)]))
+    first, second = jax.jit(draws._words)(keypair, counters)
+    expected = np.asarray(jax.extend.random.threefry_2x32(keypair, jnp.concatenate([jnp.zeros_like(counters), counters])))
+    np.testing.assert_array_equal(np.concatenate([first, second]), expected)
