@@ -313,40 +313,47 @@ def _top_k_masks(x, ks: jax.Array) -> tuple[jax.Array, ...]:
     thresholds, needs, equals = _radix_select(magnitude_keys, arrays, jnp.clip(ks, 1, x.size))
 
     def last_kept_index(threshold, need):
-        """The flat index of the ``need``-th entry of magnitude ``threshold``: counted in one
-        pass (:func:`_nth_flagged`); sharded, by a radix selection of the largest keys
-        ``~index``, the flat index carried as an array of its own (a shard's blocks know theirs
-        only within the shard)."""
-        if not sharded:
-            return _nth_flagged(lambda chunks, index: magnitude_keys(chunks, index)[0] == threshold, arrays, need)
-
+        """Sharded: the flat index of the ``need``-th entry of magnitude ``threshold``, by a radix
+        selection of the largest keys ``~index``, the flat index carried as an array of its own
+        (a shard's blocks know theirs only within the shard)."""
         def keys(chunks, index, threshold):
             return ~chunks[-1], magnitude_keys(chunks[:-1], index)[0] == threshold
         return ~_radix_select(keys, arrays + [flat_index(x)], need, threshold)[0]
 
+    def tied_at(chunks, index):
+        block_keys = magnitude_keys(chunks, index)[0]
+        return [block_keys == threshold for threshold in thresholds]
+
     every = jnp.full((), np.iinfo(np.uint32).max, jnp.uint32)  # keeps every equal entry
+    tied = equals != needs  # ranks that keep only some of the entries equal to their threshold
+    if sharded:
+        lasts = [lax.cond(t, functools.partial(last_kept_index, threshold, need), lambda: every)
+                 for t, threshold, need in zip(tied, thresholds, needs)]
+    else:  # one counting pass for every rank (:func:`_nth_flagged`)
+        found = lax.cond(jnp.any(tied), lambda: _nth_flagged(tied_at, arrays, needs),
+                         lambda: jnp.zeros(needs.shape, jnp.uint32))
+        lasts = list(jnp.where(tied, found, every))
     keys = magnitude_keys(arrays, None)[0]  # fused into the masks: never a whole array
-    masks = []
-    for k, threshold, need, equal in zip(ks, thresholds, needs, equals):
-        last = lax.cond(equal == need, lambda: every, functools.partial(last_kept_index, threshold, need))
-        masks.append(((keys > threshold) | ((keys == threshold) & (flat_index(arrays[0]) <= last))) & (k > 0))
-    return tuple(masks)
+    return tuple(((keys > threshold) | ((keys == threshold) & (flat_index(arrays[0]) <= last))) & (k > 0)
+                 for k, threshold, last in zip(ks, thresholds, lasts))
 
 
 def _nth_flagged(flags_of: Callable, arrays: Sequence[jax.Array], n: jax.Array) -> jax.Array:
-    """The flat index (uint32) of the ``n``-th entry (1-based; ``1 <= n <=`` their count) for
-    which ``flags_of(chunks, index)`` holds, over blocks of unsharded ``arrays``
+    """For each entry of the vector ``n``, the flat index (uint32) of the ``n[r]``-th entry
+    (1-based; ``1 <= n[r] <=`` their count) for which flag ``r`` of ``flags_of(chunks, index)``
+    (a list of flag arrays) holds, over blocks of unsharded ``arrays``
     (:func:`jaxmerge._blocks.fold`): one pass counting each block's flags, and, in the block
-    where the count reaches ``n``, a binary search (a radix selection of the index would take
-    a histogram pass per 16 bits)."""
+    where a count reaches its ``n[r]``, a binary search (a radix selection of the index would
+    take a histogram pass per 16 bits)."""
     def step(chunks, index, fresh, carry):
         seen, found = carry
-        flags = flags_of(chunks, index) & fresh
-        count = jnp.sum(flags, dtype=jnp.int32)
+        flags = [f & fresh for f in flags_of(chunks, index)]
+        count = jnp.stack([jnp.sum(f, dtype=jnp.int32) for f in flags])
         crossing = (seen < n) & (seen + count >= n)
-        found = lax.cond(crossing, lambda: _nth_in_block(flags, index, n - seen), lambda: found)
+        found = jnp.stack([lax.cond(crossing[r], functools.partial(_nth_in_block, flags[r], index, n[r] - seen[r]),
+                                    lambda r=r: found[r]) for r in range(n.size)])
         return seen + count, found
-    return _blocks.fold(step, arrays, (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.uint32)))[1]
+    return _blocks.fold(step, arrays, (jnp.zeros(n.shape, jnp.int32), jnp.zeros(n.shape, jnp.uint32)))[1]
 
 
 def _nth_in_block(flags: jax.Array, index: jax.Array, n: jax.Array) -> jax.Array:

@@ -221,6 +221,18 @@ def test_ties_at_the_threshold_are_broken_across_blocks(monkeypatch):
         np.testing.assert_array_equal(kernel(jnp.asarray(x), k), reference.top_k(x.astype(np.float64), k))
 
 
+def test_both_ends_of_a_band_break_their_ties_in_one_pass(monkeypatch):
+    """Both ranks of a band end among ties, counted together block by block."""
+    from jaxmerge import _blocks
+
+    monkeypatch.setattr(_blocks, "BLOCK", 1024)
+    x = np.random.default_rng(4).integers(-3, 4, 5003).astype(np.float64)  # a few values, each often
+    for density, gamma in [(0.5, 0.1), (0.3, 0.45), (0.9, 0.05)]:
+        params = sparsify.BREADCRUMBS.leaf_params(x.size, density=density, gamma=gamma)
+        mask = jax.jit(sparsify.band_mask)(jnp.asarray(x, jnp.float32), params.top, params.k)
+        np.testing.assert_array_equal(mask, reference.breadcrumbs(x, density, gamma))
+
+
 def test_ranks_selected_together_are_each_the_sorted_entry():
     """Several ranks share each pass of one radix selection: ranks whose digits agree so far
     share a histogram, the others count their own keys (here ties, both signs, and ranks in
