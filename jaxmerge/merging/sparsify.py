@@ -215,7 +215,7 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
     """The k-th largest value of ``x`` (signed), exactly, without a sort.
 
     A radix select on keys that order like the values: a few histogram passes over the
-    array (three for float32), each one scatter-add. Arrays of at most ``SORT_LIMIT`` entries
+    array (two for float32), each one scatter-add. Arrays of at most ``SORT_LIMIT`` entries
     (not explicitly sharded) are sorted instead, which compiles far quicker.
 
     Args:
