@@ -96,11 +96,11 @@ def run(key: jax.Array, start, count: int) -> jax.Array:
       >>> bool((draws.run(key, 4, 6) == draws.uniforms(key, jnp.arange(4, 10, dtype=jnp.uint32))).all())
       True
     """
-    return _uniforms_at(_keypair(key), jnp.asarray(start).astype(jnp.uint32) + lax.iota(jnp.uint32, count))
+    return _run(_keypair(key), start, count)
 
 
-def _run(keypair: jax.Array, first_pair, pairs: int) -> jax.Array:
-    return _uniforms_at(keypair, 2 * jnp.asarray(first_pair).astype(jnp.uint32) + lax.iota(jnp.uint32, 2 * pairs))
+def _run(keypair: jax.Array, start, count: int) -> jax.Array:
+    return _uniforms_at(keypair, jnp.asarray(start).astype(jnp.uint32) + lax.iota(jnp.uint32, count))
 
 
 def _uniforms_at(keypair: jax.Array, index: jax.Array) -> jax.Array:
@@ -143,7 +143,7 @@ def keep_mask(key: jax.Array, probability, like: jax.Array) -> jax.Array:
 @partial(jax.jit, static_argnames="pairs")
 def _mask_block(keypair: jax.Array, first_pair, probability, pairs: int) -> jax.Array:
     """The mask of the ``2 * pairs`` entries from pair ``first_pair`` on (see :func:`_blocked_mask`)."""
-    return _run(keypair, first_pair, pairs) < probability
+    return _run(keypair, 2 * first_pair, 2 * pairs) < probability
 
 
 def host_keep_mask(key: jax.Array, probability, n: int) -> np.ndarray:
@@ -178,7 +178,7 @@ def _blocked_mask(keypair: jax.Array, probability: jax.Array, n: int) -> jax.Arr
 
     def block(b, mask):
         start = jnp.minimum(b * size, pairs - size)
-        uniform = _run(keypair, start, size)
+        uniform = _run(keypair, 2 * start, 2 * size)
         p = lax.dynamic_slice(probability, (2 * start,), (2 * size,)) if per_entry else probability
         return lax.dynamic_update_slice(mask, uniform < p, (2 * start,))
     return lax.fori_loop(0, -(-pairs // size), block, jnp.zeros(2 * pairs, jnp.bool_))[:n]
