@@ -16,9 +16,9 @@ method (``--methods``), runs one mergekit config through
 and prints wall time and peak RSS (``ru_maxrss`` of each process), the times as ratios against
 the I/O limit and mergekit's measured in the same run, the memory against one model's size.
 ``jaxmerge --help``'s time is printed first.
-Methods with a base merge the base and two models; the others three models (slerp two). The
-checkpoints stay in the page cache after being written when memory allows, so reads do not
-hit the disk.
+Methods with a base merge the base and two models; the others three models (slerp two). Every
+run's inputs are read once, untimed, just before it, so that each starts with them in the page
+cache (memory allowing), whatever the machine paged out since.
 
 Shapes: ``small`` is 170M float32 parameters a model (vocabulary 32000, width 1024, MLP 2816,
 8 layers: 0.7 GB); ``1b`` the TinyLlama 1.1B layout in bfloat16 (2.2 GB); ``7b`` the Llama 2 7B
@@ -100,6 +100,12 @@ def measure(command: list[str], env: dict | None = None) -> tuple[float, int]:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
     return seconds, usage.ru_maxrss * 1024
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every safetensors file of ``paths`` (untimed), so that each timed run finds its inputs
+    in the page cache: some machines page out idle page cache in the background."""
+    measure(["cat", *(str(f) for path in paths for f in sorted(path.glob("*.safetensors")))])
 
 
 def llama_shapes(shape: str, layers: int | None) -> tuple[dict, str]:
@@ -185,8 +191,7 @@ def main() -> None:
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # this process stays small: children's
             (base, *models), model_bytes = pool.apply(write_checkpoints, (workdir, args.shape, args.layers))  # RSS
             tiny, _ = pool.apply(write_checkpoints, (workdir / "tiny", "tiny", None))
-        for path in (base, *models):  # starts as a copy of it
-            measure(["cat", *map(str, path.glob("*.safetensors"))])  # into the page cache
+        warm([base, *models])  # model1 starts as a copy of the base
         print(f"shape {args.shape}: 4 checkpoints of {model_bytes / 2 ** 30:.2f} GiB in {workdir}; "
               f"{os.cpu_count()} CPUs; mergekit: {mergekit or 'not installed'}")
         measure([jaxmerge, "--help"])  # warm the file cache of the installed packages
@@ -195,7 +200,7 @@ def main() -> None:
               f"{'vs model':>10}")
         for method in methods:
             config, inputs = write_config(workdir, method, base, models)
-            tiny_config, _ = write_config(workdir / "tiny", method, tiny[0], tiny[1:])
+            tiny_config, tiny_inputs = write_config(workdir / "tiny", method, tiny[0], tiny[1:])
             out = workdir / f"out-{method}"
             merge = [jaxmerge, "merge", str(config), str(out), "--no-progress"]
             tiny_merge = [jaxmerge, "merge", str(tiny_config), str(out), "--no-progress"]
@@ -211,6 +216,7 @@ def main() -> None:
             for rep in range(args.reps):  # the best time and the largest peak of each
                 cache = {"JAX_COMPILATION_CACHE_DIR": str(workdir / f"xla-{method}-{rep}")}  # empty, then filled
                 for how, command in runs.items():
+                    warm(tiny_inputs if command is tiny_merge else inputs)
                     seconds, rss = measure(command, cache if how.startswith("jaxmerge") else None)
                     shutil.rmtree(out)
                     best = rows.get(how, (seconds, rss))
