@@ -99,8 +99,9 @@ class _AdapterUpdate:
     """A tensor's new value: the base's plus the module's update, the adapter's full copy, or
     the base's unchanged."""
 
-    def __init__(self, adapter: Adapter, weight: float, conv1d: bool = False):
-        self.adapter, self.weight, self.conv1d = adapter, weight, conv1d
+    def __init__(self, adapter: Adapter, weight: float, model_type: str | None = None):
+        self.adapter, self.weight = adapter, weight
+        self.conv1d = model_type in _CONV1D_MODELS  # the base has transformers' Conv1D layers
         self.modules, self.replaced, self.trained = _updates(adapter)
         self.layouts: dict[str, bool] = {}
         self.shared: dict[str, str] = {}  # a tied input embedding -> the module of the head that shares it
@@ -205,7 +206,7 @@ def merge_adapter(params: Mapping[str, jax.Array], adapter: Adapter, *, weight: 
       >>> merged["q.weight"].tolist(), lora.merge_adapter(merged, adapter, weight=-1)["q.weight"].tolist()
       ([[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
-    update = _AdapterUpdate(adapter, weight, model_type in _CONV1D_MODELS)
+    update = _AdapterUpdate(adapter, weight, model_type)
     params = {**params, **{head: params[shared] for head, shared in update.tie(params).items()}}
     update.bind({name: tuple(tensor.shape) for name, tensor in params.items()})
     return {name: update(name, tensor) for name, tensor in params.items()}
@@ -247,7 +248,7 @@ def apply_adapter(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
         read = [Path(adapter, name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
         adapter = load_adapter(adapter)
     values = _base_config(Path(base))
-    update = _AdapterUpdate(adapter, weight, (values or {}).get("model_type") in _CONV1D_MODELS)
+    update = _AdapterUpdate(adapter, weight, (values or {}).get("model_type"))
     names = open_checkpoint(base).names
     heads = list(update.tie(names))
     options = options or StreamOptions()
